@@ -1,0 +1,13 @@
+"""Errors kvpass raises on bad input. Every message names the problem and the fix."""
+
+
+class KVPassError(ValueError):
+    """Base class of every error kvpass raises on purpose."""
+
+
+class SpecError(KVPassError):
+    """A quantization spec string or value that cannot be used."""
+
+
+class InputError(KVPassError):
+    """A tensor that cannot be quantized as given (dtype, NaN/inf, shape)."""

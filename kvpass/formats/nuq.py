@@ -1,0 +1,164 @@
+"""Non-uniform codes (``nuqB``, KVQuant): a lookup table of ``2**B`` centroids applied after each group is
+normalised to [-1, 1] by its own min/max (``x = offset + half_range * lut[code]``).
+
+The LUT comes from calibration: :func:`fit_lut` runs 1-D k-means over normalised activations, weighted by
+the diagonal Fisher information when gradients are available (KVQuant's sensitivity-weighted datatype:
+minimise ``sum_i F_i (A_i - Q(A_i))**2``). Without calibration the NormalFloat grid is used.
+Q-Norm (``:qnorm``) stores an affine correction ``(a, b)`` applied to the decoded centroids so that the
+dequantized values keep the mean and standard deviation of the normalised values they came from: fitted on
+calibration data and passed as ``qnorm=``, or fitted on the tensor being quantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpass.errors import InputError
+from kvpass.formats import packing
+from kvpass.formats.base import Format, group_count, register_format
+from kvpass.formats.uniform import grouped_range
+
+LUT_DTYPE = torch.float16
+
+
+def normal_float_grid(bits: int) -> torch.Tensor:
+    """The NormalFloat grid of QLoRA, generalised to ``bits``: ``2**(bits-1)`` positive and
+    ``2**(bits-1) - 1`` negative quantiles of N(0, 1) plus an exact zero, scaled into [-1, 1].
+
+    The outermost quantile is taken at ``offset = (1 - 1/(2*(2**b - 1)) + 1 - 1/(2*2**b)) / 2`` (0.9677 for
+    4 bits), the choice that reproduces the published NF4 table.
+    """
+    n = 1 << bits
+    if bits == 1:
+        return torch.tensor([-1.0, 1.0])
+    offset = 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
+    half = n // 2
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half, dtype=torch.float64)[:-1])
+    grid = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (grid / grid.abs().max()).float()
+
+
+def normalize(xg: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Map each group (last axis) to [-1, 1]: returns (normalised, offset, half_range)."""
+    lo, hi = grouped_range(xg, exclude)
+    offset, half = (hi + lo) / 2, (hi - lo) / 2
+    safe = torch.where(half > 0, half, torch.ones_like(half))
+    return ((xg - offset.unsqueeze(-1)) / safe.unsqueeze(-1)).clamp(-1, 1), offset, half
+
+
+def nearest(xn: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for every element (``lut`` sorted ascending)."""
+    mids = (lut[1:] + lut[:-1]) / 2
+    return torch.bucketize(xn.contiguous(), mids.contiguous())
+
+
+def fit_lut(
+    samples: torch.Tensor,
+    bits: int,
+    weights: torch.Tensor | None = None,
+    *,
+    iters: int = 50,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fit ``2**bits`` centroids to normalised ``samples`` by (weighted) 1-D k-means (Lloyd's algorithm).
+
+    ``weights`` has the shape of ``samples`` (e.g. the Fisher information ``(dLoss/dA)**2``); ``None`` gives
+    plain k-means. Initialised from weighted quantiles, so the result is deterministic.
+    Returns a sorted float32 LUT.
+    """
+    x = samples.detach().reshape(-1).double()
+    if weights is None:
+        w = torch.ones_like(x)
+    else:
+        if weights.shape != samples.shape:
+            raise InputError(
+                f"weights of shape {tuple(weights.shape)} do not match samples of shape {tuple(samples.shape)}; "
+                "pass one weight (e.g. Fisher information) per sample"
+            )
+        w = weights.detach().reshape(-1).double().clamp_min(0)
+    if not (torch.isfinite(x).all() and torch.isfinite(w).all()):
+        raise InputError("calibration samples or weights contain NaN/inf; clean the calibration data first")
+    k = 1 << bits
+    order = x.argsort()
+    xs, ws = x[order], w[order] + 1e-12
+    cdf = ws.cumsum(0) / ws.sum()
+    if init is None:
+        centers = xs[torch.searchsorted(cdf, (torch.arange(k, dtype=torch.float64) + 0.5) / k).clamp_max(len(xs) - 1)]
+    else:
+        centers = init.double().sort().values.clone()
+    for _ in range(iters):
+        idx = nearest(xs, centers)
+        mass = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, ws)
+        total = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, ws * xs)
+        new = torch.where(mass > 0, total / mass.clamp_min(1e-300), centers).sort().values
+        if torch.allclose(new, centers, atol=1e-9):
+            centers = new
+            break
+        centers = new
+    return centers.float()
+
+
+def qnorm_affine(lut: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Q-Norm: ``(a, b)`` such that decoding ``a * lut[code] + b`` gives quantized ``values`` the mean and
+    standard deviation of ``values`` themselves. Codes are still chosen against ``lut``: correcting the LUT
+    itself would move the decision boundaries and undo the correction."""
+    v = values.reshape(-1).double()
+    q = lut.double()[nearest(v, lut.double())]
+    q_std = q.std()
+    a = v.std() / q_std if q_std > 0 else torch.ones((), dtype=torch.float64)
+    return torch.stack([a, v.mean() - a * q.mean()]).float()
+
+
+@register_format
+class NUQFormat(Format):
+    kind = "nuq"
+
+    def quantize(self, x, spec, exclude, params):
+        n = x.shape[-1]
+        ng = group_count(n, spec, "reduced")
+        xg = x.reshape(*x.shape[:-1], ng, n // ng)
+        ex = None if exclude is None else exclude.reshape(xg.shape)
+        xn, offset, half = normalize(xg, ex)
+        lut = params.get("lut")
+        if lut is None:
+            lut = normal_float_grid(spec.bits).to(x.device)
+        if lut.numel() != 1 << spec.bits:
+            raise InputError(f"a nuq{spec.bits} LUT needs {1 << spec.bits} centroids, got {lut.numel()}")
+        lut = lut.to(LUT_DTYPE).float().sort().values
+        offset16, half16 = offset.to(spec.scale_dtype), half.to(spec.scale_dtype)
+        # Codes are chosen against the stored (rounded) metadata so that decoding reproduces the choice.
+        safe = torch.where(half16 > 0, half16.float(), torch.ones_like(half))
+        xn = (xg.float() - offset16.float().unsqueeze(-1)) / safe.unsqueeze(-1)
+        codes = nearest(xn, lut)
+        out = {
+            "codes": packing.pack(codes.reshape(x.shape), spec.bits),
+            "scale": half16,
+            "zero": offset16,
+            "lut": lut.to(LUT_DTYPE),
+        }
+        if spec.qnorm:
+            affine = params.get("qnorm")
+            if affine is None:
+                affine = qnorm_affine(lut, xn.clamp(-1, 1) if ex is None else xn.clamp(-1, 1)[~ex])
+            out["qnorm"] = affine.float().reshape(2)
+        return out
+
+    def dequantize(self, tensors, spec, n):
+        codes = packing.unpack(tensors["codes"], spec.bits, n).long()
+        lut = tensors["lut"].float()
+        if spec.qnorm:
+            lut = lut * tensors["qnorm"][0] + tensors["qnorm"][1]
+        half, offset = tensors["scale"].float(), tensors["zero"].float()
+        ng = half.shape[-1]
+        vals = lut[codes].reshape(*codes.shape[:-1], ng, n // ng)
+        return (vals * half.unsqueeze(-1) + offset.unsqueeze(-1)).reshape(codes.shape)
+
+    def nbytes(self, shape, spec, dtype):
+        *lead, n = shape
+        ng = group_count(n, spec, "reduced")
+        meta = 2 * ng * torch.tensor([], dtype=spec.scale_dtype).element_size()
+        lut = (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
+        return math.prod(lead) * (packing.packed_len(n, spec.bits) + meta) + lut

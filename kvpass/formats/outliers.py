@@ -1,0 +1,50 @@
+"""Dense-and-sparse outliers (KVQuant, QAQ): per quantization vector, a fixed number of the largest-magnitude
+values is stored apart (value + index) and left out of the dense range.
+
+The capacity is ``ceil(fraction * vector_length)`` for every vector, so shapes are static and the layout
+exports. Values are kept in fp16 (bf16 for bf16 inputs, which fp16 cannot hold); indices in the smallest
+integer type that holds the vector length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def capacity(n: int, fraction: float) -> int:
+    """Outliers kept per vector of length ``n``."""
+    return min(n, math.ceil(fraction * n - 1e-9)) if fraction > 0 else 0
+
+
+def index_dtype(n: int) -> torch.dtype:
+    return torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
+
+
+def value_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float16
+
+
+def split(x: torch.Tensor, fraction: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pick each vector's (last axis) outliers. Returns the stored tensors and the mask of picked elements."""
+    n = x.shape[-1]
+    k = capacity(n, fraction)
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    values = x.gather(-1, idx).to(value_dtype(x.dtype))
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
+    return {"outlier_values": values, "outlier_index": idx.to(index_dtype(n))}, mask
+
+
+def merge(dense: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Put the stored outliers back into the dequantized dense tensor."""
+    idx = tensors["outlier_index"].long()
+    return dense.scatter(-1, idx, tensors["outlier_values"].to(dense.dtype))
+
+
+def nbytes(shape: tuple[int, ...], fraction: float, input_dtype: torch.dtype) -> int:
+    *lead, n = shape
+    k = capacity(n, fraction)
+    per = torch.tensor([], dtype=value_dtype(input_dtype)).element_size()
+    per += torch.tensor([], dtype=index_dtype(n)).element_size()
+    return math.prod(lead) * k * per

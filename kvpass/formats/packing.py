@@ -1,0 +1,59 @@
+"""Bit packing of integer codes into uint8 along the last axis.
+
+Codes of ``b`` bits are packed in units of ``u = 8 / gcd(b, 8)`` codes that fill exactly ``b*u/8`` bytes:
+four 2-bit codes per byte, two 4-bit codes per byte, eight 3-bit codes in three bytes, one 8-bit code
+per byte. Inside a unit the first code takes the least significant bits (little-endian), and the
+unit's bytes are stored least significant first; the ONNX and TensorRT lowerings rely on that order.
+A last, partial unit is zero-padded, so ``n`` codes take ``ceil(n / u) * b*u/8`` bytes.
+
+Only plain tensor ops are used (shift, and, sum), so packing traces under torch.export and compiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def unit(bits: int) -> tuple[int, int]:
+    """(codes per unit, bytes per unit) for ``bits``-bit codes."""
+    codes = 8 // math.gcd(bits, 8)
+    return codes, bits * codes // 8
+
+
+def packed_len(n: int, bits: int) -> int:
+    """Bytes that ``n`` codes of ``bits`` bits take once packed."""
+    codes, nbytes = unit(bits)
+    return -(-n // codes) * nbytes
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last axis into uint8."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_unit, unit_bytes = unit(bits)
+    n = codes.shape[-1]
+    pad = (-n) % per_unit
+    c = codes.to(torch.int64)
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*c.shape[:-1], -1, per_unit)
+    shifts = torch.arange(per_unit, device=c.device, dtype=torch.int64) * bits
+    word = (c << shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(unit_bytes, device=c.device, dtype=torch.int64) * 8
+    out = (word >> byte_shifts) & 0xFF
+    return out.reshape(*out.shape[:-2], -1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: the first ``n`` codes along the last axis, as uint8."""
+    if bits == 8:
+        return packed[..., :n]
+    per_unit, unit_bytes = unit(bits)
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, unit_bytes)
+    byte_shifts = torch.arange(unit_bytes, device=p.device, dtype=torch.int64) * 8
+    word = (p << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(per_unit, device=p.device, dtype=torch.int64) * bits
+    codes = (word >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*codes.shape[:-2], -1)[..., :n].to(torch.uint8)

@@ -1,0 +1,157 @@
+"""Quantization specs: a frozen dataclass and its short string form.
+
+Grammar (case-insensitive)::
+
+    spec     := base (":" option)* ("+" extra)*
+    base     := "int"B | "nuq"B | "fp8_e4m3" | "fp8_e5m2" | "fp16" | "bf16" | "fp32" | "none"
+    option   := "per_token" | "per_channel" | "per_head" | "per_tensor" | "g"N | "qnorm" | "scale_fp32"
+    extra    := "outliers"F"%"
+
+Examples: ``"int4:per_channel:g32"``, ``"nuq3:per_token"``, ``"fp8_e4m3"``,
+``"int2:per_token:g64+outliers1%"``.
+
+Axes follow the KV-cache convention ``[..., tokens, channels]``: *per_token* means one scale per token
+vector (the reduction runs over the channel axis, the last one); *per_channel* means one scale per
+channel (the reduction runs over the token axis, the second to last). A group size splits the reduced
+axis into groups of that many elements, each with its own scale. Scales and zero points are fp16
+unless ``scale_fp32`` asks for fp32 (needed for inputs beyond fp16's range, about 65504).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvpass.errors import SpecError
+
+GRANULARITIES = ("per_token", "per_channel", "per_head", "per_tensor")
+FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+FP8_VARIANTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+MIN_BITS, MAX_BITS = 1, 8
+
+_BASE = re.compile(r"^(?:(int|nuq)(\d+)|fp8_(e4m3|e5m2)|(fp16|bf16|fp32|none))$")
+_GROUP = re.compile(r"^g(\d+)$")
+_OUTLIERS = re.compile(r"^outliers(\d+(?:\.\d+)?)%$")
+
+GRAMMAR_HELP = (
+    "write a spec as base[:option...][+outliersF%], e.g. 'int4:per_channel:g32', 'nuq3:per_token', "
+    "'fp8_e4m3', 'int2:per_token:g64+outliers1%'; bases: intB and nuqB (B in 1..8), fp8_e4m3, fp8_e5m2, "
+    "fp16, bf16, fp32, none"
+)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A parsed quantization spec. Build one with :func:`parse_spec` or directly."""
+
+    kind: str  # "int", "nuq", "fp8" or "float"
+    bits: int
+    granularity: str = "per_token"
+    group: int | None = None
+    outlier_frac: float = 0.0
+    qnorm: bool = False
+    fp8_variant: str | None = None
+    float_dtype: str | None = None  # "fp16" / "bf16" / "fp32" for kind="float"; None keeps the input dtype
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "nuq", "fp8", "float"):
+            raise SpecError(f"unknown format kind {self.kind!r}; {GRAMMAR_HELP}")
+        if self.kind in ("int", "nuq") and not MIN_BITS <= self.bits <= MAX_BITS:
+            raise SpecError(
+                f"{self.kind}{self.bits}: bits out of range; use {MIN_BITS} to {MAX_BITS} bits "
+                f"(for 16 bits use 'fp16' or 'bf16')"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise SpecError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if self.kind in ("int", "nuq") and self.granularity not in ("per_token", "per_channel"):
+            raise SpecError(
+                f"{self.kind} supports per_token or per_channel, not {self.granularity}; "
+                "per_head/per_tensor scales are for fp8"
+            )
+        if self.group is not None and self.group < 1:
+            raise SpecError(f"group size must be a positive integer, got {self.group}")
+        if self.group is not None and self.kind in ("fp8", "float"):
+            raise SpecError(f"a group size applies to int and nuq formats, not {self.kind}; remove ':g{self.group}'")
+        if not 0.0 <= self.outlier_frac < 0.5:
+            raise SpecError(
+                f"outlier fraction {self.outlier_frac * 100:g}% out of range; use a value below 50%, e.g. '+outliers1%'"
+            )
+        if self.outlier_frac and self.kind not in ("int", "nuq"):
+            raise SpecError(f"dense-and-sparse outliers apply to int and nuq formats, not {self.kind}")
+        if self.qnorm and self.kind != "nuq":
+            raise SpecError("qnorm rescales nuq centroids; use it with a nuqB base, e.g. 'nuq2:per_token:qnorm'")
+
+    @property
+    def reduce_axis(self) -> int:
+        """The axis a scale is taken over: channels (-1) for per-token, tokens (-2) for per-channel."""
+        return -1 if self.granularity == "per_token" else -2
+
+    def with_(self, **changes) -> "QuantSpec":
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        if self.kind == "float":
+            return self.float_dtype or "none"
+        if self.kind == "fp8":
+            parts = [f"fp8_{self.fp8_variant}"]
+            if self.granularity != "per_head":
+                parts.append(self.granularity)
+            if self.scale_dtype == torch.float32:
+                parts.append("scale_fp32")
+            return ":".join(parts)
+        parts = [f"{self.kind}{self.bits}", self.granularity]
+        if self.group is not None:
+            parts.append(f"g{self.group}")
+        if self.qnorm:
+            parts.append("qnorm")
+        if self.scale_dtype == torch.float32:
+            parts.append("scale_fp32")
+        text = ":".join(parts)
+        if self.outlier_frac:
+            text += f"+outliers{self.outlier_frac * 100:g}%"
+        return text
+
+
+def parse_spec(spec: "str | QuantSpec") -> QuantSpec:
+    """Parse a short spec string (see the module docstring) into a :class:`QuantSpec`."""
+    if isinstance(spec, QuantSpec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"cannot parse spec {spec!r}: expected a non-empty string; {GRAMMAR_HELP}")
+    text = spec.strip().lower()
+    main, *extras = text.split("+")
+    base, *options = main.split(":")
+    m = _BASE.match(base)
+    if not m:
+        raise SpecError(f"cannot parse spec {spec!r}: unknown base {base!r}; {GRAMMAR_HELP}")
+    fields: dict = {}
+    if m.group(1):
+        fields.update(kind=m.group(1), bits=int(m.group(2)))
+    elif m.group(3):
+        fields.update(kind="fp8", bits=8, fp8_variant=m.group(3), granularity="per_head")
+    else:
+        name = m.group(4)
+        fields.update(kind="float", bits=16, float_dtype=None if name == "none" else name)
+        if name in ("fp32",):
+            fields["bits"] = 32
+    for opt in options:
+        g = _GROUP.match(opt)
+        if opt in GRANULARITIES:
+            fields["granularity"] = opt
+        elif g:
+            fields["group"] = int(g.group(1))
+        elif opt == "qnorm":
+            fields["qnorm"] = True
+        elif opt == "scale_fp32":
+            fields["scale_dtype"] = torch.float32
+        else:
+            raise SpecError(f"cannot parse spec {spec!r}: unknown option {opt!r}; {GRAMMAR_HELP}")
+    for extra in extras:
+        o = _OUTLIERS.match(extra)
+        if not o:
+            raise SpecError(f"cannot parse spec {spec!r}: unknown extra {extra!r}; {GRAMMAR_HELP}")
+        fields["outlier_frac"] = float(o.group(1)) / 100.0
+    return QuantSpec(**fields)

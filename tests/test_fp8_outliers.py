@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from kvpass.formats import expected_nbytes, quantize
+from kvpass.formats.outliers import capacity
+
+
+@pytest.mark.parametrize("variant,dtype", [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
+def test_fp8_matches_torch_cast_with_scale(variant, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 32) * torch.tensor([0.1, 1.0, 10.0, 100.0]).view(1, 4, 1, 1)
+    q = quantize(x, f"fp8_{variant}")
+    scale = q.tensors["scale"].float()
+    assert scale.shape == (1, 4, 1, 1)  # one scale per head
+    fmax = torch.finfo(dtype).max
+    expected = (x / scale).clamp(-fmax, fmax).to(dtype).float() * scale
+    torch.testing.assert_close(q.dequantize(), expected, rtol=0, atol=0)
+    assert q.tensors["codes"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("spec", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3:per_tensor", "fp8_e4m3:per_token"])
+def test_fp8_no_nan_from_finite_extremes(spec):
+    x = torch.tensor([[0.0, -0.0, 1e-30, -1e-30, 6e4, -6e4, 3.0e4, 1e-8]]).repeat(4, 1)
+    d = quantize(x, spec).dequantize()
+    assert torch.isfinite(d).all()
+    # a static scale far too small saturates instead of overflowing
+    codes = quantize(x, spec, scale=torch.tensor(1e-3, dtype=torch.float16))
+    assert torch.isfinite(codes.dequantize()).all()
+
+
+def test_fp8_bits_per_element():
+    x = torch.randn(1, 8, 128, 64)
+    q = quantize(x, "fp8_e4m3")
+    assert q.nbytes == x.numel() + 8 * 2 == expected_nbytes(x.shape, "fp8_e4m3", x.dtype)
+
+
+def planted(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 64, 128, generator=g) * 0.5
+    spikes = torch.zeros_like(x)
+    idx = torch.randint(0, 128, (2, 4, 64, 1), generator=g)
+    vals = (torch.randint(0, 2, idx.shape, generator=g) * 2 - 1) * (20 + torch.randint(0, 40, idx.shape, generator=g))
+    spikes.scatter_(-1, idx, vals.float())  # integers: exactly representable in fp16
+    return x + spikes.where(spikes != 0, torch.zeros_like(x)), idx
+
+
+@pytest.mark.parametrize("base", ["int2:per_token:g64", "int4:per_token", "nuq3:per_token"])
+def test_outliers_come_back_exactly_and_dense_error_shrinks(base):
+    x, idx = planted()
+    x = x.half().float()
+    plain = quantize(x, base).dequantize()
+    sparse = quantize(x, base + "+outliers1%").dequantize()
+    assert torch.equal(sparse.gather(-1, idx), x.gather(-1, idx))
+    dense = torch.ones_like(x, dtype=torch.bool).scatter_(-1, idx, False)
+    assert (sparse - x)[dense].pow(2).mean() < 0.25 * (plain - x)[dense].pow(2).mean()
+
+
+def test_outlier_capacity_and_bytes():
+    assert capacity(128, 0.01) == 2 and capacity(100, 0.01) == 1 and capacity(64, 0.05) == 4
+    x = torch.randn(3, 10, 128)
+    q = quantize(x, "int4:per_token+outliers1%")
+    assert q.tensors["outlier_values"].shape == (3, 10, 2)
+    assert q.tensors["outlier_index"].dtype == torch.uint8
+    assert q.nbytes == expected_nbytes(x.shape, "int4:per_token+outliers1%", x.dtype)
+    assert q.bits_per_element == pytest.approx(4 + 32 / 128 + 2 * 3 * 8 / 128)
+
+
+def test_per_channel_outliers_run_along_tokens():
+    x = torch.randn(1, 1, 300, 8)
+    x[0, 0, 17, 3] = 50.0
+    q = quantize(x, "int2:per_channel+outliers1%")
+    assert q.tensors["outlier_index"].dtype == torch.int16  # 300 tokens need more than a byte
+    assert q.dequantize()[0, 0, 17, 3] == 50.0
