@@ -1,0 +1,1 @@
+"""Graph passes over the captured step: locate attention sites, rewrite them onto packed caches."""

@@ -1,0 +1,142 @@
+"""Rewrite: swap each site's full-precision cache buffers for its layout's packed buffers, every cache write for
+``kvpass::kv_store_`` and every read + attention for ``kvpass::kv_attention`` (or, for debugging,
+``kvpass::kv_load`` + ``aten.scaled_dot_product_attention``). The old buffers are deleted from the module, so
+no full-precision copy of the cache remains."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kvpass.errors import KVPassError
+from kvpass.kvcache import CacheLayout, cache_names, static_names
+from kvpass.layout import KVLayout
+from kvpass.passes.locate import AttentionSite, CacheAccess
+
+aten = torch.ops.aten
+ATTENTION_MODES = ("fused", "load")
+
+
+def buffer_prefix(site: AttentionSite, which: str) -> str:
+    return f"kvpass_cache_{site.index}_{which}"
+
+
+def add_buffers(gm: GraphModule, prefix: str, layout: CacheLayout, device) -> tuple[list[str], list[str]]:
+    cache, static = layout.allocate(device)
+    spec = layout.spec
+    cache_targets = [f"{prefix}_{n}" for n in cache_names(spec)]
+    static_targets = [f"{prefix}_static_{n}" for n in static_names(spec)]
+    for target, tensor in zip(cache_targets + static_targets, cache + static):
+        gm.register_buffer(target, tensor)
+    return cache_targets, static_targets
+
+
+def get_attrs(gm: GraphModule, targets: list[str]) -> list[Node]:
+    return [gm.graph.get_attr(t) for t in targets]
+
+
+def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static: list[str], spec: str) -> None:
+    with gm.graph.inserting_before(access.write):
+        gm.graph.call_function(
+            torch.ops.kvpass.kv_store_.default,
+            (get_attrs(gm, cache), get_attrs(gm, static), access.new, access.positions, spec),
+        )
+
+
+def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str) -> Node:
+    g = gm.graph
+    kspec, vspec = str(layout.key.spec), str(layout.value.spec)
+    # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    if mode == "fused":
+        call = g.call_function(
+            torch.ops.kvpass.kv_attention.default,
+            (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec,
+             vspec, site.head_dim, site.v_head_dim, site.mask, q_positions, site.scale, False),
+        )
+        return g.call_function(operator.getitem, (call, 0))
+    dtype = query_dtype(site)
+    kd = g.call_function(torch.ops.kvpass.kv_load.default,
+                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, dtype))
+    vd = g.call_function(torch.ops.kvpass.kv_load.default,
+                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, dtype))
+    mask = site.mask
+    if mask is None and q_positions is not None:
+        arange = g.call_function(aten.arange.default, (site.max_len,), {"device": val_device(site.query)})
+        mask = g.call_function(aten.le.Tensor, (g.call_function(aten.unsqueeze.default, (arange, 0)),
+                                                g.call_function(aten.unsqueeze.default, (q_positions, 1))))
+    return g.call_function(aten.scaled_dot_product_attention.default, (site.query, kd, vd, mask),
+                           {"scale": site.scale, "enable_gqa": site.gqa_groups > 1})
+
+
+def val_device(node: Node):
+    v = node.meta.get("val")
+    return v.device if v is not None else None
+
+
+def query_dtype(site: AttentionSite) -> torch.dtype:
+    v = site.query.meta.get("val")
+    return v.dtype if v is not None else site.dtype
+
+
+def delete_attr(gm: GraphModule, target: str) -> None:
+    *path, name = target.split(".")
+    owner = gm
+    for p in path:
+        owner = getattr(owner, p)
+    if name in owner._buffers:
+        del owner._buffers[name]
+    elif hasattr(owner, name):
+        delattr(owner, name)
+
+
+def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
+    pending = list(dict.fromkeys(nodes))
+    changed = True
+    while changed:
+        changed = False
+        for node in list(pending):
+            if node.graph is graph and not node.users:
+                graph.erase_node(node)
+                pending.remove(node)
+                changed = True
+
+
+def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused") -> GraphModule:
+    """Rewrite ``gm`` in place onto packed caches; returns it."""
+    if attention not in ATTENTION_MODES:
+        raise KVPassError(f"attention={attention!r} is not a mode; use one of {ATTENTION_MODES}")
+    graph = gm.graph
+    device = next((b.device for b in gm.buffers()), torch.device("cpu"))
+    old_buffers = set()
+    for site, layout in zip(sites, layouts):
+        k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device)
+        v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device)
+        replace_write(gm, site.key, *k, str(layout.key.spec))
+        replace_write(gm, site.value, *v, str(layout.value.spec))
+        with graph.inserting_before(site.output):
+            out = attention_node(gm, site, k, v, layout, attention)
+        site.output.replace_all_uses_with(out)
+        out.meta.update({k_: v_ for k_, v_ in site.output.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
+        old_buffers |= {site.key.buffer, site.value.buffer}
+    # Dead-code elimination keeps the replaced attention (SDPA counts as impure: its dropout is seeded) and the
+    # in-place cache writes (they mutate), so those are erased by hand once nothing uses them.
+    replaced = [n for site in sites for n in (site.output, *site.replaced)]
+    writes = [w for site in sites for w in (site.key.write, site.value.write)]
+    erase_unused(graph, replaced)
+    graph.eliminate_dead_code()
+    erase_unused(graph, writes)
+    graph.eliminate_dead_code()
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target in old_buffers:
+            raise KVPassError(
+                f"{node.name} still reads the original cache buffer '{node.target}' after the rewrite "
+                f"(used by {[u.name for u in node.users]}); this model reads its cache outside attention"
+            )
+    for target in old_buffers:
+        delete_attr(gm, target)
+    graph.lint()
+    gm.recompile()
+    return gm
