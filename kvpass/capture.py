@@ -14,6 +14,8 @@ export wrapper does, because the ring-buffer layer has data-dependent control fl
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,15 @@ class StaticCacheStep(nn.Module):
         return out.logits
 
 
+@contextlib.contextmanager
+def quiet_export():
+    """Silence transformers' output-capturing side-effect warning, which every strict export of an HF model
+    prints and which says nothing actionable to a kvpass user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
+        yield
+
+
 def is_hf_causal_lm(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generation_config") and hasattr(model.config, "num_attention_heads")
 
@@ -106,7 +117,7 @@ def capture_hf(model: nn.Module, batch_size: int, max_cache_len: int) -> tuple[t
     step = StaticCacheStep(model, batch_size, max_cache_len).eval()
     tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
     dynamic = ({1: tokens}, {0: tokens}, None, {1: tokens})
-    with torch.no_grad():
+    with torch.no_grad(), quiet_export():
         ep = torch.export.export(step, example_hf_inputs(batch_size, max_cache_len, model.device), dynamic_shapes=dynamic,
                                  strict=True)
     info = CaptureInfo("hf", batch_size, max_cache_len, dict(step.sliding_window))

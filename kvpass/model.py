@@ -70,11 +70,13 @@ class KVPassModel(nn.Module):
             if name.startswith("kvpass_cache_") and "_static_" not in name:
                 buf.zero_()
 
+    @torch.no_grad()
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.info.kind == "module":
             return self.graph_module(*args, **kwargs)
         return self.step(*args, **kwargs)
 
+    @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Write ``input_ids`` ``[B, T]`` after the cached tokens and return their logits ``[B, T, vocab]``.
 

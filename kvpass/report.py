@@ -58,22 +58,34 @@ class CacheReport:
         }
 
     def table(self) -> Table:
+        """Per-layer rows, consecutive identical layers merged into one row (``0-29``)."""
         t = Table(title=f"kvpass cache: {self.method}")
-        for col in ("layer", "keys", "values", "bytes", f"{self.dense_dtype} bytes", "bits/elem", "note"):
-            t.add_column(col, justify="right" if col not in ("keys", "values", "note") else "left")
+        for col in ("layers", "keys", "values", "bytes", f"{self.dense_dtype} bytes", "bits/elem", "note"):
+            t.add_column(col, justify="left" if col in ("layers", "keys", "values", "note") else "right", no_wrap=True)
+        groups: list[list[LayerReport]] = []
         for layer in self.layers:
-            note = f"sliding window {layer.sliding_window}, stored full length" if layer.sliding_window else ""
-            t.add_row(str(layer.layer), layer.key_spec, layer.value_spec, f"{layer.nbytes:,}", f"{layer.dense_nbytes:,}",
-                      f"{layer.bits_per_element:.3f}", note)
+            same = groups and _row_key(groups[-1][-1]) == _row_key(layer)
+            (groups[-1].append(layer) if same else groups.append([layer]))
+        for g in groups:
+            first, n = g[0], len(g)
+            name = str(first.layer) if n == 1 else f"{first.layer}-{g[-1].layer}"
+            note = f"sliding window {first.sliding_window}, stored full length" if first.sliding_window else ""
+            each = " each" if n > 1 else ""
+            t.add_row(name, first.key_spec, first.value_spec, f"{first.nbytes:,}{each}", f"{first.dense_nbytes:,}{each}",
+                      f"{first.bits_per_element:.3f}", note)
         t.add_row("total", "", "", f"{self.nbytes:,}", f"{self.dense_nbytes:,}", f"{self.bits_per_element:.3f}",
                   f"{self.compression:.2f}x smaller")
         return t
 
     def __str__(self) -> str:
-        console = Console(width=140, record=True, file=None)
+        console = Console(width=160)
         with console.capture() as cap:
             console.print(self.table())
         return cap.get()
+
+
+def _row_key(layer: LayerReport) -> tuple:
+    return layer.key_spec, layer.value_spec, layer.nbytes, layer.dense_nbytes, layer.sliding_window
 
 
 def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, "object"], dense_dtype: str) -> CacheReport:

@@ -147,6 +147,24 @@ def cache_writes(gm: GraphModule) -> dict[str, list[Node]]:
     return out
 
 
+def rows_4d(new: Node, buffer_val: torch.Tensor, write: Node) -> Node:
+    """The ``[B, H, T, D]`` tensor behind a write's source (export may flatten a size-1 batch away)."""
+    node = new
+    while val(node) is not None and val(node).ndim != 4 and node.op == "call_function" and node.target in (
+        aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim, aten.squeeze.default
+    ):
+        node = node.args[0]
+    v = val(node)
+    if v is None or v.ndim != 4 or v.shape[0] != buffer_val.shape[0] or v.shape[1] != buffer_val.shape[1] or (
+        v.shape[3] != buffer_val.shape[3]
+    ):
+        raise KVPassError(
+            f"{describe(write)} writes rows of shape {None if val(new) is None else tuple(val(new).shape)} into a "
+            f"cache of shape {tuple(buffer_val.shape)}; kvpass needs rows shaped [batch, heads, tokens, head_dim]"
+        )
+    return node
+
+
 def access(buffer: str, writes: list[Node]) -> CacheAccess:
     if len(writes) != 1:
         raise KVPassError(
@@ -158,7 +176,7 @@ def access(buffer: str, writes: list[Node]) -> CacheAccess:
         _, dim, positions, new = w.args[:4]
         if dim not in (2, -2):
             raise KVPassError(f"{describe(w)} writes the cache along dim {dim}; kvpass needs writes along the token dim 2")
-        return CacheAccess(buffer, w, new, positions)
+        return CacheAccess(buffer, w, rows_4d(new, val(w.args[0]), w), positions)
     _, indices, new = w.args[:3]
     accumulate = w.args[3] if len(w.args) > 3 else w.kwargs.get("accumulate", False)
     if accumulate or len(indices) != 3 or indices[0] is not None or indices[1] is not None or indices[2] is None:
@@ -166,7 +184,7 @@ def access(buffer: str, writes: list[Node]) -> CacheAccess:
             f"{describe(w)} is an index_put_ that is not `cache[:, :, positions] = rows`; kvpass supports writes of "
             "token rows at positions along dim 2"
         )
-    return CacheAccess(buffer, w, new, indices[2])
+    return CacheAccess(buffer, w, rows_4d(new, val(w.args[0]), w), indices[2])
 
 
 def match_rope(k: Node) -> Rope | None:

@@ -93,7 +93,12 @@ def delete_attr(gm: GraphModule, target: str) -> None:
 
 
 def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
+    """Erase ``nodes`` once nothing but export's metadata assertions uses them."""
     pending = list(dict.fromkeys(nodes))
+    for node in pending:
+        for user in list(node.users):
+            if user.target == aten._assert_tensor_metadata.default:
+                graph.erase_node(user)
     changed = True
     while changed:
         changed = False
