@@ -1,5 +1,6 @@
 """A plain PyTorch decoder (not transformers) holding its own static KV cache buffers, gpt-fast style:
-written by index assignment, read by SDPA, with interleaved (GPT-J style) rotary embedding."""
+written by index assignment (or, ExecuTorch style, by copy_ into a token slice), read by SDPA, with
+interleaved (GPT-J style) rotary embedding."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, batch: int, max_len: int) -> None:
+    def __init__(self, dim: int, heads: int, kv_heads: int, batch: int, max_len: int, write: str = "index") -> None:
         super().__init__()
+        self.write = write
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
@@ -34,19 +36,26 @@ class Block(nn.Module):
         v = self.wv(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_interleaved(q) * sin
         k = k * cos + rotate_interleaved(k) * sin
-        self.k_cache[:, :, positions] = k
-        self.v_cache[:, :, positions] = v
+        if self.write == "index":
+            self.k_cache[:, :, positions] = k
+            self.v_cache[:, :, positions] = v
+        else:
+            start = positions[0].item()
+            torch._check(start >= 0)
+            torch._check(start + t <= self.k_cache.shape[2])
+            self.k_cache[:, :, start:start + t].copy_(k)
+            self.v_cache[:, :, start:start + t].copy_(v)
         att = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         x = x + self.wo(att.transpose(1, 2).reshape(b, t, -1))
         return x + self.mlp(x)
 
 
 class PlainDecoder(nn.Module):
-    def __init__(self, vocab=80, dim=64, heads=4, kv_heads=2, layers=2, batch=1, max_len=48) -> None:
+    def __init__(self, vocab=80, dim=64, heads=4, kv_heads=2, layers=2, batch=1, max_len=48, write="index") -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, batch, max_len) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, batch, max_len, write) for _ in range(layers))
         self.head = nn.Linear(dim, vocab, bias=False)
         hd = dim // heads
         self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)

@@ -209,21 +209,55 @@ def test_error_not_a_transformers_model_without_example_inputs():
         kvpass.compile(CacheSum(), "int8")
 
 
-def test_plain_decoder_matches_itself_and_generates():
-    ref = PlainDecoder()
+@pytest.mark.parametrize("write", ["index", "slice"])
+def test_plain_decoder_matches_itself_and_generates(write):
+    ref = PlainDecoder(write=write)
     toks = torch.randint(0, 80, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref(toks, torch.arange(12))
-    qm = kvpass.compile(PlainDecoder(), "fp16", example_inputs=EXAMPLE)
+    qm = kvpass.compile(PlainDecoder(write=write), "fp16", example_inputs=EXAMPLE)
     torch.testing.assert_close(qm(toks, torch.arange(12)), expected, rtol=1e-5, atol=1e-5)
+    writes = {torch.ops.aten.index_put_.default, torch.ops.aten.copy_.default, torch.ops.aten.index_copy_.default}
+    assert not writes & {n.target for n in qm.graph_module.graph.nodes}
     seq = toks[:, :5]
-    greedy = PlainDecoder()
+    greedy = PlainDecoder(write=write)
     with torch.no_grad():
         logits = greedy(seq, torch.arange(5))
         for _ in range(10):
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
             logits = greedy(seq[:, -1:], torch.tensor([seq.shape[1] - 1]))
     assert torch.equal(qm.generate(toks[:, :5], max_new_tokens=10), seq)
-    q8 = kvpass.compile(PlainDecoder(), "int8", example_inputs=EXAMPLE)
+    q8 = kvpass.compile(PlainDecoder(write=write), "int8", example_inputs=EXAMPLE)
     assert not [n for n, b in q8.graph_module.named_buffers() if b.is_floating_point() and b.ndim == 4 and b.shape[-1] > 1]
     assert {b.dtype for n, b in q8.graph_module.named_buffers() if n.endswith("_codes")} == {torch.uint8}
+
+
+def test_sampling_and_streamer():
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    qm = kvpass.compile(build("llama"), "int8", max_cache_len=40, batch_size=1)
+    ids, _ = prompt(1)
+    greedy = qm.generate(ids, max_new_tokens=8, eos_token_id=[])
+    streamer = Collect()
+    top1 = qm.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7, eos_token_id=[],
+                       streamer=streamer, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top1, greedy)  # top-k 1 sampling is greedy
+    assert streamer.ended and torch.equal(streamer.chunks[0], ids) and len(streamer.chunks) == 9
+    g = torch.Generator().manual_seed(5)
+    a = qm.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, generator=g, eos_token_id=[])
+    b = qm.generate(ids, max_new_tokens=8, do_sample=True, top_p=0.9, generator=torch.Generator().manual_seed(5),
+                    eos_token_id=[])
+    assert torch.equal(a, b)
+    eos = int(greedy[0, ids.shape[1] + 2])
+    stopped = qm.generate(ids, max_new_tokens=8, eos_token_id=eos)
+    assert stopped.shape[1] <= ids.shape[1] + 3 and stopped[0, -1] == eos

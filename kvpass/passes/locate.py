@@ -28,7 +28,7 @@ PASS_THROUGH = {
     aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.detach.default,
     aten.repeat.default,
 }
-WRITES = {aten.index_copy_.default, aten.index_put_.default}
+WRITES = {aten.index_copy_.default, aten.index_put_.default}  # plus copy_ into a token slice: write_destination
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
 MATMUL = {aten.matmul.default, aten.bmm.default}
@@ -50,7 +50,7 @@ class CacheAccess:
     buffer: str  # the get_attr target of the cache buffer
     write: Node  # the index_copy_/index_put_ node
     new: Node  # the new rows [B, H, T, D]
-    positions: Node  # token positions [T]
+    positions: "Node | tuple"  # token positions [T], or (start, end) of a token slice
 
 
 @dataclass
@@ -91,17 +91,18 @@ def describe(node: Node) -> str:
     return f"node '{node.name}' ({node.target}){' at ' + where if where else ''}"
 
 
-def buffer_of(node: Node) -> str | None:
-    """The get_attr target a write's destination is, or None."""
-    return node.target if node.op == "get_attr" else None
-
-
 def follow_to_cache(node: Node, writes_by_buffer: dict[str, list[Node]], what: str, site: Node) -> str | None:
     """Walk back from an attention operand to the cache buffer it reads; None if it is not a cache read."""
     seen = node
     while node.op == "call_function":
-        if node.target in WRITES:
-            return buffer_of(node.args[0])
+        dest = write_destination(node)
+        if dest is not None:
+            if node.target == aten.copy_.default:  # copy_ returns the slice it wrote, not the whole cache
+                raise KVPassError(
+                    f"unsupported attention variant: the {what} of {describe(site)} reads the slice written by "
+                    f"{describe(node)} instead of the whole cache"
+                )
+            return dest.target
         if node.target in PASS_THROUGH or node.target == aten.transpose.int:
             node = node.args[0]
             continue
@@ -130,20 +131,41 @@ def _reaches_buffer(node: Node, writes_by_buffer: dict[str, list[Node]], depth: 
     for arg in node.all_input_nodes:
         if arg.op == "get_attr" and arg.target in writes_by_buffer:
             yield True
-        elif arg.op == "call_function" and arg.target in WRITES:
+        elif arg.op == "call_function" and write_destination(arg) is not None:
             yield True
         elif depth > 0 and arg.op == "call_function":
             yield from _reaches_buffer(arg, writes_by_buffer, depth - 1)
 
 
+def slice_of_buffer(node: Node) -> Node | None:
+    """The get_attr node when ``node`` is ``buffer[:, :, start:end]`` (a token slice), else None."""
+    if node.op == "call_function" and node.target == aten.slice.Tensor and node.args[0].op == "get_attr":
+        dim = node.args[1] if len(node.args) > 1 else 0
+        step = node.args[4] if len(node.args) > 4 else 1
+        if dim in (2, -2) and step == 1:
+            return node.args[0]
+    return None
+
+
+def write_destination(node: Node) -> Node | None:
+    """The cache buffer (get_attr) a write node fills, or None when it is not a token-row write."""
+    if node.op != "call_function":
+        return None
+    if node.target in WRITES:
+        dest = node.args[0]
+        return dest if dest.op == "get_attr" else None
+    if node.target == aten.copy_.default:
+        return slice_of_buffer(node.args[0])
+    return None
+
+
 def cache_writes(gm: GraphModule) -> dict[str, list[Node]]:
-    """Buffer name -> the index_copy_/index_put_ nodes writing token rows into it."""
+    """Buffer name -> the nodes writing token rows into it (index_copy_, index_put_, copy_ into a token slice)."""
     out: dict[str, list[Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in WRITES:
-            name = buffer_of(node.args[0])
-            if name is not None and val(node.args[0]) is not None and val(node.args[0]).ndim == 4:
-                out.setdefault(name, []).append(node)
+        dest = write_destination(node)
+        if dest is not None and val(dest) is not None and val(dest).ndim == 4:
+            out.setdefault(dest.target, []).append(node)
     return out
 
 
@@ -177,6 +199,13 @@ def access(buffer: str, writes: list[Node]) -> CacheAccess:
         if dim not in (2, -2):
             raise KVPassError(f"{describe(w)} writes the cache along dim {dim}; kvpass needs writes along the token dim 2")
         return CacheAccess(buffer, w, rows_4d(new, val(w.args[0]), w), positions)
+    if w.target == aten.copy_.default:
+        sl = w.args[0]
+        start = sl.args[2] if len(sl.args) > 2 else 0
+        end = sl.args[3] if len(sl.args) > 3 else None
+        if end is None or (isinstance(end, int) and end >= 2**62):
+            raise KVPassError(f"{describe(w)} copies into an open-ended slice of the cache; kvpass needs start:end")
+        return CacheAccess(buffer, w, rows_4d(w.args[1], val(sl.args[0]), w), (start, end))
     _, indices, new = w.args[:3]
     accumulate = w.args[3] if len(w.args) > 3 else w.kwargs.get("accumulate", False)
     if accumulate or len(indices) != 3 or indices[0] is not None or indices[1] is not None or indices[2] is None:

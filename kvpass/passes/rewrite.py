@@ -39,6 +39,9 @@ def get_attrs(gm: GraphModule, targets: list[str]) -> list[Node]:
 
 def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static: list[str], spec: str) -> None:
     with gm.graph.inserting_before(access.write):
+        if isinstance(access.positions, tuple):  # a copy_ into cache[:, :, start:end]
+            start, end = access.positions
+            access.positions = gm.graph.call_function(aten.arange.start, (start, end), {"device": val_device(access.new)})
         gm.graph.call_function(
             torch.ops.kvpass.kv_store_.default,
             (get_attrs(gm, cache), get_attrs(gm, static), access.new, access.positions, spec),
