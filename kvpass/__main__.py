@@ -1,22 +1,113 @@
-"""The ``kvpass`` command line."""
+"""The ``kvpass`` command line: ``kvpass eval`` (the main job) and ``kvpass demo``."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from dataclasses import fields
 
 from kvpass.errors import KVPassError
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x.replace("k", "000")) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def eval_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="perplexity, passkey, memory and speed of methods side by side",
+                       description="Evaluate KV-cache methods side by side on one model and text.")
+    p.add_argument("--model", default="smollm2", help="model directory, .gguf file, Hub id, or 'smollm2' (bundled)")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
+    p.add_argument("--text", nargs="+", help="text files or directories of .txt (default: bundled State of the Union)")
+    p.add_argument("--dataset", help="a Hugging Face datasets name instead of --text, e.g. wikitext-2")
+    p.add_argument("--methods", default=None, help="comma-separated; see `kvpass methods` (default: fp16,int8,fp8,int4,int2)")
+    p.add_argument("--no-peers", action="store_true", help="do not add the installed transformers QuantizedCache peers")
+    p.add_argument("--context", type=int, help="perplexity window in tokens (default 2048; --quick 1024)")
+    p.add_argument("--windows", type=int, help="number of perplexity windows (default 4; --quick 1)")
+    p.add_argument("--passkey-lengths", type=_ints, help="comma-separated prompt lengths, e.g. 1k,2k,4k,8k")
+    p.add_argument("--passkey-depths", type=_floats, help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--memory-budget-gb", type=float, help="budget for the 'context that fits' column (default 1)")
+    p.add_argument("--quick", action="store_true", help="a run of a few minutes on 2 CPU cores")
+    p.add_argument("--json", help="write every number to this JSON file")
+    p.add_argument("--plots", help="write PNG plots to this directory")
+    p.add_argument("--results-md", help="append the table to this Markdown file (benchmarks/RESULTS.md)")
+    return p
+
+
+def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
+    from rich.console import Console
+
+    from kvpass.eval import output
+    from kvpass.eval.runner import QUICK, EvalConfig, run
+
+    cfg = EvalConfig()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    overrides = {"model": args.model, "gguf_file": args.gguf_file, "text": args.text, "dataset": args.dataset,
+                 "context": args.context, "windows": args.windows, "passkey_lengths": args.passkey_lengths,
+                 "passkey_depths": args.passkey_depths, "memory_budget_gb": args.memory_budget_gb}
+    names = {f.name for f in fields(cfg)}
+    for k, v in overrides.items():
+        if v is not None and k in names:
+            setattr(cfg, k, v)
+    if args.methods:
+        cfg.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.no_peers:
+        cfg.peers = []
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    result = run(cfg, console)
+    console.print(output.table(result))
+    console.print(output.FOOTNOTE, style="dim")
+    if args.json:
+        output.write_json(result, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plots:
+        for path in output.write_plots(result, args.plots):
+            console.print(f"wrote {path}")
+    if args.results_md:
+        from pathlib import Path
+
+        path = Path(args.results_md)
+        header = "" if path.exists() else "# Results\n\nWritten by `kvpass eval --results-md`; newest first.\n\n"
+        old = path.read_text() if path.exists() else ""
+        body = old.split("\n## ", 1)
+        section = output.markdown(result, "kvpass " + shlex.join(argv))
+        if old and len(body) == 2:
+            path.write_text(body[0].rstrip() + "\n\n" + section + "\n## " + body[1])
+        else:
+            path.write_text((old or header) + section)
+        console.print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvpass", description="Low-bit KV caches for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
+    eval_parser(sub)
+    sub.add_parser("methods", help="list the methods")
     demo = sub.add_parser("demo", help="quantize the bundled model's real KV cache with every format")
     demo.add_argument("--model", default="smollm2", help="model directory, .gguf file or Hub id (default: bundled)")
     demo.add_argument("--tokens", type=int, default=1024, help="tokens of text to run (default 1024)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "demo":
+        if args.command == "eval":
+            run_eval(args, argv)
+        elif args.command == "methods":
+            from kvpass.eval.peers import PEERS
+            from kvpass.methods import methods
+
+            for name, text in methods().items():
+                print(f"{name:12s} {text}")
+            for name, peer in PEERS.items():
+                state = "installed" if peer.installed else "not installed: pip install 'kvpass[eval]'"
+                print(f"{name:12s} peer: transformers QuantizedCache ({peer.backend}, int{peer.nbits}; {state})")
+        elif args.command == "demo":
             from kvpass import demo as demo_mod
 
             demo_mod.run(args.model, args.tokens)

@@ -25,6 +25,23 @@ from kvpass.errors import KVPassError
 
 
 @dataclass(frozen=True)
+class Captured:
+    """A captured step that can be rewritten several times (one method each) without exporting again."""
+
+    graph_module: torch.fx.GraphModule
+    info: "CaptureInfo"
+    config: object = None
+    generation_config: object = None
+    name: str = "model"
+
+    def instantiate(self) -> torch.fx.GraphModule:
+        """A fresh graph over the same parameters and buffers; rewriting it leaves this capture intact."""
+        import copy
+
+        return torch.fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+
+
+@dataclass(frozen=True)
 class CaptureInfo:
     """What kvpass needs to know about the captured step, beside its graph."""
 

@@ -1,0 +1,120 @@
+"""What `kvpass eval` shows and writes: a rich table, a JSON file, PNG plots, and the RESULTS.md table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+
+def _f(x, fmt: str, none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def table(result: dict) -> Table:
+    t = Table(title=f"kvpass eval: {result['model']}, perplexity over {result['tokens_scored']} tokens "
+                    f"at context {result['context']}")
+    cols = ["method", "bits/elem", "cache MB", "ppl", "Δppl", "passkey synth", "passkey text", "prefill tok/s",
+            "decode tok/s", "peak MB", f"ctx in {result['config']['memory_budget_gb']:g} GiB"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "method" else "right", no_wrap=True)
+    for r in result["records"]:
+        bits = _f(r["bits_per_element"], ".2f") + ("" if r["bits_measured"] else "*")
+        t.add_row(
+            r["method"], bits, _f(r["cache_bytes"] and r["cache_bytes"] / 2**20, ".1f"), _f(r["perplexity"], ".3f"),
+            _f(r["perplexity_rel_change"] is not None and 100 * r["perplexity_rel_change"], "+.2f") + "%",
+            _f(r["passkey_synthetic"], ".0%"), _f(r["passkey_text"], ".0%"), _f(r["prefill_tokens_per_s"], ".0f"),
+            _f(r["decode_tokens_per_s"], ".1f"), _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f"),
+            _f(r["max_context_in_budget"], ","),
+        )
+    return t
+
+
+FOOTNOTE = ("bits/elem: measured from the stored buffers (codes, scales, zero points, outliers); * = nominal, for "
+            "peers whose storage is not inspected. fits in budget: tokens of context whose cache fits in the memory "
+            "budget. Peers decode token by token (their prefill attends in full precision), so their tok/s is decode.")
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2, default=str))
+
+
+def write_plots(result: dict, directory: str | Path) -> list[Path]:
+    """perplexity vs bits per element for all methods; a passkey heatmap (depth x length) per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in result["records"]:
+        if r["perplexity"] is None or r["bits_per_element"] is None:
+            continue
+        ax.scatter(r["bits_per_element"], r["perplexity"], marker="o" if r["kind"] == "kvpass" else "s")
+        ax.annotate(r["method"], (r["bits_per_element"], r["perplexity"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("bits per element (keys and values, metadata included)")
+    ax.set_ylabel(f"perplexity (context {result['context']})")
+    ax.set_title(f"{result['model']}: perplexity vs cache size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "perplexity_vs_bits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    records = [r for r in result["records"] if r["passkey_cells"]]
+    if records:
+        lengths = sorted({c["length"] for r in records for c in r["passkey_cells"]})
+        depths = sorted({c["depth"] for r in records for c in r["passkey_cells"]})
+        fig, axes = plt.subplots(1, len(records), figsize=(2.2 * len(records) + 1, 2.6), squeeze=False)
+        for ax, r in zip(axes[0], records):
+            grid = [[0.0] * len(lengths) for _ in depths]
+            for i, d in enumerate(depths):
+                for j, n in enumerate(lengths):
+                    hits = [c["correct"] for c in r["passkey_cells"] if c["depth"] == d and c["length"] == n]
+                    grid[i][j] = sum(hits) / len(hits) if hits else float("nan")
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_title(r["method"], fontsize=8)
+            ax.set_xlabel("prompt tokens", fontsize=7)
+        axes[0][0].set_ylabel("needle depth", fontsize=7)
+        fig.suptitle("passkey accuracy (both haystacks)", fontsize=9)
+        fig.tight_layout()
+        paths.append(out / "passkey_heatmap.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def markdown(result: dict, command: str) -> str:
+    """The RESULTS.md section of one run."""
+    lines = [
+        f"## {result['model']} — {result['date']}",
+        "",
+        f"Machine: {result['machine']} ({result['device']}); versions: "
+        + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Perplexity over {result['tokens_scored']} tokens in {result['windows']} window(s) of {result['context']} "
+        "tokens, the quantized cache read for every token.",
+        "",
+        "| method | bits/elem | cache MB | perplexity | Δ vs fp16 | passkey synthetic | passkey real text | prefill tok/s "
+        f"| decode tok/s | context in {result['config']['memory_budget_gb']:g} GiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["records"]:
+        bits = _f(r["bits_per_element"], ".2f") + ("" if r["bits_measured"] else " (nominal)")
+        lines.append(
+            f"| {r['method']} | {bits} | {_f(r['cache_bytes'] and r['cache_bytes'] / 2**20, '.1f')} | "
+            f"{_f(r['perplexity'], '.3f')} | {_f(r['perplexity_rel_change'] is not None and 100 * r['perplexity_rel_change'], '+.2f')}% | "
+            f"{_f(r['passkey_synthetic'], '.0%')} | {_f(r['passkey_text'], '.0%')} | "
+            f"{_f(r['prefill_tokens_per_s'], '.0f')} | {_f(r['decode_tokens_per_s'], '.1f')} | "
+            f"{_f(r['max_context_in_budget'], ',')} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,212 @@
+"""`kvpass eval`: every method on one model and text, side by side, in one run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.console import Console
+from tqdm import tqdm
+
+import kvpass
+from kvpass.capture import head_shapes
+from kvpass.errors import KVPassError
+from kvpass.eval import passkey
+from kvpass.eval.data import adds_bos, load_text, tokenize, windows
+from kvpass.eval.measure import PeakMemory, decode_tokens_per_s
+from kvpass.eval.peers import PEERS
+from kvpass.eval.perplexity import kvpass_perplexity, quantized_cache_perplexity
+from kvpass.methods import get_method
+from kvpass.models import LoadedModel, load
+
+REFERENCE = "fp16"
+
+
+@dataclass
+class EvalConfig:
+    model: str = "smollm2"
+    gguf_file: str | None = None
+    text: list[str] | None = None
+    dataset: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["fp16", "int8", "fp8", "int4", "int2"])
+    context: int = 2048
+    windows: int | None = 4
+    passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    haystacks: list[str] = field(default_factory=lambda: ["synthetic", "text"])
+    passkey_new_tokens: int = 8
+    decode_steps: int = 16
+    memory_budget_gb: float = 1.0
+    peers: list[str] | None = None  # peers added when installed (None: all); --methods may name others
+
+
+QUICK = dict(context=512, windows=1, passkey_lengths=[1024], passkey_depths=[0.5], decode_steps=8,
+             peers=["hf-quanto-int4", "hf-quanto-int2"])
+
+
+@dataclass
+class Record:
+    method: str
+    kind: str  # "kvpass" or "peer"
+    description: str
+    perplexity: float | None = None
+    perplexity_rel_change: float | None = None
+    bits_per_element: float | None = None
+    bits_measured: bool = True
+    cache_bytes: int | None = None
+    dense_fp16_bytes: int | None = None
+    max_context_in_budget: int | None = None
+    passkey_accuracy: float | None = None
+    passkey_synthetic: float | None = None
+    passkey_text: float | None = None
+    passkey_cells: list[dict] = field(default_factory=list)
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    seconds: float | None = None
+
+
+def validate_methods(names: list[str]) -> None:
+    for name in names:
+        if name in PEERS:
+            PEERS[name].require()
+        else:
+            try:
+                get_method(name)
+            except KVPassError as err:
+                raise KVPassError(f"{err}; peers: {', '.join(PEERS)}") from None
+
+
+def passkey_cells(cfg: EvalConfig, tokenizer, haystack_text: str, max_len: int) -> list[passkey.PasskeyPrompt]:
+    cells = []
+    lengths = [n for n in cfg.passkey_lengths if n + cfg.passkey_new_tokens <= max_len]
+    secrets = iter(passkey.keys(len(lengths) * len(cfg.passkey_depths) * len(cfg.haystacks)))
+    for length in lengths:
+        for depth in cfg.passkey_depths:
+            for hay in cfg.haystacks:
+                cells.append(passkey.make_prompt(tokenizer, length, depth, next(secrets), hay, haystack_text))
+    return cells
+
+
+def summarise_passkey(rec: Record) -> None:
+    for hay in ("synthetic", "text"):
+        hits = [c["correct"] for c in rec.passkey_cells if c["haystack"] == hay]
+        setattr(rec, f"passkey_{hay}", sum(hits) / len(hits) if hits else None)
+    all_hits = [c["correct"] for c in rec.passkey_cells]
+    rec.passkey_accuracy = sum(all_hits) / len(all_hits) if all_hits else None
+
+
+def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
+    method = get_method(name)
+    rec = Record(name, "kvpass", method.description)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        qm = kvpass.compile(captured, method, prefill_chunk=captured.info.max_cache_len)
+        ppl = kvpass_perplexity(qm, wins, desc=f"{name}: perplexity")
+        for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
+            out = qm.generate(cell.ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[])
+            answer = tokenizer.decode(out[0, cell.ids.shape[1]:], skip_special_tokens=True)
+            rec.passkey_cells.append({"length": cell.ids.shape[1], "depth": cell.depth, "haystack": cell.haystack,
+                                      "key": cell.key, "answer": answer.strip(), "correct": passkey.score(answer, cell.key)})
+        rec.decode_tokens_per_s = decode_tokens_per_s(qm, min(cfg.context, qm.max_cache_len - cfg.decode_steps),
+                                                      cfg.decode_steps, vocab, reset=qm.reset)
+    report = qm.cache_report()
+    elements = sum(layer.elements for layer in report.layers)
+    per_token = report.nbytes / (qm.batch_size * qm.max_cache_len)
+    rec.perplexity, rec.prefill_tokens_per_s = ppl.perplexity, ppl.tokens_per_s
+    rec.bits_per_element, rec.cache_bytes = report.bits_per_element, report.nbytes
+    rec.dense_fp16_bytes = elements * 2
+    rec.max_context_in_budget = int(budget / per_token)
+    rec.peak_memory_bytes, rec.seconds = mem.peak, time.perf_counter() - start
+    summarise_passkey(rec)
+    return rec
+
+
+@torch.no_grad()
+def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
+    peer = PEERS[name]
+    rec = Record(name, "peer", f"transformers QuantizedCache, {peer.backend} int{peer.nbits}, group 64, "
+                               "last 128 tokens at model precision")
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        ppl = quantized_cache_perplexity(model, wins, lambda: peer.make_cache(model.config), desc=f"{name}: perplexity")
+        for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
+            out = model.generate(cell.ids, max_new_tokens=cfg.passkey_new_tokens, do_sample=False,
+                                 cache_implementation="quantized", cache_config=peer.cache_config())
+            answer = tokenizer.decode(out[0, cell.ids.shape[1]:], skip_special_tokens=True)
+            rec.passkey_cells.append({"length": cell.ids.shape[1], "depth": cell.depth, "haystack": cell.haystack,
+                                      "key": cell.key, "answer": answer.strip(), "correct": passkey.score(answer, cell.key)})
+    rec.perplexity, rec.decode_tokens_per_s = ppl.perplexity, ppl.tokens_per_s
+    rec.bits_per_element, rec.bits_measured = peer.nominal_bits(), False
+    cfg_text = model.config.get_text_config()
+    kv_heads, head_dim = head_shapes(cfg_text)
+    per_token = 2 * cfg_text.num_hidden_layers * kv_heads * head_dim * rec.bits_per_element / 8
+    rec.max_context_in_budget = int(budget / per_token)
+    rec.peak_memory_bytes, rec.seconds = mem.peak, time.perf_counter() - start
+    summarise_passkey(rec)
+    return rec
+
+
+def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | None = None) -> dict:
+    """Run every method of ``cfg``; returns the JSON-ready result (records plus machine, versions and date)."""
+    console = console or Console()
+    names = list(dict.fromkeys(cfg.methods))
+    if REFERENCE not in names:
+        names.insert(0, REFERENCE)
+    wanted = list(PEERS) if cfg.peers is None else cfg.peers
+    names += [p for p in wanted if PEERS[p].installed and p not in names]
+    validate_methods(names)
+    loaded = loaded or load(cfg.model, cfg.gguf_file)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    text = load_text(cfg.text, cfg.dataset)
+    ids = tokenize(tokenizer, text)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    wins = windows(ids, cfg.context, cfg.windows, bos)
+    max_len = max([cfg.context] + [n + cfg.passkey_new_tokens for n in cfg.passkey_lengths])
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit and max_len > limit:
+        raise KVPassError(f"context {max_len} exceeds the model's max_position_embeddings={limit}; lower --context "
+                          "or --passkey-lengths")
+    cells = passkey_cells(cfg, tokenizer, text, max_len)
+    vocab = model.config.get_text_config().vocab_size
+    budget = cfg.memory_budget_gb * 2**30
+    console.print(f"[bold]kvpass eval[/]: {loaded.name}, {len(wins)} window(s) of {cfg.context} tokens, "
+                  f"{len(cells)} passkey prompts, methods: {', '.join(names)}")
+    start = time.perf_counter()
+    captured = kvpass.capture_model(model, max_cache_len=max_len, batch_size=1)
+    console.print(f"captured the model in {time.perf_counter() - start:.0f} s")
+    records = []
+    for name in tqdm(names, desc="methods", unit="method"):
+        if name in PEERS:
+            records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
+        else:
+            records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget))
+    ref = next(r for r in records if r.method == REFERENCE)
+    for r in records:
+        r.perplexity_rel_change = r.perplexity / ref.perplexity - 1.0
+    return {
+        "model": loaded.name,
+        "context": cfg.context,
+        "windows": len(wins),
+        "tokens_scored": sum(len(w) - 1 for w in wins),
+        "config": asdict(cfg),
+        "records": [asdict(r) for r in records],
+        **environment(),
+    }
+
+
+def environment() -> dict:
+    import datetime
+    import platform
+
+    import transformers
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, "
+                   f"{platform.system()} {platform.release()}",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"kvpass": kvpass.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }

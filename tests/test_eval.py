@@ -1,0 +1,124 @@
+"""kvpass eval: perplexity against transformers, the passkey generator and scorer, the CLI end to end, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvpass
+from kvpass import KVPassError
+from kvpass.__main__ import main
+from kvpass.eval import passkey
+from kvpass.eval.data import windows
+from kvpass.eval.peers import PEERS, Peer
+from kvpass.eval.perplexity import kvpass_perplexity
+from kvpass.models import load
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load(str(tiny_model_dir))
+
+
+def test_fp16_perplexity_equals_transformers(tiny, tiny_model_dir):
+    ids = tiny.tokenizer((tiny_model_dir / "text.txt").read_text(), return_tensors="pt").input_ids[0]
+    wins = windows(ids, 128, 3)
+    qm = kvpass.compile(tiny.model, "fp16", max_cache_len=128)
+    ours = kvpass_perplexity(qm, wins)
+    with torch.no_grad():
+        losses = [F.cross_entropy(tiny.model(w[None]).logits[0, :-1], w[1:], reduction="sum") for w in wins]
+    direct = torch.exp(torch.stack(losses).sum() / sum(len(w) - 1 for w in wins)).item()
+    assert ours.perplexity == pytest.approx(direct, rel=1e-4)
+    assert ours.tokens == 3 * 128
+    int2 = kvpass_perplexity(kvpass.compile(tiny.model, "int2", max_cache_len=128), wins)
+    assert int2.perplexity != pytest.approx(direct, rel=1e-4)  # the quantized cache really is read
+
+
+@pytest.mark.parametrize("haystack", ["synthetic", "text"])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_passkey_prompt_puts_the_key_where_it_says(tiny, tiny_model_dir, haystack, depth):
+    text = (tiny_model_dir / "text.txt").read_text()
+    p = passkey.make_prompt(tiny.tokenizer, 300, depth, 48213, haystack, text)
+    assert abs(p.ids.shape[1] - 300) <= 2
+    assert "48213" in tiny.tokenizer.decode(p.ids[0, p.key_token_start:p.key_token_end])
+    assert "48213" not in tiny.tokenizer.decode(p.ids[0, :p.key_token_start])
+    assert "48213" not in tiny.tokenizer.decode(p.ids[0, p.key_token_end:])
+    head = len(tiny.tokenizer(passkey.INTRO, add_special_tokens=False).input_ids)
+    tail = len(tiny.tokenizer(passkey.QUESTION, add_special_tokens=False).input_ids)
+    budget = p.ids.shape[1] - head - tail - (p.key_token_end - p.key_token_start)
+    assert abs((p.key_token_start - head) - depth * budget) <= 1
+    assert tiny.tokenizer.decode(p.ids[0]).endswith("The pass key is")
+
+
+def test_passkey_scorer():
+    assert passkey.score(" 71432. Remember it.", 71432)
+    assert passkey.score("The pass key is 71432", 71432)
+    assert not passkey.score(" 71433", 71432)
+    assert not passkey.score(" 12345 and 71432", 71432)
+    assert not passkey.score("", 71432)
+    assert not passkey.score(" 714320", 71432)
+
+
+def test_cli_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "result.json"
+    md = tmp_path / "RESULTS.md"
+    code = main(["eval", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "text.txt"),
+                 "--methods", "fp16,int4", "--no-peers", "--context", "64", "--windows", "2",
+                 "--passkey-lengths", "200", "--passkey-depths", "0.5", "--json", str(out), "--plots", str(tmp_path),
+                 "--results-md", str(md)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert {"date", "machine", "versions", "records"} <= set(result)
+    methods = [r["method"] for r in result["records"]]
+    assert methods == ["fp16", "int4"]
+    for r in result["records"]:
+        for key in ("method", "perplexity", "perplexity_rel_change", "bits_per_element", "cache_bytes",
+                    "passkey_accuracy", "decode_tokens_per_s"):
+            assert r[key] is not None, key
+        assert len(r["passkey_cells"]) == 2  # one depth x two haystacks
+    assert result["records"][0]["perplexity_rel_change"] == 0.0
+    assert result["records"][1]["bits_per_element"] == pytest.approx(6.0)  # int4, head_dim 16: 4 + 32/16
+    for png in ("perplexity_vs_bits.png", "passkey_heatmap.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| int4 | 6.00 |" in md.read_text()
+
+
+def run_cli(*args) -> tuple[int, str]:
+    import io
+    from contextlib import redirect_stderr
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+def test_cli_errors(tiny_model_dir, tmp_path, monkeypatch):
+    code, err = run_cli("eval", "--model", str(tmp_path / "nope"), "--no-peers")
+    assert code == 2 and "does not exist" in err
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code, err = run_cli("eval", "--model", str(tiny_model_dir), "--text", str(short), "--no-peers", "--context", "64",
+                        "--passkey-lengths", "96")
+    assert code == 2 and "text is shorter than one window" in err and "--context" in err
+    code, err = run_cli("eval", "--model", str(tiny_model_dir), "--methods", "fp16,int5", "--no-peers")
+    assert code == 2 and "unknown method 'int5'" in err and "hf-quanto-int4" in err
+    monkeypatch.setattr(Peer, "installed", property(lambda self: False))
+    code, err = run_cli("eval", "--model", str(tiny_model_dir), "--methods", "hf-hqq-int2")
+    assert code == 2 and "needs hqq" in err and "kvpass[eval]" in err
+    assert PEERS["hf-quanto-int4"].installed is False
+
+
+def test_model_path_errors(tmp_path):
+    from kvpass.models import resolve
+
+    with pytest.raises(KVPassError, match="does not exist"):
+        resolve(str(tmp_path / "missing"))
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(KVPassError, match="several .gguf files"):
+        resolve(str(tmp_path))
+    assert resolve(str(tmp_path), "a.gguf") == (str(tmp_path), "a.gguf")
+    assert resolve(str(tmp_path / "b.gguf")) == (str(tmp_path), "b.gguf")
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
