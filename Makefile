@@ -21,8 +21,8 @@ $(VENV)/.eval-installed: pyproject.toml $(VENV)/.test-installed
 	touch $@
 
 .PHONY: demo test
-demo: $(VENV)/.eval-installed  ## main job on the bundled model and text
-	$(BIN)/python -m kvpass demo
+demo: $(VENV)/.eval-installed  ## main job: kvpass eval --quick on the bundled model and text
+	$(BIN)/python -m kvpass eval --quick --json out/eval-quick.json --plots out/plots
 
 test: $(VENV)/.test-installed  ## the test suite (what CI runs)
 	$(BIN)/python -m pytest -q

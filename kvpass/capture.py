@@ -38,7 +38,10 @@ class Captured:
         """A fresh graph over the same parameters and buffers; rewriting it leaves this capture intact."""
         import copy
 
-        return torch.fx.GraphModule(self.graph_module, copy.deepcopy(self.graph_module.graph))
+        with warnings.catch_warnings():  # torch's own pytree spec copy warns about its deprecated LeafSpec check
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            graph = copy.deepcopy(self.graph_module.graph)
+        return torch.fx.GraphModule(self.graph_module, graph)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def write_plots(result: dict, directory: str | Path) -> list[Path]:
         ax.annotate(r["method"], (r["bits_per_element"], r["perplexity"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     ax.set_xlabel("bits per element (keys and values, metadata included)")
-    ax.set_ylabel(f"perplexity (context {result['context']})")
+    ax.set_ylabel(f"perplexity (context {result['context']}, log scale)")
+    ax.set_yscale("log")
     ax.set_title(f"{result['model']}: perplexity vs cache size")
     ax.grid(alpha=0.3)
     fig.tight_layout()
