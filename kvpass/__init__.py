@@ -1,6 +1,7 @@
 """kvpass: low-bit KV caches for LLM inference, applied as a compiler pass."""
 
 from kvpass import formats, ops  # noqa: F401  (ops registers the kvpass:: custom ops)
+from kvpass.calibrate import Calibration, calibrate
 from kvpass.compile import capture_model, compile  # noqa: A004
 from kvpass.errors import InputError, KVPassError, SpecError
 from kvpass.methods import MethodConfig, get_method, methods, register_method
@@ -9,7 +10,7 @@ from kvpass.model import KVPassModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "InputError", "KVPassError", "KVPassModel", "MethodConfig", "SpecError", "__version__", "capture_model", "compile",
+    "Calibration", "InputError", "calibrate", "KVPassError", "KVPassModel", "MethodConfig", "SpecError", "__version__", "capture_model", "compile",
     "formats",
     "get_method", "methods", "register_method",
 ]

@@ -42,6 +42,31 @@ def capture_model(
                     type(model).__name__)
 
 
+def resolve_calibration(calibration, model, config: MethodConfig, tokenizer, captured: Captured):
+    from pathlib import Path
+
+    from kvpass.calibrate import Calibration, calibrate
+
+    if calibration is None:
+        if config.needs_calibration:
+            raise KVPassError(
+                f"method {config.name!r} codes keys against calibrated ranges and needs calibration: pass "
+                f"calibration=kvpass.calibrate(model, texts, method={config.name!r}) (or the texts themselves)"
+            )
+        return None
+    if isinstance(calibration, Path) or (isinstance(calibration, str) and Path(calibration).with_suffix(".json").exists()):
+        calibration = Calibration.load(calibration)
+    elif isinstance(calibration, str):
+        calibration = [calibration]
+    if not isinstance(calibration, Calibration):
+        if isinstance(model, Captured):
+            raise KVPassError("to calibrate while compiling, pass the model itself, not a captured program")
+        limit = captured.info.max_cache_len
+        calibration = calibrate(model, calibration, config, seq_len=min(2048, limit), tokenizer=tokenizer)
+    calibration.check(captured.config if captured.config is not None else model, config)
+    return calibration
+
+
 def compile(  # noqa: A001 - the public name users expect: kvpass.compile
     model: "nn.Module | Captured",
     method: "str | MethodConfig" = "int4",
@@ -51,6 +76,8 @@ def compile(  # noqa: A001 - the public name users expect: kvpass.compile
     example_inputs: tuple | None = None,
     attention: str = "fused",
     prefill_chunk: int = 512,
+    calibration=None,
+    tokenizer=None,
 ) -> KVPassModel:
     """Rewrite ``model`` so that its KV cache is stored with ``method`` (see :func:`kvpass.methods`).
 
@@ -71,6 +98,8 @@ def compile(  # noqa: A001 - the public name users expect: kvpass.compile
         gm = captured.graph_module
     sites = locate(gm, captured.name)
     layouts = plan(sites, config, captured.info.sliding_window)
-    rewrite(gm, sites, layouts, attention)
+    calib = resolve_calibration(calibration, model, config, tokenizer, captured)
+    rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,
+            calibration=calib.as_rewrite_input() if calib else None)
     return KVPassModel(gm, captured.info, sites, layouts, config, config=captured.config,
                        generation_config=captured.generation_config, prefill_chunk=prefill_chunk)

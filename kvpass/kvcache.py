@@ -1,58 +1,119 @@
 """Static storage layout of one quantized K or V cache ``[batch, kv_heads, max_len, head_dim]``.
 
-A cache is a list of *per-token* tensors, each with the token axis at dim 2 (packed codes, scales, zero
-points, outliers), written row by row as tokens arrive, plus *static* tensors shared by all tokens
-(a nuq LUT, a calibrated fp8 scale). Specs must be per-token here: a per-channel scale would change as
-tokens arrive; per-channel keys with a residual window are a method-level layout built on top of this.
+A cache spec is a format spec plus cache options, written ``"<format>|residual=R|sink=S"``:
+
+* the format (``kvpass.formats``) codes the tokens. Per-token formats, and per-channel formats with
+  calibrated (``static``) ranges, code each token on its own as it arrives.
+* ``residual=R`` (KIVI) keeps the most recent tokens at model precision in a ring of R slots and codes them a
+  block of R tokens at a time once the block is complete, which is what per-channel groups along tokens need.
+* ``sink=S`` (KVQuant's attention sink) keeps the first S tokens at model precision as well.
+
+The buffers are *per-token* tensors, written as tokens arrive (token axis at dim 2, or blocks of R tokens at
+dim 2 with a residual), and *static* tensors shared by every token (a nuq LUT and its Q-Norm, calibrated
+per-channel ranges, a calibrated fp8 scale).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from kvpass.errors import SpecError
+from kvpass.errors import KVPassError, SpecError
 from kvpass.formats import QuantSpec, parse_spec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.formats.nuq import normal_float_grid
 
 
-def cache_names(spec: QuantSpec) -> list[str]:
+@dataclass(frozen=True)
+class CacheSpec:
+    """A format plus the cache options ``residual`` and ``sink``."""
+
+    format: QuantSpec
+    residual: int = 0
+    sink: int = 0
+
+    def __str__(self) -> str:
+        text = str(self.format)
+        if self.residual:
+            text += f"|residual={self.residual}"
+        if self.sink:
+            text += f"|sink={self.sink}"
+        return text
+
+
+@functools.lru_cache(maxsize=None)
+def parse_cache_spec(text: "str | CacheSpec | QuantSpec") -> CacheSpec:
+    """Parse ``"<format>[|residual=R][|sink=S]"``."""
+    if isinstance(text, CacheSpec):
+        return text
+    if isinstance(text, QuantSpec):
+        return CacheSpec(text)
+    fmt, *options = str(text).split("|")
+    fields: dict[str, int] = {}
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key not in ("residual", "sink") or not value.isdigit():
+            raise SpecError(f"unknown cache option {opt!r} in {text!r}; use residual=N and sink=N")
+        fields[key] = int(value)
+    spec = CacheSpec(parse_spec(fmt), **fields)
+    check_cache_spec(spec)
+    return spec
+
+
+def check_cache_spec(cs: CacheSpec) -> None:
+    spec = cs.format
+    if spec.granularity == "per_channel" and not spec.static and not cs.residual:
+        raise SpecError(
+            f"'{spec}' cannot be stored token by token: a per-channel scale changes as tokens arrive; keep recent "
+            "tokens in a residual window ('|residual=128', as KIVI does) or calibrate the ranges (':static')"
+        )
+    if cs.residual and spec.granularity == "per_channel" and spec.group and cs.residual % spec.group:
+        raise SpecError(f"residual={cs.residual} must be a multiple of the token group size {spec.group}")
+
+
+def cache_names(cs: CacheSpec) -> list[str]:
     """Names of the per-token tensors of a cache, in the order the kvpass ops take them."""
+    spec = cs.format
     if spec.kind == "float":
-        return ["data"]
-    if spec.kind == "fp8":
-        return ["codes", "scale"] if spec.granularity == "per_token" else ["codes"]
-    names = ["codes", "scale", "zero"]
+        names = ["data"]
+    elif spec.kind == "fp8":
+        names = ["codes", "scale"] if spec.granularity == "per_token" else ["codes"]
+    elif spec.static:
+        names = ["codes"]
+    else:
+        names = ["codes", "scale", "zero"]
     if spec.outlier_frac:
         names += ["outlier_values", "outlier_index"]
+    if cs.residual:
+        names += ["residual", "state"]
+    if cs.sink:
+        names += ["sink"]
     return names
 
 
-def static_names(spec: QuantSpec) -> list[str]:
-    """Names of the tensors shared by every token (not written by ``kv_store_``)."""
+def static_names(cs: CacheSpec) -> list[str]:
+    """Names of the tensors shared by every token (never written by ``kv_store_``)."""
+    spec = cs.format
+    names = ["lo", "hi"] if spec.static else []
     if spec.kind == "nuq":
-        return ["lut", "qnorm"] if spec.qnorm else ["lut"]
+        names += ["lut", "qnorm"] if spec.qnorm else ["lut"]
     if spec.kind == "fp8" and spec.granularity != "per_token":
-        return ["scale"]
-    return []
+        names += ["scale"]
+    return names
 
 
-def check_cache_spec(spec: QuantSpec) -> None:
-    if spec.granularity == "per_channel":
-        raise SpecError(
-            f"'{spec}' cannot be stored token by token: a per-channel scale changes as tokens arrive; "
-            "use a per_token spec for the cache (per-channel keys come with a method such as kivi or kvquant)"
-        )
+def needs_calibration(cs: CacheSpec) -> bool:
+    return cs.format.static
 
 
 @dataclass(frozen=True)
 class CacheLayout:
     """The buffers of one cache: shapes, dtypes and exact bytes."""
 
-    spec: QuantSpec
+    spec: CacheSpec
     batch: int
     heads: int
     max_len: int
@@ -60,40 +121,72 @@ class CacheLayout:
     dtype: torch.dtype
 
     @classmethod
-    def build(cls, spec: "str | QuantSpec", shape: tuple[int, int, int, int], dtype: torch.dtype) -> "CacheLayout":
-        spec = parse_spec(spec)
-        check_cache_spec(spec)
-        return cls(spec, *shape, dtype)
+    def build(cls, spec: "str | CacheSpec | QuantSpec", shape: tuple[int, int, int, int], dtype: torch.dtype) -> "CacheLayout":
+        return cls(parse_cache_spec(spec), *shape, dtype)
 
-    def _row(self) -> QuantizedTensor:
-        row = torch.zeros(1, 1, 1, self.head_dim, dtype=self.dtype)
-        return quantize(row, self.spec, check=False, **self.default_static())
+    @property
+    def format(self) -> QuantSpec:
+        return self.spec.format
+
+    @property
+    def blocks(self) -> int:
+        """Complete residual blocks the cache can hold; the remaining tokens stay in the ring."""
+        return self.max_len // self.spec.residual if self.spec.residual else 0
 
     def default_static(self) -> dict[str, torch.Tensor]:
-        """Calibration-free static tensors: the NormalFloat LUT; a unit fp8 per-head/per-tensor scale, as
-        vLLM uses without calibration (a calibrated scale replaces it)."""
-        out: dict[str, torch.Tensor] = {}
-        if self.spec.kind == "nuq":
-            out["lut"] = normal_float_grid(self.spec.bits).to(torch.float16)
-            if self.spec.qnorm:
-                out["qnorm"] = torch.tensor([1.0, 0.0])  # identity until calibration fits it
+        """Calibration-free static tensors: the NormalFloat LUT and an identity Q-Norm; a unit fp8 per-head scale
+        as vLLM uses without calibration. Calibrated ranges have no default (see :func:`needs_calibration`)."""
+        spec, out = self.format, {}
+        if spec.static:
+            shape = (1, self.heads, 1, self.head_dim)
+            out["lo"], out["hi"] = -torch.ones(shape, dtype=spec.scale_dtype), torch.ones(shape, dtype=spec.scale_dtype)
+        if spec.kind == "nuq":
+            out["lut"] = normal_float_grid(spec.bits).to(torch.float16)
+            if spec.qnorm:
+                out["qnorm"] = torch.tensor([1.0, 0.0])
         elif "scale" in static_names(self.spec):
-            shape = (1, self.heads, 1, 1) if self.spec.granularity == "per_head" else (1, 1, 1, 1)
-            out["scale"] = torch.ones(shape, dtype=self.spec.scale_dtype)
+            shape = (1, self.heads, 1, 1) if spec.granularity == "per_head" else (1, 1, 1, 1)
+            out["scale"] = torch.ones(shape, dtype=spec.scale_dtype)
         return out
+
+    def _coded(self) -> dict[str, torch.Tensor]:
+        """The tensors the format stores for one token (or one residual block)."""
+        rows = self.spec.residual or 1
+        x = torch.zeros(1, 1, rows, self.head_dim, dtype=self.dtype)
+        static = {k: v[:, :1] if v.ndim == 4 else v for k, v in self.default_static().items()}
+        return quantize(x, self.format, check=False, **static).tensors
 
     def buffer_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-token buffers: name -> (shape, dtype)."""
-        row = self._row().tensors
-        return {
-            n: ((self.batch, self.heads, self.max_len, row[n].shape[-1]), row[n].dtype) for n in cache_names(self.spec)
-        }
+        coded, b, h = self._coded(), self.batch, self.heads
+        out = {}
+        for name in cache_names(self.spec):
+            if name == "residual":
+                out[name] = ((b, h, self.spec.residual, self.head_dim), self.dtype)
+            elif name == "state":  # tokens written
+                out[name] = ((1,), torch.int64)
+            elif name == "sink":
+                out[name] = ((b, h, self.spec.sink, self.head_dim), self.dtype)
+            elif self.spec.residual:
+                t = coded[name]
+                out[name] = ((b, h, self.blocks, *t.shape[2:]), t.dtype)
+            else:
+                t = coded[name]
+                out[name] = ((b, h, self.max_len, t.shape[-1]), t.dtype)
+        return out
 
-    def allocate(self, device: "torch.device | str" = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Zeroed per-token buffers and default static tensors, in op order."""
+    def allocate(self, device: "torch.device | str" = "cpu",
+                 static: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed per-token buffers and the static tensors (``static`` overrides the defaults), in op order."""
         cache = [torch.zeros(s, dtype=d, device=device) for s, d in self.buffer_specs().values()]
-        static = self.default_static()
-        return cache, [static[n].to(device) for n in static_names(self.spec)]
+        values = {**self.default_static(), **(static or {})}
+        missing = [n for n in ("lo", "hi") if n in static_names(self.spec) and n not in (static or {})]
+        if missing:
+            raise KVPassError(
+                f"cache spec '{self.spec}' codes tokens against calibrated per-channel ranges, and none were given; "
+                "pass calibration=kvpass.calibrate(model, texts, method=...) to kvpass.compile"
+            )
+        return cache, [values[n].to(device) for n in static_names(self.spec)]
 
     @property
     def nbytes(self) -> int:
@@ -111,16 +204,78 @@ class CacheLayout:
         return 8.0 * self.nbytes / (self.batch * self.heads * self.max_len * self.head_dim)
 
 
-def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor, spec: QuantSpec) -> None:
-    """Quantize ``new`` ``[B, H, T, D]`` and write its rows at ``positions`` (``[T]``) of every per-token buffer."""
-    params = dict(zip(static_names(spec), static))
-    q = quantize(new, spec, check=False, **params)
-    for name, buf in zip(cache_names(spec), cache):
-        buf.index_copy_(2, positions, q.tensors[name].to(buf.dtype))
+def _params(cs: CacheSpec, static: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(static_names(cs), static))
 
 
-def load(cache: list[torch.Tensor], static: list[torch.Tensor], spec: QuantSpec, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize a whole cache to ``[B, H, S, D]`` in ``dtype``."""
-    tensors = dict(zip(cache_names(spec), cache)) | dict(zip(static_names(spec), static))
-    b, h, s = cache[0].shape[:3]
-    return dequantize(QuantizedTensor(spec, torch.Size((b, h, s, head_dim)), dtype, tensors))
+def _write_coded(bufs: dict[str, torch.Tensor], coded: dict[str, torch.Tensor], names: list[str], index: torch.Tensor) -> None:
+    for name in names:
+        bufs[name].index_copy_(2, index, coded[name].to(bufs[name].dtype))
+
+
+def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
+          cs: CacheSpec) -> None:
+    """Write ``new`` ``[B, H, T, D]`` at token ``positions`` ``[T]`` of every per-token buffer."""
+    names = cache_names(cs)
+    bufs = dict(zip(names, cache))
+    coded_names = [n for n in names if n not in ("residual", "state", "sink")]
+    params = _params(cs, static)
+    if cs.sink:
+        keep = positions < cs.sink
+        if bool(keep.any()):
+            bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
+    if not cs.residual:
+        _write_coded(bufs, quantize(new, cs.format, check=False, **params).tensors, coded_names, positions)
+        return
+    r, ring = cs.residual, bufs["residual"]
+    pos = positions.tolist()
+    if pos != list(range(pos[0], pos[0] + len(pos))):
+        raise KVPassError(f"a residual cache needs consecutive positions, got {pos[:8]}...")
+    blocks = bufs[coded_names[0]].shape[2]
+    i = 0
+    while i < len(pos):
+        p = pos[i]
+        take = min(len(pos) - i, r - p % r)  # up to the end of p's block
+        ring[:, :, p % r: p % r + take] = new[:, :, i:i + take].to(ring.dtype)
+        end = p + take
+        if end % r == 0 and end // r <= blocks:  # the block is complete: code it from the ring
+            coded = quantize(ring, cs.format, check=False, **params).tensors
+            k = torch.tensor([end // r - 1], device=new.device)
+            for name in coded_names:
+                bufs[name].index_copy_(2, k, coded[name].unsqueeze(2).to(bufs[name].dtype))
+        i += take
+    bufs["state"].fill_(pos[-1] + 1)
+
+
+def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, head_dim: int, max_len: int,
+         dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize a whole cache to ``[B, H, max_len, D]`` in ``dtype`` (slots never written come back as zeros or
+    stale values; attention masks them)."""
+    names = cache_names(cs)
+    bufs = dict(zip(names, cache))
+    coded_names = [n for n in names if n not in ("residual", "state", "sink")]
+    params = _params(cs, static)
+    if not cs.residual:
+        b, h, s = cache[0].shape[:3]
+        tensors = {n: bufs[n] for n in coded_names} | params
+        dense = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, s, head_dim)), dtype, tensors))
+    else:
+        ring, r = bufs["residual"], cs.residual
+        b, h = ring.shape[:2]
+        n, s = int(bufs["state"]), max_len
+        dense = torch.zeros(b, h, s, head_dim, dtype=dtype, device=ring.device)
+        done = min(n // r, bufs[coded_names[0]].shape[2])
+        if done:
+            tensors = {name: bufs[name][:, :, :done] for name in coded_names} | params
+            q = QuantizedTensor(cs.format, torch.Size((b, h, done, r, head_dim)), dtype, tensors)
+            dense[:, :, :done * r] = dequantize(q).reshape(b, h, done * r, head_dim)
+        tail = torch.arange(done * r, min(n, s), device=ring.device)
+        dense[:, :, tail] = ring[:, :, tail % r].to(dtype)
+    if cs.sink:
+        dense = dense.clone() if dense.data_ptr() == cache[0].data_ptr() else dense
+        dense[:, :, :cs.sink] = bufs["sink"].to(dtype)
+    return dense
+
+
+def with_format(cs: CacheSpec, **changes) -> CacheSpec:
+    return replace(cs, format=cs.format.with_(**changes))

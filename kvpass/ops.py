@@ -2,28 +2,50 @@
 
 * ``kvpass::kv_store_`` quantizes new K or V rows and writes them into the packed cache buffers (mutating).
 * ``kvpass::kv_load`` dequantizes a whole cache to a dense tensor (the debugging / reference read path).
-* ``kvpass::kv_attention`` attends queries over packed K and V caches: dequantize, GQA, mask, softmax, and
+* ``kvpass::kv_attention`` attends queries over packed K and V caches: dequantize, RoPE for keys stored before
+  it, GQA, mask, softmax, and
   optionally the attention mass every cached token received (summed over queries and the heads of its
   GQA group), which importance-driven methods (MiKV, QAQ, H2O) accumulate.
 
-A cache is passed as two tensor lists (per-token buffers, static tensors) plus its spec string; the order of
-each list is :func:`kvpass.kvcache.cache_names` / :func:`kvpass.kvcache.static_names`.
+A cache is passed as two tensor lists (per-token buffers, static tensors) plus its cache spec string
+(:mod:`kvpass.kvcache`); the order of each list is :func:`kvpass.kvcache.cache_names` /
+:func:`kvpass.kvcache.static_names`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from kvpass import kvcache
-from kvpass.formats import QuantSpec, parse_spec
+from kvpass.kvcache import CacheSpec, parse_cache_spec
 
 
-@functools.lru_cache(maxsize=None)
-def _spec(text: str) -> QuantSpec:
-    return parse_spec(text)
+def _spec(text: str) -> CacheSpec:  # parse_cache_spec caches the parse
+    return parse_cache_spec(text)
+
+
+def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, variant: str, rotary_dim: int) -> torch.Tensor:
+    """Rotary embedding of keys read back before RoPE: ``k*cos + rotate(k)*sin`` on the first ``rotary_dim``
+    channels, with ``cos``/``sin`` ``[B, 1, S, rotary_dim]`` cached for every slot."""
+    rot, rest = k[..., :rotary_dim], k[..., rotary_dim:]
+    if variant == "half":
+        half = rotary_dim // 2
+        rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    elif variant == "interleaved":
+        rotated = torch.stack([-rot[..., 1::2], rot[..., ::2]], dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"unknown rotary variant {variant!r}")
+    out = rot * cos.to(k.dtype) + rotated * sin.to(k.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def load_keys(cache, static, spec: str, head_dim: int, max_len: int, dtype, rope_cos, rope_sin, rope: str,
+              rotary_dim: int) -> torch.Tensor:
+    k = kvcache.load(cache, static, _spec(spec), head_dim, max_len, dtype)
+    if rope:
+        k = apply_rope(k, rope_cos, rope_sin, rope, rotary_dim)
+    return k
 
 
 @torch.library.custom_op("kvpass::kv_store_", mutates_args=("cache",))
@@ -41,18 +63,28 @@ def _(cache, static, new, positions, spec) -> None:
 
 @torch.library.custom_op("kvpass::kv_load", mutates_args=())
 def kv_load(
-    cache: list[torch.Tensor], static: list[torch.Tensor], spec: str, head_dim: int, dtype: torch.dtype
+    cache: list[torch.Tensor],
+    static: list[torch.Tensor],
+    spec: str,
+    head_dim: int,
+    max_len: int,
+    dtype: torch.dtype,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    rope: str,
+    rotary_dim: int,
 ) -> torch.Tensor:
-    """Dequantize a whole cache to ``[B, H, max_len, head_dim]`` in ``dtype``."""
-    out = kvcache.load(cache, static, _spec(spec), head_dim, dtype)
+    """Dequantize a whole cache to ``[B, H, max_len, head_dim]`` in ``dtype``; keys stored before RoPE get it
+    back here when ``rope`` names the variant ("half" or "interleaved"; "" for none)."""
+    out = load_keys(cache, static, spec, head_dim, max_len, dtype, rope_cos, rope_sin, rope, rotary_dim)
     # An unquantized cache dequantizes to its own buffer; an op output may not alias its input.
     return out.clone() if out.data_ptr() == cache[0].data_ptr() else out.contiguous()
 
 
 @kv_load.register_fake
-def _(cache, static, spec, head_dim, dtype):
-    b, h, s = cache[0].shape[:3]
-    return cache[0].new_empty((b, h, s, head_dim), dtype=dtype)
+def _(cache, static, spec, head_dim, max_len, dtype, rope_cos, rope_sin, rope, rotary_dim):
+    b, h = cache[0].shape[:2]
+    return cache[0].new_empty((b, h, max_len, head_dim), dtype=dtype)
 
 
 def causal_mask(q_positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -102,28 +134,34 @@ def kv_attention(
     v_spec: str,
     head_dim: int,
     v_head_dim: int,
+    max_len: int,
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
     scale: float,
     need_mass: bool,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    rope: str,
+    rotary_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` ``[B, Hq, T, D]`` over packed caches of ``[B, Hkv, S, D]``.
 
     ``mask`` (bool, True = attend, or additive float; broadcastable to ``[B, Hq, T, S]``) wins over
     ``q_positions`` (``[T]``, causal over the cache); with neither, every cached slot is attended.
     Returns the output ``[B, Hq, T, Dv]`` and, if ``need_mass``, the float32 attention mass ``[B, Hkv, S]``
-    (else an empty tensor).
+    (else an empty tensor). Keys stored before RoPE are rotated back with the cached ``rope_cos``/``rope_sin``.
     """
-    k = kvcache.load(k_cache, k_static, _spec(k_spec), head_dim, q.dtype)
-    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, q.dtype)
+    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim)
+    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, max_len, q.dtype)
     out, mass = reference_attention(q, k, v, mask, q_positions, scale, need_mass)
     return out.contiguous(), mass
 
 
 @kv_attention.register_fake
-def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, mask, q_positions, scale, need_mass):
+def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len, mask, q_positions, scale,
+      need_mass, rope_cos, rope_sin, rope, rotary_dim):
     b, hq, t, _ = q.shape
-    hkv, s = k_cache[0].shape[1], k_cache[0].shape[2]
+    hkv, s = k_cache[0].shape[1], max_len
     out = q.new_empty((b, hq, t, v_head_dim))
     mass = q.new_empty((b, hkv, s), dtype=torch.float32) if need_mass else q.new_empty((0,), dtype=torch.float32)
     return out, mass

@@ -33,10 +33,11 @@ class CacheReport:
     method: str
     layers: list[LayerReport]
     dense_dtype: str
+    shared: dict[str, int] = None  # buffers used by every layer (cos/sin tables of keys stored before RoPE)
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        return sum(layer.nbytes for layer in self.layers) + sum((self.shared or {}).values())
 
     @property
     def dense_nbytes(self) -> int:
@@ -53,6 +54,7 @@ class CacheReport:
     def as_dict(self) -> dict:
         return {
             "method": self.method, "cache_bytes": self.nbytes, "dense_bytes": self.dense_nbytes,
+            "shared_buffers": dict(self.shared or {}),
             "dense_dtype": self.dense_dtype, "bits_per_element": self.bits_per_element,
             "layers": [{**layer.__dict__, "bits_per_element": layer.bits_per_element} for layer in self.layers],
         }
@@ -73,6 +75,8 @@ class CacheReport:
             each = " each" if n > 1 else ""
             t.add_row(name, first.key_spec, first.value_spec, f"{first.nbytes:,}{each}", f"{first.dense_nbytes:,}{each}",
                       f"{first.bits_per_element:.3f}", note)
+        if self.shared:
+            t.add_row("shared", "RoPE cos/sin of cached keys", "", f"{sum(self.shared.values()):,}", "", "", "")
         t.add_row("total", "", "", f"{self.nbytes:,}", f"{self.dense_nbytes:,}", f"{self.bits_per_element:.3f}",
                   f"{self.compression:.2f}x smaller")
         return t
@@ -98,4 +102,5 @@ def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, "objec
         elements = k.batch * k.heads * k.max_len * (k.head_dim + v.head_dim)
         layers.append(LayerReport(layout.layer, str(k.spec), str(v.spec), mine, sum(mine.values()),
                                   layout.dense_nbytes, elements, layout.sliding_window))
-    return CacheReport(method, layers, dense_dtype)
+    shared = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith("kvpass_rope_")}
+    return CacheReport(method, layers, dense_dtype, shared)

@@ -37,11 +37,14 @@ class EvalConfig:
     haystacks: list[str] = field(default_factory=lambda: ["synthetic", "text"])
     passkey_new_tokens: int = 8
     decode_steps: int = 16
+    calibration_samples: int = 16
+    calibration_len: int = 2048
     memory_budget_gb: float = 1.0
     peers: list[str] | None = None  # peers added when installed (None: all); --methods may name others
 
 
 QUICK = dict(context=512, windows=1, passkey_lengths=[1024], passkey_depths=[0.5], decode_steps=8,
+             calibration_samples=4, calibration_len=512,
              peers=["hf-quanto-int4", "hf-quanto-int2"])
 
 
@@ -97,12 +100,18 @@ def summarise_passkey(rec: Record) -> None:
     rec.passkey_accuracy = sum(all_hits) / len(all_hits) if all_hits else None
 
 
-def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
+def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids) -> Record:
     method = get_method(name)
     rec = Record(name, "kvpass", method.description)
     start = time.perf_counter()
+    calibration = None
+    if method.uses_calibration:
+        # calibrated on the second half of the text; perplexity windows come from the first half
+        calibration = kvpass.calibrate(model, [calib_ids], method, n_samples=cfg.calibration_samples,
+                                       seq_len=min(cfg.calibration_len, len(calib_ids)))
+        rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
     with PeakMemory() as mem:
-        qm = kvpass.compile(captured, method, prefill_chunk=captured.info.max_cache_len)
+        qm = kvpass.compile(captured, method, prefill_chunk=captured.info.max_cache_len, calibration=calibration)
         ppl = kvpass_perplexity(qm, wins, desc=f"{name}: perplexity")
         for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
             out = qm.generate(cell.ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[])
@@ -162,7 +171,8 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     text = load_text(cfg.text, cfg.dataset)
     ids = tokenize(tokenizer, text)
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    wins = windows(ids, cfg.context, cfg.windows, bos)
+    half = len(ids) // 2
+    wins = windows(ids[:half], cfg.context, cfg.windows, bos)
     max_len = max([cfg.context] + [n + cfg.passkey_new_tokens for n in cfg.passkey_lengths])
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit and max_len > limit:
@@ -181,7 +191,7 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
         if name in PEERS:
             records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
         else:
-            records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget))
+            records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model, ids[half:]))
     ref = next(r for r in records if r.method == REFERENCE)
     for r in records:
         r.perplexity_rel_change = r.perplexity / ref.perplexity - 1.0

@@ -42,13 +42,18 @@ class QuantizedTensor:
 
 
 
+def transposed(spec: QuantSpec) -> bool:
+    """Per-channel vectors run along the token axis and are moved last, so every format reduces over -1; with
+    static (calibrated) ranges nothing is reduced and tokens stay rows."""
+    return spec.granularity == "per_channel" and not spec.static
+
+
 def to_vector_last(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-channel vectors run along the token axis: move it last so every format reduces over -1."""
-    return x.transpose(-1, -2).contiguous() if spec.granularity == "per_channel" else x
+    return x.transpose(-1, -2).contiguous() if transposed(spec) else x
 
 
 def vector_last_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
-    if spec.granularity == "per_channel":
+    if transposed(spec):
         return (*shape[:-2], shape[-1], shape[-2])
     return tuple(shape)
 
@@ -58,7 +63,9 @@ def quantize(
 ) -> QuantizedTensor:
     """Quantize ``x`` (``[..., tokens, channels]``) with ``spec`` and return every stored tensor.
 
-    ``params`` pass calibrated state to the format: ``lut=`` (nuq centroids), ``scale=`` (a static fp8 scale).
+    ``params`` pass calibrated state to the format: ``lut=`` (nuq centroids), ``qnorm=`` (its Q-Norm affine),
+    ``scale=`` (a static fp8 scale), ``lo=``/``hi=`` (per-channel ranges for ``static`` specs, broadcastable
+    to ``x``; channels last).
     ``check=False`` skips the NaN/inf scan (for hot paths whose inputs were checked upstream).
     """
     spec = parse_spec(spec)
@@ -69,7 +76,12 @@ def quantize(
     exclude = None
     stored: dict[str, torch.Tensor] = {}
     if spec.outlier_frac:
-        stored, exclude = outliers.split(xv, spec.outlier_frac)
+        score = None
+        if spec.static and "lo" in params and "hi" in params:
+            # with calibrated ranges an outlier is what lies furthest outside its own channel's range
+            lo, hi = params["lo"].float(), params["hi"].float()
+            score = (xv.float() - (hi + lo) / 2).abs() / ((hi - lo) / 2).clamp_min(1e-12)
+        stored, exclude = outliers.split(xv, spec.outlier_frac, score)
     stored = {**fmt.quantize(xv, spec, exclude, params), **stored}
     return QuantizedTensor(spec, x.shape, x.dtype, stored)
 
@@ -81,7 +93,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     dense = get_format(spec).dequantize(q.tensors, spec, n)
     if spec.outlier_frac:
         dense = outliers.merge(dense, q.tensors)
-    if spec.granularity == "per_channel":
+    if transposed(spec):
         dense = dense.transpose(-1, -2)
     return dense.to(q.dtype)
 

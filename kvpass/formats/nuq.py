@@ -18,7 +18,7 @@ import torch
 from kvpass.errors import InputError
 from kvpass.formats import packing
 from kvpass.formats.base import Format, group_count, register_format
-from kvpass.formats.uniform import grouped_range
+from kvpass.formats.uniform import grouped_range, static_nbytes, static_range
 
 LUT_DTYPE = torch.float16
 
@@ -117,12 +117,14 @@ class NUQFormat(Format):
     kind = "nuq"
 
     def quantize(self, x, spec, exclude, params):
+        lut = params.get("lut")
+        if spec.static:
+            return self.quantize_static(x, spec, exclude, params)
         n = x.shape[-1]
         ng = group_count(n, spec, "reduced")
         xg = x.reshape(*x.shape[:-1], ng, n // ng)
         ex = None if exclude is None else exclude.reshape(xg.shape)
-        xn, offset, half = normalize(xg, ex)
-        lut = params.get("lut")
+        _, offset, half = normalize(xg, ex)
         if lut is None:
             lut = normal_float_grid(spec.bits).to(x.device)
         if lut.numel() != 1 << spec.bits:
@@ -146,11 +148,34 @@ class NUQFormat(Format):
             out["qnorm"] = affine.float().reshape(2)
         return out
 
+    def quantize_static(self, x, spec, exclude, params):
+        """Rows coded against calibrated per-channel ranges: no per-token metadata."""
+        lo, hi = static_range(x, params)
+        lo16, hi16 = lo.to(spec.scale_dtype), hi.to(spec.scale_dtype)
+        center, half = (hi16.float() + lo16.float()) / 2, (hi16.float() - lo16.float()) / 2
+        xn = ((x.float() - center) / torch.where(half > 0, half, torch.ones_like(half))).clamp(-1, 1)
+        lut = params.get("lut")
+        lut = normal_float_grid(spec.bits).to(x.device) if lut is None else lut
+        if lut.numel() != 1 << spec.bits:
+            raise InputError(f"a nuq{spec.bits} LUT needs {1 << spec.bits} centroids, got {lut.numel()}")
+        lut = lut.to(LUT_DTYPE).float().sort().values
+        out = {"codes": packing.pack(nearest(xn, lut), spec.bits), "lo": lo16, "hi": hi16, "lut": lut.to(LUT_DTYPE)}
+        if spec.qnorm:
+            affine = params.get("qnorm")
+            out["qnorm"] = (qnorm_affine(lut, xn if exclude is None else xn[~exclude]) if affine is None
+                            else affine).float().reshape(2)
+        return out
+
+    def decoded_lut(self, tensors, spec) -> torch.Tensor:
+        lut = tensors["lut"].float()
+        return lut * tensors["qnorm"][0] + tensors["qnorm"][1] if spec.qnorm else lut
+
     def dequantize(self, tensors, spec, n):
         codes = packing.unpack(tensors["codes"], spec.bits, n).long()
-        lut = tensors["lut"].float()
-        if spec.qnorm:
-            lut = lut * tensors["qnorm"][0] + tensors["qnorm"][1]
+        lut = self.decoded_lut(tensors, spec)
+        if spec.static:
+            lo, hi = tensors["lo"].float(), tensors["hi"].float()
+            return lut[codes] * (hi - lo) / 2 + (hi + lo) / 2
         half, offset = tensors["scale"].float(), tensors["zero"].float()
         ng = half.shape[-1]
         vals = lut[codes].reshape(*codes.shape[:-1], ng, n // ng)
@@ -158,7 +183,9 @@ class NUQFormat(Format):
 
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
+        lut = (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
+        if spec.static:
+            return math.prod(lead) * packing.packed_len(n, spec.bits) + lut + static_nbytes(shape, spec)
         ng = group_count(n, spec, "reduced")
         meta = 2 * ng * torch.tensor([], dtype=spec.scale_dtype).element_size()
-        lut = (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
         return math.prod(lead) * (packing.packed_len(n, spec.bits) + meta) + lut

@@ -26,11 +26,13 @@ def value_dtype(input_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if input_dtype == torch.bfloat16 else torch.float16
 
 
-def split(x: torch.Tensor, fraction: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Pick each vector's (last axis) outliers. Returns the stored tensors and the mask of picked elements."""
+def split(x: torch.Tensor, fraction: float, score: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Pick each vector's (last axis) outliers: the largest ``score`` (default: magnitude). Returns the stored
+    tensors and the mask of picked elements."""
     n = x.shape[-1]
     k = capacity(n, fraction)
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    score = x.abs() if score is None else score
+    idx = score.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
     values = x.gather(-1, idx).to(value_dtype(x.dtype))
     mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
     return {"outlier_values": values, "outlier_index": idx.to(index_dtype(n))}, mask

@@ -4,7 +4,7 @@ Grammar (case-insensitive)::
 
     spec     := base (":" option)* ("+" extra)*
     base     := "int"B | "nuq"B | "fp8_e4m3" | "fp8_e5m2" | "fp16" | "bf16" | "fp32" | "none"
-    option   := "per_token" | "per_channel" | "per_head" | "per_tensor" | "g"N | "qnorm" | "scale_fp32"
+    option   := "per_token" | "per_channel" | "per_head" | "per_tensor" | "g"N | "qnorm" | "scale_fp32" | "static"
     extra    := "outliers"F"%"
 
 Examples: ``"int4:per_channel:g32"``, ``"nuq3:per_token"``, ``"fp8_e4m3"``,
@@ -15,6 +15,8 @@ vector (the reduction runs over the channel axis, the last one); *per_channel* m
 channel (the reduction runs over the token axis, the second to last). A group size splits the reduced
 axis into groups of that many elements, each with its own scale. Scales and zero points are fp16
 unless ``scale_fp32`` asks for fp32 (needed for inputs beyond fp16's range, about 65504).
+``static`` (per_channel only) takes each channel's range from calibration (``lo=``/``hi=`` tensors) instead of
+computing it, so every token is coded on its own with no per-token metadata (KVQuant's keys).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class QuantSpec:
     group: int | None = None
     outlier_frac: float = 0.0
     qnorm: bool = False
+    static: bool = False
     fp8_variant: str | None = None
     float_dtype: str | None = None  # "fp16" / "bf16" / "fp32" for kind="float"; None keeps the input dtype
     scale_dtype: torch.dtype = torch.float16
@@ -81,6 +84,9 @@ class QuantSpec:
             )
         if self.outlier_frac and self.kind not in ("int", "nuq"):
             raise SpecError(f"dense-and-sparse outliers apply to int and nuq formats, not {self.kind}")
+        if self.static and (self.granularity != "per_channel" or self.group is not None or self.kind not in ("int", "nuq")):
+            raise SpecError("'static' takes calibrated per-channel ranges: use it as intB/nuqB:per_channel:static, "
+                            "without a group size")
         if self.qnorm and self.kind != "nuq":
             raise SpecError("qnorm rescales nuq centroids; use it with a nuqB base, e.g. 'nuq2:per_token:qnorm'")
 
@@ -105,6 +111,8 @@ class QuantSpec:
         parts = [f"{self.kind}{self.bits}", self.granularity]
         if self.group is not None:
             parts.append(f"g{self.group}")
+        if self.static:
+            parts.append("static")
         if self.qnorm:
             parts.append("qnorm")
         if self.scale_dtype == torch.float32:
@@ -145,6 +153,8 @@ def parse_spec(spec: "str | QuantSpec") -> QuantSpec:
             fields["group"] = int(g.group(1))
         elif opt == "qnorm":
             fields["qnorm"] = True
+        elif opt == "static":
+            fields["static"] = True
         elif opt == "scale_fp32":
             fields["scale_dtype"] = torch.float32
         else:

@@ -26,6 +26,21 @@ def grouped_range(xg: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
+def static_range(x: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibrated per-channel ``lo``/``hi`` for a ``static`` spec, broadcast against rows of ``x``."""
+    from kvpass.errors import InputError
+
+    if "lo" not in params or "hi" not in params:
+        raise InputError("a 'static' spec needs calibrated per-channel ranges: pass lo= and hi= (from kvpass.calibrate)")
+    return params["lo"].float(), params["hi"].float()
+
+
+def static_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Calibrated ranges are stored per head and channel: two tensors of ``heads x channels``."""
+    heads = shape[-3] if len(shape) >= 3 else 1
+    return 2 * heads * shape[-1] * torch.tensor([], dtype=spec.scale_dtype).element_size()
+
+
 def safe(scale: torch.Tensor) -> torch.Tensor:
     """The scale to divide by: a constant group (scale 0) quantizes to code 0 and dequantizes to ``zero``."""
     s = scale.float()
@@ -37,12 +52,18 @@ class UniformFormat(Format):
     kind = "int"
 
     def quantize(self, x, spec, exclude, params):
+        levels = (1 << spec.bits) - 1
+        if spec.static:
+            lo, hi = static_range(x, params)
+            lo16, hi16 = lo.to(spec.scale_dtype), hi.to(spec.scale_dtype)
+            step = safe((hi16.float() - lo16.float()) / levels)
+            codes = torch.round((x.float() - lo16.float()) / step).clamp_(0, levels)
+            return {"codes": packing.pack(codes, spec.bits), "lo": lo16, "hi": hi16}
         n = x.shape[-1]
         ng = group_count(n, spec, "reduced")
         xg = x.reshape(*x.shape[:-1], ng, n // ng)
         ex = None if exclude is None else exclude.reshape(xg.shape)
         lo, hi = grouped_range(xg, ex)
-        levels = (1 << spec.bits) - 1
         zero = lo.to(spec.scale_dtype)
         scale = ((hi - zero.float()) / levels).to(spec.scale_dtype)
         codes = torch.round((xg - zero.float().unsqueeze(-1)) / safe(scale).unsqueeze(-1)).clamp_(0, levels)
@@ -54,6 +75,9 @@ class UniformFormat(Format):
 
     def dequantize(self, tensors, spec, n):
         codes = packing.unpack(tensors["codes"], spec.bits, n).float()
+        if spec.static:
+            lo, hi = tensors["lo"].float(), tensors["hi"].float()
+            return codes * safe((hi - lo) / ((1 << spec.bits) - 1)) + lo
         scale, zero = tensors["scale"].float(), tensors["zero"].float()
         ng = scale.shape[-1]
         cg = codes.reshape(*codes.shape[:-1], ng, n // ng)
@@ -62,6 +86,8 @@ class UniformFormat(Format):
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
         vectors = math.prod(lead)
+        if spec.static:
+            return vectors * packing.packed_len(n, spec.bits) + static_nbytes(shape, spec)
         ng = group_count(n, spec, "reduced")
         meta = 2 * ng * torch.tensor([], dtype=spec.scale_dtype).element_size()
         return vectors * (packing.packed_len(n, spec.bits) + meta)

@@ -3,42 +3,55 @@ that maps a name to it; the graph pass asks the registry, never an if-chain."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from kvpass.errors import KVPassError
-from kvpass.formats import QuantSpec, parse_spec
+from kvpass.formats import QuantSpec
+from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """How one method stores the cache. ``key``/``value`` are spec strings; a group size larger than (or not
-    dividing) the head dimension falls back to one group per head vector."""
+    """How one method stores the cache. ``key``/``value`` are cache spec strings (:mod:`kvpass.kvcache`); a
+    per-token group larger than (or not dividing) the head dimension falls back to one group per head vector.
+    ``pre_rope_keys`` stores keys before rotary embedding and applies it at read time (KVQuant)."""
 
     name: str
     description: str
     key: str
     value: str
+    pre_rope_keys: bool = False
 
-    def key_spec(self, head_dim: int) -> QuantSpec:
-        return fit_group(parse_spec(self.key), head_dim)
+    def key_spec(self, head_dim: int) -> CacheSpec:
+        return fit_group(parse_cache_spec(self.key), head_dim)
 
-    def value_spec(self, head_dim: int) -> QuantSpec:
-        return fit_group(parse_spec(self.value), head_dim)
+    def value_spec(self, head_dim: int) -> CacheSpec:
+        return fit_group(parse_cache_spec(self.value), head_dim)
 
-    def nominal_bits(self, head_dim: int = 128) -> float:
-        """Bits per element of keys and values together at ``head_dim``, metadata included."""
-        from kvpass.formats import expected_nbytes
-        import torch
+    @property
+    def needs_calibration(self) -> bool:
+        """Keys or values coded against calibrated ranges: compiling without a calibration is an error."""
+        return any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value))
 
-        shape = (1, 1, 1024, head_dim)
-        total = sum(expected_nbytes(shape, s, torch.float16) for s in (self.key_spec(head_dim), self.value_spec(head_dim)))
-        return 8.0 * total / (2 * 1024 * head_dim)
+    @property
+    def uses_calibration(self) -> bool:
+        """Anything fitted on calibration data (ranges, nuq LUTs); without it a nuq LUT falls back to NormalFloat."""
+        return any(static_names(parse_cache_spec(s)) for s in (self.key, self.value))
+
+    def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
+        """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included."""
+        layouts = [CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16)
+                   for s in (self.key_spec(head_dim), self.value_spec(head_dim))]
+        return sum(lay.bits_per_element for lay in layouts) / 2
 
 
-def fit_group(spec: QuantSpec, head_dim: int) -> QuantSpec:
-    if spec.group is not None and (spec.group > head_dim or head_dim % spec.group):
-        return spec.with_(group=None)
-    return spec
+def fit_group(cs: CacheSpec, head_dim: int) -> CacheSpec:
+    spec: QuantSpec = cs.format
+    if spec.granularity == "per_token" and spec.group is not None and (spec.group > head_dim or head_dim % spec.group):
+        return replace(cs, format=spec.with_(group=None))
+    return cs
 
 
 _METHODS: dict[str, MethodConfig] = {}
@@ -64,9 +77,9 @@ def get_method(name: "str | MethodConfig") -> MethodConfig:
 
 
 def methods() -> dict[str, str]:
-    """Every registered method: name -> one-line description with its nominal bits per element (head_dim 128)."""
+    """Every registered method: name -> one-line description with its nominal bits per element."""
     return {
-        name: f"{m.description} (~{m.nominal_bits():.2f} bits/elem at head_dim 128, fp16 model)"
+        name: f"{m.description} (~{m.nominal_bits():.2f} bits/elem at head_dim 128, 4096 tokens, fp16 model)"
         for name, m in sorted(_METHODS.items())
     }
 
@@ -81,3 +94,19 @@ register_method(MethodConfig("int4", "int4 keys and values, per-token groups of 
                              "int4:per_token:g64", "int4:per_token:g64"))
 register_method(MethodConfig("int2", "int2 keys and values, per-token groups of 64 (naive baseline)",
                              "int2:per_token:g64", "int2:per_token:g64"))
+for _bits in (4, 3, 2):
+    _qn = ":qnorm" if _bits == 2 else ""
+    for _out in ("", "+outliers1%"):
+        register_method(MethodConfig(
+            f"kvquant-{_bits}bit" + ("-1%" if _out else ""),
+            f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges, nuq{_bits} values per token, "
+            "Fisher-weighted LUTs, first token at model precision" + (", 1% dense-and-sparse outliers" if _out else "")
+            + (", Q-Norm" if _qn else "") + " (needs calibration)",
+            f"nuq{_bits}:per_channel:static{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
+            pre_rope_keys=True))
+for _bits in (2, 4):
+    register_method(MethodConfig(
+        f"kivi-{_bits}bit",
+        f"KIVI: int{_bits} keys per channel in groups of 32 tokens, values per token in groups of 32 channels, the "
+        "last 128 tokens at model precision until their block fills",
+        f"int{_bits}:per_channel:g32|residual=128", f"int{_bits}:per_token:g32|residual=128"))

@@ -13,7 +13,7 @@ from torch.fx import GraphModule, Node
 from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout, cache_names, static_names
 from kvpass.layout import KVLayout
-from kvpass.passes.locate import AttentionSite, CacheAccess
+from kvpass.passes.locate import AttentionSite, CacheAccess, Rope
 
 aten = torch.ops.aten
 ATTENTION_MODES = ("fused", "load")
@@ -23,8 +23,9 @@ def buffer_prefix(site: AttentionSite, which: str) -> str:
     return f"kvpass_cache_{site.index}_{which}"
 
 
-def add_buffers(gm: GraphModule, prefix: str, layout: CacheLayout, device) -> tuple[list[str], list[str]]:
-    cache, static = layout.allocate(device)
+def add_buffers(gm: GraphModule, prefix: str, layout: CacheLayout, device,
+                static_values: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[str]]:
+    cache, static = layout.allocate(device, static_values)
     spec = layout.spec
     cache_targets = [f"{prefix}_{n}" for n in cache_names(spec)]
     static_targets = [f"{prefix}_static_{n}" for n in static_names(spec)]
@@ -48,23 +49,75 @@ def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static
         )
 
 
-def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str) -> Node:
+def base_of(node: Node) -> Node:
+    """The tensor a cos/sin operand was broadcast from (every layer unsqueezes the same table)."""
+    while node.op == "call_function" and node.target in (aten.unsqueeze.default, aten.expand.default,
+                                                          aten.view.default, aten.reshape.default):
+        node = node.args[0]
+    return node
+
+
+class RopeTables:
+    """One cached cos/sin table ``[B, 1, max_len, rotary_dim]`` per distinct rotary embedding in the graph,
+    written at the cached positions so that keys stored before RoPE can be rotated when read. Stored in the
+    key cache's dtype when keys are not quantized (exact), else in fp16; counted in ``cache_report``."""
+
+    def __init__(self, gm: GraphModule, device) -> None:
+        self.gm, self.device, self.tables = gm, device, {}
+
+    def get(self, site: AttentionSite, layout: CacheLayout) -> tuple[str, str]:
+        rope: Rope = site.rope
+        key = (base_of(rope.cos), base_of(rope.sin))
+        if key not in self.tables:
+            index = len(self.tables)
+            dtype = site.dtype if layout.format.kind == "float" else torch.float16
+            names = []
+            g = self.gm.graph
+            for which, node in (("cos", rope.cos), ("sin", rope.sin)):
+                name = f"kvpass_rope_{index}_{which}"
+                val = node.meta["val"]
+                with g.inserting_before(site.key.write):
+                    # cos/sin broadcast against [B, H, T, D]: bring [T, r] / [B, T, r] to [B or 1, 1, T, r] rows
+                    if val.ndim == 2:
+                        node = g.call_function(aten.unsqueeze.default, (node, 0))
+                    if val.ndim in (2, 3):
+                        node = g.call_function(aten.unsqueeze.default, (node, 1))
+                    batch = val.shape[0] if val.ndim >= 3 else 1
+                    shape = (int(batch), 1, site.max_len, rope.rotary_dim)
+                    self.gm.register_buffer(name, torch.zeros(shape, dtype=dtype, device=self.device))
+                    g.call_function(torch.ops.kvpass.kv_store_.default, ([g.get_attr(name)], [], node,
+                                                                         site.key.positions, "none"))
+                names.append(name)
+            self.tables[key] = tuple(names)
+        return self.tables[key]
+
+
+def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[str, str] | None) -> tuple:
+    if tables is None:
+        return None, None, "", 0
+    return gm.graph.get_attr(tables[0]), gm.graph.get_attr(tables[1]), site.rope.variant, site.rope.rotary_dim
+
+
+def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
+                   tables: tuple[str, str] | None) -> Node:
     g = gm.graph
     kspec, vspec = str(layout.key.spec), str(layout.value.spec)
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    rope = rope_args(gm, site, tables)
     if mode == "fused":
         call = g.call_function(
             torch.ops.kvpass.kv_attention.default,
             (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec,
-             vspec, site.head_dim, site.v_head_dim, site.mask, q_positions, site.scale, False),
+             vspec, site.head_dim, site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, False, *rope),
         )
         return g.call_function(operator.getitem, (call, 0))
     dtype = query_dtype(site)
     kd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, dtype))
+                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, site.max_len, dtype, *rope))
     vd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, dtype))
+                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, site.max_len, dtype,
+                          None, None, "", 0))
     mask = site.mask
     if mask is None and q_positions is not None:
         arange = g.call_function(aten.arange.default, (site.max_len,), {"device": val_device(site.query)})
@@ -112,20 +165,31 @@ def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
                 changed = True
 
 
-def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused") -> GraphModule:
-    """Rewrite ``gm`` in place onto packed caches; returns it."""
+def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused",
+            pre_rope_keys: bool = False, calibration: dict | None = None) -> GraphModule:
+    """Rewrite ``gm`` in place onto packed caches; returns it.
+
+    ``pre_rope_keys`` stores each key before its rotary embedding (where one was recognised) and rotates it back
+    at read time. ``calibration`` maps ``(layer, "k" | "v")`` to calibrated static tensors (LUT, ranges, Q-Norm).
+    """
     if attention not in ATTENTION_MODES:
         raise KVPassError(f"attention={attention!r} is not a mode; use one of {ATTENTION_MODES}")
     graph = gm.graph
     device = next((b.device for b in gm.buffers()), torch.device("cpu"))
     old_buffers = set()
+    rope_tables = RopeTables(gm, device)
+    calibration = calibration or {}
     for site, layout in zip(sites, layouts):
-        k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device)
-        v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device)
+        k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device, calibration.get((site.index, "k")))
+        v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device, calibration.get((site.index, "v")))
+        tables = None
+        if pre_rope_keys and site.rope is not None:
+            tables = rope_tables.get(site, layout.key)
+            site.key.new = site.rope.pre
         replace_write(gm, site.key, *k, str(layout.key.spec))
         replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
-            out = attention_node(gm, site, k, v, layout, attention)
+            out = attention_node(gm, site, k, v, layout, attention, tables)
         site.output.replace_all_uses_with(out)
         out.meta.update({k_: v_ for k_, v_ in site.output.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
         old_buffers |= {site.key.buffer, site.value.buffer}
