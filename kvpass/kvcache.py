@@ -248,23 +248,25 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
 
 
 def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, head_dim: int, max_len: int,
-         dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize a whole cache to ``[B, H, max_len, D]`` in ``dtype`` (slots never written come back as zeros or
-    stale values; attention masks them)."""
+         dtype: torch.dtype, upto: int | None = None) -> torch.Tensor:
+    """Dequantize a cache to ``[B, H, upto or max_len, D]`` in ``dtype`` (slots never written come back as zeros
+    or stale values; attention masks them). ``upto`` skips the slots past the last one any query can see."""
     names = cache_names(cs)
     bufs = dict(zip(names, cache))
     coded_names = [n for n in names if n not in ("residual", "state", "sink")]
     params = _params(cs, static)
+    max_len = max_len if upto is None else min(upto, max_len)
     if not cs.residual:
-        b, h, s = cache[0].shape[:3]
-        tensors = {n: bufs[n] for n in coded_names} | params
+        b, h = cache[0].shape[:2]
+        s = max_len
+        tensors = {n: bufs[n][:, :, :s] for n in coded_names} | params
         dense = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, s, head_dim)), dtype, tensors))
     else:
         ring, r = bufs["residual"], cs.residual
         b, h = ring.shape[:2]
         n, s = int(bufs["state"]), max_len
         dense = torch.zeros(b, h, s, head_dim, dtype=dtype, device=ring.device)
-        done = min(n // r, bufs[coded_names[0]].shape[2])
+        done = min(n // r, bufs[coded_names[0]].shape[2], s // r)
         if done:
             tensors = {name: bufs[name][:, :, :done] for name in coded_names} | params
             q = QuantizedTensor(cs.format, torch.Size((b, h, done, r, head_dim)), dtype, tensors)
@@ -273,7 +275,7 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
         dense[:, :, tail] = ring[:, :, tail % r].to(dtype)
     if cs.sink:
         dense = dense.clone() if dense.data_ptr() == cache[0].data_ptr() else dense
-        dense[:, :, :cs.sink] = bufs["sink"].to(dtype)
+        dense[:, :, :cs.sink] = bufs["sink"][:, :, :dense.shape[2]].to(dtype)
     return dense
 
 

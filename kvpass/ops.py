@@ -41,11 +41,23 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, variant: s
 
 
 def load_keys(cache, static, spec: str, head_dim: int, max_len: int, dtype, rope_cos, rope_sin, rope: str,
-              rotary_dim: int) -> torch.Tensor:
-    k = kvcache.load(cache, static, _spec(spec), head_dim, max_len, dtype)
+              rotary_dim: int, upto: int | None = None) -> torch.Tensor:
+    k = kvcache.load(cache, static, _spec(spec), head_dim, max_len, dtype, upto)
     if rope:
-        k = apply_rope(k, rope_cos, rope_sin, rope, rotary_dim)
+        n = k.shape[2]
+        k = apply_rope(k, rope_cos[:, :, :n], rope_sin[:, :, :n], rope, rotary_dim)
     return k
+
+
+def visible_length(mask: torch.Tensor | None, q_positions: torch.Tensor | None, max_len: int) -> int:
+    """One past the last cache slot any query may attend to: the slots after it need not be dequantized."""
+    if mask is not None:
+        allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+        cols = allowed.reshape(-1, allowed.shape[-1]).any(0).nonzero()
+        return int(cols.max()) + 1 if len(cols) else max_len
+    if q_positions is not None:
+        return min(max_len, int(q_positions.max()) + 1)
+    return max_len
 
 
 @torch.library.custom_op("kvpass::kv_store_", mutates_args=("cache",))
@@ -151,9 +163,14 @@ def kv_attention(
     Returns the output ``[B, Hq, T, Dv]`` and, if ``need_mass``, the float32 attention mass ``[B, Hkv, S]``
     (else an empty tensor). Keys stored before RoPE are rotated back with the cached ``rope_cos``/``rope_sin``.
     """
-    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim)
-    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, max_len, q.dtype)
+    n = visible_length(mask, q_positions, max_len)
+    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim, n)
+    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, max_len, q.dtype, n)
+    if mask is not None:
+        mask = mask[..., :n]
     out, mass = reference_attention(q, k, v, mask, q_positions, scale, need_mass)
+    if need_mass and n < max_len:
+        mass = F.pad(mass, (0, max_len - n))
     return out.contiguous(), mass
 
 
