@@ -25,7 +25,8 @@ def eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
     p.add_argument("--text", nargs="+", help="text files or directories of .txt (default: bundled State of the Union)")
     p.add_argument("--dataset", help="a Hugging Face datasets name instead of --text, e.g. wikitext-2")
-    p.add_argument("--methods", default=None, help="comma-separated; see `kvpass methods` (default: fp16,int8,fp8,int4,int2)")
+    p.add_argument("--methods", default=None, help="comma-separated; see `kvpass methods` (default: every method; --quick: fp16,int4,int2,kivi-2bit,"
+                        "kvquant-2bit-1%%)")
     p.add_argument("--no-peers", action="store_true", help="do not add the installed transformers QuantizedCache peers")
     p.add_argument("--context", type=int, help="perplexity window in tokens (default 2048; --quick 1024)")
     p.add_argument("--windows", type=int, help="number of perplexity windows (default 4; --quick 1)")

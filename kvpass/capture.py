@@ -151,7 +151,7 @@ def capture_module(module: nn.Module, example_inputs: tuple) -> tuple[torch.fx.G
         raise KVPassError(
             "example_inputs must be (tokens [B, T], positions [T], ...) for a module that is not a transformers model"
         )
-    tokens_in, positions = example_inputs[0], example_inputs[1]
+    tokens_in = example_inputs[0]
     cache_buffers = [b for b in module.buffers() if b.ndim == 4]
     if not cache_buffers:
         raise KVPassError(

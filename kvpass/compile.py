@@ -100,6 +100,8 @@ def compile(  # noqa: A001 - the public name users expect: kvpass.compile
     layouts = plan(sites, config, captured.info.sliding_window)
     calib = resolve_calibration(calibration, model, config, tokenizer, captured)
     rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,
-            calibration=calib.as_rewrite_input() if calib else None)
+            calibration=calib.as_rewrite_input() if calib else None, free_old=not isinstance(model, Captured) and captured.info.kind == "hf",  # the user's module keeps its own
+            overlay=config.overlay)
+    chunk = min(prefill_chunk, config.max_chunk or prefill_chunk)
     return KVPassModel(gm, captured.info, sites, layouts, config, config=captured.config,
-                       generation_config=captured.generation_config, prefill_chunk=prefill_chunk)
+                       generation_config=captured.generation_config, prefill_chunk=chunk)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -277,7 +277,3 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
         dense = dense.clone() if dense.data_ptr() == cache[0].data_ptr() else dense
         dense[:, :, :cs.sink] = bufs["sink"][:, :, :dense.shape[2]].to(dtype)
     return dense
-
-
-def with_format(cs: CacheSpec, **changes) -> CacheSpec:
-    return replace(cs, format=cs.format.with_(**changes))

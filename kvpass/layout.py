@@ -4,36 +4,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from kvpass.kvcache import CacheLayout
-from kvpass.methods import MethodConfig
+from kvpass.methods import MethodConfig, overlay_nbytes
 from kvpass.passes.locate import AttentionSite
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Keys and values of one layer."""
+    """Keys and values of one layer: low-precision caches (None when a method keeps only its overlay) and the
+    bytes of its high-precision overlay, next to the bytes of the full-precision cache it replaces."""
 
     layer: int
-    key: CacheLayout
-    value: CacheLayout
+    key: CacheLayout | None
+    value: CacheLayout | None
+    dense_nbytes: int
+    elements: int
     sliding_window: int | None = None
+    overlay_nbytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.key.nbytes + self.value.nbytes
-
-    @property
-    def dense_nbytes(self) -> int:
-        return self.key.dense_nbytes + self.value.dense_nbytes
+        low = 0 if self.key is None else self.key.nbytes + self.value.nbytes
+        return low + self.overlay_nbytes
 
 
 def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[int, int] | None = None) -> list[KVLayout]:
     """One :class:`KVLayout` per site: the method's specs at the site's shapes."""
     layouts = []
     for site in sites:
-        k = CacheLayout.build(method.key_spec(site.head_dim), (site.batch, site.kv_heads, site.max_len, site.head_dim),
-                              site.dtype)
-        v = CacheLayout.build(method.value_spec(site.v_head_dim),
-                              (site.batch, site.kv_heads, site.max_len, site.v_head_dim), site.dtype)
-        layouts.append(KVLayout(site.index, k, v, (sliding_window or {}).get(site.index)))
+        shape = (site.batch, site.kv_heads, site.max_len)
+        k = v = None
+        if method.keeps_low_precision:
+            k = CacheLayout.build(method.key_spec(site.head_dim), (*shape, site.head_dim), site.dtype)
+            v = CacheLayout.build(method.value_spec(site.v_head_dim), (*shape, site.v_head_dim), site.dtype)
+        elements = site.batch * site.kv_heads * site.max_len * (site.head_dim + site.v_head_dim)
+        dense = elements * torch.tensor([], dtype=site.dtype).element_size()
+        ov = 0 if method.overlay is None else overlay_nbytes(method.overlay, *shape, site.head_dim, site.v_head_dim,
+                                                               site.dtype)
+        layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov))
     return layouts

@@ -84,6 +84,10 @@ class KVPassModel(nn.Module):
         padding. Position ids continue each row's own count of real tokens, as transformers' generate does.
         """
         b, t = input_ids.shape
+        chunk = self.method.max_chunk
+        if chunk and t > chunk:  # methods that choose what to keep from attention write prompts in pieces
+            return torch.cat([self.step(input_ids[:, i:i + chunk], self._chunk_mask(attention_mask, b, t, i, chunk))
+                              for i in range(0, t, chunk)], dim=1)
         self._check_batch(b)
         if self._seen + t > self.max_cache_len:
             raise KVPassError(
@@ -118,6 +122,12 @@ class KVPassModel(nn.Module):
         logits = self.graph_module(ids, cache_position, full_mask, positions)
         self._seen = end
         return logits[:b]
+
+    def _chunk_mask(self, mask: torch.Tensor | None, b: int, t: int, i: int, chunk: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        new = mask[:, -t:] if mask.shape[1] != t else mask  # the mask of the new tokens
+        return new[:, i:i + chunk]
 
     def _check_batch(self, b: int) -> None:
         if b > self.batch_size:
@@ -244,5 +254,5 @@ class KVPassModel(nn.Module):
 
     def cache_report(self) -> CacheReport:
         """Bytes of every cache buffer, bits per element and the full-precision bytes replaced, per layer."""
-        dense = str(self.layouts[0].key.dtype).replace("torch.", "") if self.layouts else "fp16"
+        dense = str(self.sites[0].dtype).replace("torch.", "") if self.sites else "float16"
         return build_report(self.method.name, self.layouts, dict(self.graph_module.named_buffers()), dense)

@@ -99,8 +99,10 @@ def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, "objec
         prefix = f"kvpass_cache_{layout.layer}_"
         mine = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith(prefix)}
         k, v = layout.key, layout.value
-        elements = k.batch * k.heads * k.max_len * (k.head_dim + v.head_dim)
-        layers.append(LayerReport(layout.layer, str(k.spec), str(v.spec), mine, sum(mine.values()),
-                                  layout.dense_nbytes, elements, layout.sliding_window))
+        kspec, vspec = ("evicted", "evicted") if k is None else (str(k.spec), str(v.spec))
+        if layout.overlay_nbytes:
+            kspec, vspec = kspec + " + overlay", vspec + " + overlay"
+        layers.append(LayerReport(layout.layer, kspec, vspec, mine, sum(mine.values()), layout.dense_nbytes,
+                                  layout.elements, layout.sliding_window))
     shared = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith("kvpass_rope_")}
     return CacheReport(method, layers, dense_dtype, shared)

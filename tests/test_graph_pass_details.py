@@ -261,3 +261,19 @@ def test_sampling_and_streamer():
     eos = int(greedy[0, ids.shape[1] + 2])
     stopped = qm.generate(ids, max_new_tokens=8, eos_token_id=eos)
     assert stopped.shape[1] <= ids.shape[1] + 3 and stopped[0, -1] == eos
+
+
+def test_no_full_precision_cache_survives_anywhere():
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = build("llama")
+    qm = kvpass.compile(model, "int4", max_cache_len=40, batch_size=3)  # a shape no other tensor has
+    gc.collect()
+    shape = (3, 2, 40, 16)
+    live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, FakeTensor)
+            and o.device.type != "meta" and tuple(o.shape) == shape and o.is_floating_point()
+            and o.untyped_storage().nbytes() > 0]
+    assert not live, f"{len(live)} full-precision cache tensors still hold memory"
+    assert qm(torch.ones(3, 4, dtype=torch.long)).shape == (3, 4, 96)

@@ -29,7 +29,8 @@ class EvalConfig:
     gguf_file: str | None = None
     text: list[str] | None = None
     dataset: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["fp16", "int8", "fp8", "int4", "int2"])
+    methods: list[str] = field(default_factory=lambda: ["fp16", "int8", "fp8", "int4", "int2", "kivi-4bit", "kivi-2bit",
+                                                        "kvquant-4bit-1%", "kvquant-3bit-1%", "kvquant-2bit-1%"])
     context: int = 2048
     windows: int | None = 4
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
@@ -43,7 +44,7 @@ class EvalConfig:
     peers: list[str] | None = None  # peers added when installed (None: all); --methods may name others
 
 
-QUICK = dict(context=512, windows=1, passkey_lengths=[1024], passkey_depths=[0.5], decode_steps=8,
+QUICK = dict(methods=["fp16", "int4", "int2", "kivi-2bit", "kvquant-2bit-1%"], context=512, windows=1, passkey_lengths=[1024], passkey_depths=[0.5], decode_steps=8,
              calibration_samples=4, calibration_len=512,
              peers=["hf-quanto-int4", "hf-quanto-int2"])
 

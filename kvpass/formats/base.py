@@ -3,7 +3,6 @@ input checks every format shares."""
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch

@@ -3,6 +3,7 @@ that maps a name to it; the graph pass asks the registry, never an if-chain."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -10,6 +11,26 @@ import torch
 from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec
 from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
+
+
+@dataclass(frozen=True)
+class OverlayConfig:
+    """A fixed share of tokens per KV head held at high precision, chosen by accumulated attention (``by_score``)
+    or by age, never evicting the first ``sink`` or the ``recent`` newest tokens. With ``evict`` the other tokens
+    are dropped (H2O, StreamingLLM) instead of kept in low precision (MiKV)."""
+
+    budget: float
+    recent: int = 32
+    sink: int = 0
+    high: str = "fp16"  # "fp16", or "none" for the model's dtype
+    evict: bool = False
+    by_score: bool = True
+
+    def capacity(self, max_len: int) -> int:
+        return max(1, min(max_len, math.ceil(self.budget * max_len - 1e-9)))
+
+    def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.high == "none" else torch.float16
 
 
 @dataclass(frozen=True)
@@ -23,6 +44,8 @@ class MethodConfig:
     key: str
     value: str
     pre_rope_keys: bool = False
+    overlay: OverlayConfig | None = None
+    max_chunk: int | None = None  # prompts are written at most this many tokens per call
 
     def key_spec(self, head_dim: int) -> CacheSpec:
         return fit_group(parse_cache_spec(self.key), head_dim)
@@ -40,11 +63,28 @@ class MethodConfig:
         """Anything fitted on calibration data (ranges, nuq LUTs); without it a nuq LUT falls back to NormalFloat."""
         return any(static_names(parse_cache_spec(s)) for s in (self.key, self.value))
 
+    @property
+    def keeps_low_precision(self) -> bool:
+        return self.overlay is None or not self.overlay.evict
+
     def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
         """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included."""
-        layouts = [CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16)
-                   for s in (self.key_spec(head_dim), self.value_spec(head_dim))]
-        return sum(lay.bits_per_element for lay in layouts) / 2
+        elements = 2 * tokens * head_dim
+        total = 0.0
+        if self.keeps_low_precision:
+            total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
+                         for s in (self.key_spec(head_dim), self.value_spec(head_dim)))
+        if self.overlay is not None:
+            total += overlay_nbytes(self.overlay, 1, 1, tokens, head_dim, head_dim, torch.float16)
+        return 8.0 * total / elements
+
+
+def overlay_nbytes(ov: OverlayConfig, batch: int, heads: int, max_len: int, dk: int, dv: int,
+                   model_dtype: torch.dtype) -> int:
+    """Overlay K and V rows, the int32 slot of each entry, and the fp32 score of every token."""
+    c = ov.capacity(max_len)
+    row = torch.tensor([], dtype=ov.dtype(model_dtype)).element_size()
+    return batch * heads * (c * (dk + dv) * row + c * 4 + max_len * 4)
 
 
 def fit_group(cs: CacheSpec, head_dim: int) -> CacheSpec:
@@ -104,6 +144,18 @@ for _bits in (4, 3, 2):
             + (", Q-Norm" if _qn else "") + " (needs calibration)",
             f"nuq{_bits}:per_channel:static{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
             pre_rope_keys=True))
+register_method(MethodConfig(
+    "mikv", "MiKV: every token in int2 (per token, groups of 32), the 20% with the most accumulated attention "
+    "(and the 32 newest) overlaid in fp16", "int2:per_token:g32", "int2:per_token:g32",
+    overlay=OverlayConfig(budget=0.2, recent=32), max_chunk=64))
+register_method(MethodConfig(
+    "h2o", "H2O eviction baseline (not recommended): keeps the 40% heavy hitters and the 32 newest tokens in fp16, "
+    "drops the rest; about MiKV's memory", "none", "none",
+    overlay=OverlayConfig(budget=0.4, recent=32, evict=True), max_chunk=64))
+register_method(MethodConfig(
+    "streaming", "StreamingLLM eviction baseline (not recommended): 4 sink tokens and the newest tokens, 40% of the "
+    "cache in fp16; the rest dropped", "none", "none",
+    overlay=OverlayConfig(budget=0.4, recent=0, sink=4, evict=True, by_score=False), max_chunk=64))
 for _bits in (2, 4):
     register_method(MethodConfig(
         f"kivi-{_bits}bit",

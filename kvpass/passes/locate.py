@@ -11,7 +11,6 @@ keys before RoPE. Class names are never looked at.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -93,7 +92,7 @@ def describe(node: Node) -> str:
 
 def follow_to_cache(node: Node, writes_by_buffer: dict[str, list[Node]], what: str, site: Node) -> str | None:
     """Walk back from an attention operand to the cache buffer it reads; None if it is not a cache read."""
-    seen = node
+    start = node
     while node.op == "call_function":
         dest = write_destination(node)
         if dest is not None:
@@ -102,8 +101,8 @@ def follow_to_cache(node: Node, writes_by_buffer: dict[str, list[Node]], what: s
                     f"unsupported attention variant: the {what} of {describe(site)} reads the slice written by "
                     f"{describe(node)} instead of the whole cache"
                 )
-            return dest.target
-        if node.target in PASS_THROUGH or node.target == aten.transpose.int:
+            return same_layout(start, dest, what, site)
+        if node.target in PASS_THROUGH:
             node = node.args[0]
             continue
         if node.target == aten.slice.Tensor and _is_full_slice(node):
@@ -117,9 +116,19 @@ def follow_to_cache(node: Node, writes_by_buffer: dict[str, list[Node]], what: s
             )
         return None
     if node.op == "get_attr" and node.target in writes_by_buffer:
-        return node.target
-    del seen
+        return same_layout(start, node, what, site)
     return None
+
+
+def same_layout(operand: Node, buffer: Node, what: str, site: Node) -> str:
+    """The attention operand must still be ``[B, heads, max_len, D]`` of the buffer (GQA may repeat heads)."""
+    o, b = val(operand), val(buffer)
+    if o is not None and b is not None and (o.ndim != 4 or o.shape[0] != b.shape[0] or o.shape[2:] != b.shape[2:]):
+        raise KVPassError(
+            f"unsupported attention variant: the {what} of {describe(site)} has shape {tuple(o.shape)}, not the "
+            f"cache's [batch, heads, tokens, head_dim] = {tuple(b.shape)} (a transposed or reshaped cache read)"
+        )
+    return buffer.target
 
 
 def _is_full_slice(node: Node) -> bool:
@@ -389,4 +398,4 @@ def locate(gm: GraphModule, name: str = "model") -> list[AttentionSite]:
     return sites
 
 
-__all__ = ["AttentionSite", "CacheAccess", "Rope", "locate", "match_rope", "operator"]
+__all__ = ["AttentionSite", "CacheAccess", "Rope", "locate", "match_rope"]

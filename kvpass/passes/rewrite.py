@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout, cache_names, static_names
 from kvpass.layout import KVLayout
+from kvpass.methods import OverlayConfig
 from kvpass.passes.locate import AttentionSite, CacheAccess, Rope
 
 aten = torch.ops.aten
@@ -127,6 +128,33 @@ def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, lay
                            {"scale": site.scale, "enable_gqa": site.gqa_groups > 1})
 
 
+def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
+                           overlay: OverlayConfig, device) -> Node:
+    """The overlay's buffers, its store of the new tokens, and attention over low precision + overlay."""
+    import kvpass.overlay  # noqa: F401  (registers the overlay ops)
+
+    g, prefix = gm.graph, f"kvpass_cache_{site.index}_overlay"
+    c, shape = overlay.capacity(site.max_len), (site.batch, site.kv_heads)
+    dtype = overlay.dtype(site.dtype)
+    buffers = {"k": torch.zeros(*shape, c, site.head_dim, dtype=dtype), "v": torch.zeros(*shape, c, site.v_head_dim, dtype=dtype),
+               "slot": torch.zeros(*shape, c, dtype=torch.int32), "score": torch.zeros(*shape, site.max_len)}
+    for name, t in buffers.items():
+        gm.register_buffer(f"{prefix}_{name}", t.to(device))
+    ov = {name: g.get_attr(f"{prefix}_{name}") for name in buffers}
+    g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
+                    (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,
+                     overlay.recent, overlay.sink, overlay.by_score))
+    kspec = "" if layout.key is None else str(layout.key.spec)
+    vspec = "" if layout.value is None else str(layout.value.spec)
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    return g.call_function(
+        torch.ops.kvpass.kv_overlay_attention_.default,
+        (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec, vspec,
+         site.max_len, site.mask, q_positions, site.scale, ov["k"], ov["v"], ov["slot"], ov["score"], overlay.evict,
+         overlay.by_score),
+    )
+
+
 def val_device(node: Node):
     v = node.meta.get("val")
     return v.device if v is not None else None
@@ -166,7 +194,8 @@ def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
 
 
 def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused",
-            pre_rope_keys: bool = False, calibration: dict | None = None) -> GraphModule:
+            pre_rope_keys: bool = False, calibration: dict | None = None, free_old: bool = False,
+            overlay: OverlayConfig | None = None) -> GraphModule:
     """Rewrite ``gm`` in place onto packed caches; returns it.
 
     ``pre_rope_keys`` stores each key before its rotary embedding (where one was recognised) and rotates it back
@@ -180,16 +209,22 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
     rope_tables = RopeTables(gm, device)
     calibration = calibration or {}
     for site, layout in zip(sites, layouts):
-        k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device, calibration.get((site.index, "k")))
-        v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device, calibration.get((site.index, "v")))
+        k = v = ([], [])
+        if layout.key is not None:
+            k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device, calibration.get((site.index, "k")))
+            v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device, calibration.get((site.index, "v")))
         tables = None
         if pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
             site.key.new = site.rope.pre
-        replace_write(gm, site.key, *k, str(layout.key.spec))
-        replace_write(gm, site.value, *v, str(layout.value.spec))
+        if layout.key is not None:
+            replace_write(gm, site.key, *k, str(layout.key.spec))
+            replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
-            out = attention_node(gm, site, k, v, layout, attention, tables)
+            if overlay is not None:
+                out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
+            else:
+                out = attention_node(gm, site, k, v, layout, attention, tables)
         site.output.replace_all_uses_with(out)
         out.meta.update({k_: v_ for k_, v_ in site.output.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
         old_buffers |= {site.key.buffer, site.value.buffer}
@@ -208,7 +243,10 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
                 f"(used by {[u.name for u in node.users]}); this model reads its cache outside attention"
             )
     for target in old_buffers:
+        tensor = gm.get_buffer(target)
         delete_attr(gm, target)
+        if free_old:
+            tensor.untyped_storage().resize_(0)
     graph.lint()
     gm.recompile()
     return gm
