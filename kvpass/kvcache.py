@@ -266,12 +266,14 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
         b, h = ring.shape[:2]
         n, s = int(bufs["state"]), max_len
         dense = torch.zeros(b, h, s, head_dim, dtype=dtype, device=ring.device)
-        done = min(n // r, bufs[coded_names[0]].shape[2], s // r)
-        if done:
-            tensors = {name: bufs[name][:, :, :done] for name in coded_names} | params
-            q = QuantizedTensor(cs.format, torch.Size((b, h, done, r, head_dim)), dtype, tensors)
-            dense[:, :, :done * r] = dequantize(q).reshape(b, h, done * r, head_dim)
-        tail = torch.arange(done * r, min(n, s), device=ring.device)
+        done = min(n // r, bufs[coded_names[0]].shape[2])  # complete blocks; later tokens are in the ring
+        use = min(done, -(-s // r))  # the blocks that reach into the slots asked for
+        if use:
+            tensors = {name: bufs[name][:, :, :use] for name in coded_names} | params
+            q = QuantizedTensor(cs.format, torch.Size((b, h, use, r, head_dim)), dtype, tensors)
+            upto_block = min(use * r, s)
+            dense[:, :, :upto_block] = dequantize(q).reshape(b, h, use * r, head_dim)[:, :, :upto_block]
+        tail = torch.arange(done * r, max(done * r, min(n, s)), device=ring.device)
         dense[:, :, tail] = ring[:, :, tail % r].to(dtype)
     if cs.sink:
         dense = dense.clone() if dense.data_ptr() == cache[0].data_ptr() else dense

@@ -121,3 +121,13 @@ def test_kivi_generates_and_reports_its_layout(arch):
     fp = kvpass.compile(model, "fp16", max_cache_len=300, batch_size=2)
     torch.testing.assert_close(qm(ids, attention_mask=mask) if not qm.reset() else None,
                                fp(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_load_of_a_prefix_reads_blocks_not_the_ring():
+    layout, cache, static, x = fill(KIVI_K, [30])
+    full = ops.kv_load(cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE)
+    for upto in (5, 8, 13, 30):
+        from kvpass.kvcache import load
+
+        part = load(cache, static, layout.spec, D, S, torch.float32, upto)
+        assert torch.equal(part, full[:, :, :upto])
