@@ -101,7 +101,7 @@ def compile(  # noqa: A001 - the public name users expect: kvpass.compile
     calib = resolve_calibration(calibration, model, config, tokenizer, captured)
     rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,
             calibration=calib.as_rewrite_input() if calib else None, free_old=not isinstance(model, Captured) and captured.info.kind == "hf",  # the user's module keeps its own
-            overlay=config.overlay)
+            overlay=config.overlay, balance=config.balance)
     chunk = min(prefill_chunk, config.max_chunk or prefill_chunk)
     return KVPassModel(gm, captured.info, sites, layouts, config, config=captured.config,
                        generation_config=captured.generation_config, prefill_chunk=chunk)

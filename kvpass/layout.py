@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.kvcache import CacheLayout
-from kvpass.methods import MethodConfig, overlay_nbytes
+from kvpass.methods import MethodConfig, balance_nbytes, overlay_nbytes
 from kvpass.passes.locate import AttentionSite
 
 
@@ -23,11 +23,12 @@ class KVLayout:
     elements: int
     sliding_window: int | None = None
     overlay_nbytes: int = 0
+    balance_nbytes: int = 0
 
     @property
     def nbytes(self) -> int:
         low = 0 if self.key is None else self.key.nbytes + self.value.nbytes
-        return low + self.overlay_nbytes
+        return low + self.overlay_nbytes + self.balance_nbytes
 
 
 def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[int, int] | None = None) -> list[KVLayout]:
@@ -43,5 +44,6 @@ def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[
         dense = elements * torch.tensor([], dtype=site.dtype).element_size()
         ov = 0 if method.overlay is None else overlay_nbytes(method.overlay, *shape, site.head_dim, site.v_head_dim,
                                                                site.dtype)
-        layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov))
+        bal = balance_nbytes(site.batch, site.kv_heads, site.head_dim) if method.balance else 0
+        layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov, bal))
     return layouts

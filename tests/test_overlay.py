@@ -54,6 +54,7 @@ def test_overlay_ops_opcheck():
     new = torch.randn(B, H, 1, D)
     torch.library.opcheck(ov_ops.kv_overlay_store_, (*state, new, new, torch.tensor([2]), 1, 0, True))
     q = torch.randn(B, 2 * H, 1, D)
+    torch.library.opcheck(ov_ops.kv_balance_, (torch.ones(B, H, 1, D), q, new, torch.tensor([0])))
     for evict in (True, False):
         lists = ([], [], [], []) if evict else None
         if not evict:
@@ -67,7 +68,7 @@ def test_overlay_ops_opcheck():
 
 
 FULL_OVERLAY = MethodConfig("mikv-100", "MiKV with every token in the overlay", "int2:per_token", "int2:per_token",
-                            overlay=OverlayConfig(budget=1.0, recent=4, high="none"), max_chunk=8)
+                            overlay=OverlayConfig(budget=1.0, recent=4, high="none"), max_chunk=8, balance=True)
 
 
 def test_full_overlay_equals_the_high_precision_method():
@@ -111,3 +112,28 @@ def test_mikv_beats_h2o_at_about_the_same_memory():
         bits[m] = qm.method.nominal_bits(head_dim=128)
     assert abs(bits["mikv"] - bits["h2o"]) < 0.5
     assert errs["mikv"] < errs["h2o"]
+
+
+def test_balancer_keeps_scores_and_shrinks_key_outlier_channels():
+    import torch.nn.functional as F
+
+    from kvpass.formats import quantize
+
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 64, 32, generator=g)
+    k[..., [3, 20]] *= 20.0
+    q = torch.randn(1, 4, 64, 32, generator=g)
+    v = torch.randn(1, 2, 64, 32, generator=g)
+    scale = torch.ones(1, 2, 1, 32)
+    ov_ops.kv_balance_(scale, q, k, torch.arange(64))
+    qs = q * scale.repeat_interleave(2, 1)
+    ks = k / scale
+    torch.testing.assert_close(qs @ ks.repeat_interleave(2, 1).transpose(-1, -2),
+                               q @ k.repeat_interleave(2, 1).transpose(-1, -2), rtol=1e-4, atol=1e-3)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    plain = F.scaled_dot_product_attention(q, quantize(k, "int2:per_token").dequantize(), v, enable_gqa=True)
+    balanced = F.scaled_dot_product_attention(qs, quantize(ks, "int2:per_token").dequantize(), v, enable_gqa=True)
+    assert (balanced - ref).pow(2).mean() < 0.7 * (plain - ref).pow(2).mean()
+    before = scale.clone()
+    ov_ops.kv_balance_(scale, q, k * 3, torch.arange(64, 70))  # later chunks keep the scale of the sequence
+    assert torch.equal(scale, before)

@@ -46,6 +46,7 @@ class MethodConfig:
     pre_rope_keys: bool = False
     overlay: OverlayConfig | None = None
     max_chunk: int | None = None  # prompts are written at most this many tokens per call
+    balance: bool = False  # MiKV's query/key channel balancer (set from the first chunk of each sequence)
 
     def key_spec(self, head_dim: int) -> CacheSpec:
         return fit_group(parse_cache_spec(self.key), head_dim)
@@ -76,6 +77,8 @@ class MethodConfig:
                          for s in (self.key_spec(head_dim), self.value_spec(head_dim)))
         if self.overlay is not None:
             total += overlay_nbytes(self.overlay, 1, 1, tokens, head_dim, head_dim, torch.float16)
+        if self.balance:
+            total += balance_nbytes(1, 1, head_dim)
         return 8.0 * total / elements
 
 
@@ -85,6 +88,11 @@ def overlay_nbytes(ov: OverlayConfig, batch: int, heads: int, max_len: int, dk: 
     c = ov.capacity(max_len)
     row = torch.tensor([], dtype=ov.dtype(model_dtype)).element_size()
     return batch * heads * (c * (dk + dv) * row + c * 4 + max_len * 4)
+
+
+def balance_nbytes(batch: int, heads: int, head_dim: int) -> int:
+    """The balancer's fp32 scale per sequence, head and channel."""
+    return batch * heads * head_dim * 4
 
 
 def fit_group(cs: CacheSpec, head_dim: int) -> CacheSpec:
@@ -146,8 +154,8 @@ for _bits in (4, 3, 2):
             pre_rope_keys=True))
 register_method(MethodConfig(
     "mikv", "MiKV: every token in int2 (per token, groups of 32), the 20% with the most accumulated attention "
-    "(and the 32 newest) overlaid in fp16", "int2:per_token:g32", "int2:per_token:g32",
-    overlay=OverlayConfig(budget=0.2, recent=32), max_chunk=64))
+    "(and the 32 newest) overlaid in fp16, query/key channel balancer", "int2:per_token:g32", "int2:per_token:g32",
+    overlay=OverlayConfig(budget=0.2, recent=32), max_chunk=64, balance=True))
 register_method(MethodConfig(
     "h2o", "H2O eviction baseline (not recommended): keeps the 40% heavy hitters and the 32 newest tokens in fp16, "
     "drops the rest; about MiKV's memory", "none", "none",

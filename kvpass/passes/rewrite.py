@@ -155,6 +155,21 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     )
 
 
+def add_balancer(gm: GraphModule, site: AttentionSite, device) -> None:
+    """Insert MiKV's balancer: ``k / s`` is what gets stored, ``q * s`` what attends (``q . k`` unchanged)."""
+    import kvpass.overlay  # noqa: F401  (registers kv_balance_)
+
+    g, name = gm.graph, f"kvpass_cache_{site.index}_balance"
+    gm.register_buffer(name, torch.ones(site.batch, site.kv_heads, 1, site.head_dim, device=device))
+    with g.inserting_before(site.key.write):
+        scale = g.get_attr(name)
+        g.call_function(torch.ops.kvpass.kv_balance_.default, (scale, site.query, site.key.new, site.key.positions))
+        site.key.new = g.call_function(aten.div.Tensor, (site.key.new, scale))
+    with g.inserting_before(site.output):
+        per_q_head = g.call_function(aten.repeat_interleave.self_int, (g.get_attr(name), site.gqa_groups, 1))
+        site.query = g.call_function(aten.mul.Tensor, (site.query, per_q_head))
+
+
 def val_device(node: Node):
     v = node.meta.get("val")
     return v.device if v is not None else None
@@ -195,7 +210,7 @@ def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
 
 def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused",
             pre_rope_keys: bool = False, calibration: dict | None = None, free_old: bool = False,
-            overlay: OverlayConfig | None = None) -> GraphModule:
+            overlay: OverlayConfig | None = None, balance: bool = False) -> GraphModule:
     """Rewrite ``gm`` in place onto packed caches; returns it.
 
     ``pre_rope_keys`` stores each key before its rotary embedding (where one was recognised) and rotates it back
@@ -213,6 +228,8 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
         if layout.key is not None:
             k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device, calibration.get((site.index, "k")))
             v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device, calibration.get((site.index, "v")))
+        if balance:
+            add_balancer(gm, site, device)
         tables = None
         if pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
