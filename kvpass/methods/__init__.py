@@ -20,7 +20,7 @@ class OverlayConfig:
     are dropped (H2O, StreamingLLM) instead of kept in low precision (MiKV)."""
 
     budget: float
-    recent: int = 32
+    recent: int | None = None  # None: half of the overlay, as H2O splits its budget between heavy and recent
     sink: int = 0
     high: str = "fp16"  # "fp16", or "none" for the model's dtype
     evict: bool = False
@@ -28,6 +28,9 @@ class OverlayConfig:
 
     def capacity(self, max_len: int) -> int:
         return max(1, min(max_len, math.ceil(self.budget * max_len - 1e-9)))
+
+    def recent_tokens(self, max_len: int) -> int:
+        return self.capacity(max_len) // 2 if self.recent is None else self.recent
 
     def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.high == "none" else torch.float16
@@ -153,17 +156,17 @@ for _bits in (4, 3, 2):
             f"nuq{_bits}:per_channel:static{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
             pre_rope_keys=True))
 register_method(MethodConfig(
-    "mikv", "MiKV: every token in int2 (per token, groups of 32), the 20% with the most accumulated attention "
-    "(and the 32 newest) overlaid in fp16, query/key channel balancer", "int2:per_token:g32", "int2:per_token:g32",
-    overlay=OverlayConfig(budget=0.2, recent=32), max_chunk=64, balance=True))
+    "mikv", "MiKV: every token in int3 (per token, groups of 32), 20% of the tokens overlaid in fp16 (half heavy "
+    "hitters by accumulated attention, half the newest), query/key channel balancer",
+    "int3:per_token:g32", "int3:per_token:g32", overlay=OverlayConfig(budget=0.2), max_chunk=64, balance=True))
 register_method(MethodConfig(
-    "h2o", "H2O eviction baseline (not recommended): keeps the 40% heavy hitters and the 32 newest tokens in fp16, "
-    "drops the rest; about MiKV's memory", "none", "none",
-    overlay=OverlayConfig(budget=0.4, recent=32, evict=True), max_chunk=64))
+    "h2o", "H2O eviction baseline (not recommended): 45% of the tokens in fp16 (half heavy hitters, half the newest), "
+    "the rest dropped; about MiKV's memory", "none", "none",
+    overlay=OverlayConfig(budget=0.45, evict=True), max_chunk=64))
 register_method(MethodConfig(
-    "streaming", "StreamingLLM eviction baseline (not recommended): 4 sink tokens and the newest tokens, 40% of the "
-    "cache in fp16; the rest dropped", "none", "none",
-    overlay=OverlayConfig(budget=0.4, recent=0, sink=4, evict=True, by_score=False), max_chunk=64))
+    "streaming", "StreamingLLM eviction baseline (not recommended): 4 sink tokens and the newest, 45% of the tokens "
+    "in fp16, the rest dropped; about MiKV's memory", "none", "none",
+    overlay=OverlayConfig(budget=0.45, recent=0, sink=4, evict=True, by_score=False), max_chunk=64))
 for _bits in (2, 4):
     register_method(MethodConfig(
         f"kivi-{_bits}bit",

@@ -143,7 +143,7 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     ov = {name: g.get_attr(f"{prefix}_{name}") for name in buffers}
     g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
                     (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,
-                     overlay.recent, overlay.sink, overlay.by_score))
+                     overlay.recent_tokens(site.max_len), overlay.sink, overlay.by_score))
     kspec = "" if layout.key is None else str(layout.key.spec)
     vspec = "" if layout.value is None else str(layout.value.spec)
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
