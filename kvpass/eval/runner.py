@@ -93,6 +93,17 @@ def passkey_cells(cfg: EvalConfig, tokenizer, haystack_text: str, max_len: int) 
     return cells
 
 
+def run_passkey(name: str, cells: list[passkey.PasskeyPrompt], tokenizer, generate) -> list[dict]:
+    """Ask every prompt with ``generate(ids) -> ids`` and score the answers."""
+    out = []
+    for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
+        tokens = generate(cell.ids)
+        answer = tokenizer.decode(tokens[0, cell.ids.shape[1]:], skip_special_tokens=True)
+        out.append({"length": cell.ids.shape[1], "depth": cell.depth, "haystack": cell.haystack, "key": cell.key,
+                    "answer": answer.strip(), "correct": passkey.score(answer, cell.key)})
+    return out
+
+
 def summarise_passkey(rec: Record) -> None:
     for hay in ("synthetic", "text"):
         hits = [c["correct"] for c in rec.passkey_cells if c["haystack"] == hay]
@@ -114,11 +125,8 @@ def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model
     with PeakMemory() as mem:
         qm = kvpass.compile(captured, method, prefill_chunk=captured.info.max_cache_len, calibration=calibration)
         ppl = kvpass_perplexity(qm, wins, desc=f"{name}: perplexity")
-        for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
-            out = qm.generate(cell.ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[])
-            answer = tokenizer.decode(out[0, cell.ids.shape[1]:], skip_special_tokens=True)
-            rec.passkey_cells.append({"length": cell.ids.shape[1], "depth": cell.depth, "haystack": cell.haystack,
-                                      "key": cell.key, "answer": answer.strip(), "correct": passkey.score(answer, cell.key)})
+        rec.passkey_cells = run_passkey(
+            name, cells, tokenizer, lambda ids: qm.generate(ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[]))
         rec.decode_tokens_per_s = decode_tokens_per_s(qm, min(cfg.context, qm.max_cache_len - cfg.decode_steps),
                                                       cfg.decode_steps, vocab, reset=qm.reset)
     report = qm.cache_report()
@@ -141,12 +149,10 @@ def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
     start = time.perf_counter()
     with PeakMemory() as mem:
         ppl = quantized_cache_perplexity(model, wins, lambda: peer.make_cache(model.config), desc=f"{name}: perplexity")
-        for cell in tqdm(cells, desc=f"{name}: passkey", unit="prompt", leave=False):
-            out = model.generate(cell.ids, max_new_tokens=cfg.passkey_new_tokens, do_sample=False,
-                                 cache_implementation="quantized", cache_config=peer.cache_config())
-            answer = tokenizer.decode(out[0, cell.ids.shape[1]:], skip_special_tokens=True)
-            rec.passkey_cells.append({"length": cell.ids.shape[1], "depth": cell.depth, "haystack": cell.haystack,
-                                      "key": cell.key, "answer": answer.strip(), "correct": passkey.score(answer, cell.key)})
+        rec.passkey_cells = run_passkey(
+            name, cells, tokenizer,
+            lambda ids: model.generate(ids, max_new_tokens=cfg.passkey_new_tokens, do_sample=False,
+                                       cache_implementation="quantized", cache_config=peer.cache_config()))
     rec.perplexity, rec.decode_tokens_per_s = ppl.perplexity, ppl.tokens_per_s
     rec.bits_per_element, rec.bits_measured = peer.nominal_bits(), False
     cfg_text = model.config.get_text_config()
