@@ -138,7 +138,8 @@ class Recorder(torch.fx.Interpreter):
 
 
 def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str, list[torch.Tensor]]:
-    """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample."""
+    """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
+    queries, keys and values (after RoPE) without gradients, and each layer's softmax scale."""
     from kvpass.capture import example_hf_inputs
     from kvpass.compile import capture_model
 
@@ -147,13 +148,25 @@ def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str
     gm = captured.instantiate()
     sites = locate(gm, captured.name)
     wanted = {}
+    grads = method.qaq is None
     for s in sites:
         key = s.rope.pre if method.pre_rope_keys and s.rope is not None else s.key.new
         wanted[key], wanted[s.value.new] = f"{s.index}.k", f"{s.index}.v"
-    out: dict[str, list[torch.Tensor]] = {}
+        if not grads:
+            wanted[s.query] = f"{s.index}.q"
+    out: dict[str, list[torch.Tensor]] = {f"{s.index}.scale": [torch.tensor(s.scale)] for s in sites}
     _, _, mask, _ = example_hf_inputs(1, seq_len, model.device, seq_len)
     for ids in tqdm(samples, desc="calibrating", unit="sample"):
         rec = Recorder(gm, wanted)
+        if not grads:
+            with torch.no_grad():
+                rec.run(ids[None].to(model.device), torch.arange(seq_len), mask, torch.arange(seq_len)[None])
+            for name, act in rec.values.items():
+                if not torch.isfinite(act).all():
+                    raise InputError(f"layer {name}: NaN/inf in the activations during calibration; check the "
+                                     "calibration data and the model's weights")
+                out.setdefault(name, []).append(act[0].float())
+            continue
         with torch.enable_grad():
             logits = rec.run(ids[None].to(model.device), torch.arange(seq_len), mask, torch.arange(seq_len)[None])
             loss = F.cross_entropy(logits[0, :-1].float(), ids[1:].to(logits.device))
@@ -231,6 +244,10 @@ def calibrate(
     acts = record(model, samples, m)
     tensors: dict[str, torch.Tensor] = {}
     layers = sorted({int(k.split(".")[0]) for k in acts})
+    meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
+    if m.qaq is not None:
+        tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq)
+        return Calibration(m.name, config_hash(model), tensors, meta)
     for layer in layers:
         for which in ("k", "v"):
             act = torch.stack(acts[f"{layer}.{which}"])  # [N, H, T, D]
@@ -238,5 +255,25 @@ def calibrate(
             cs = m.key_spec(act.shape[-1]) if which == "k" else m.value_spec(act.shape[-1])
             for name, t in fit_statics(cs, act, fisher, seed).items():
                 tensors[f"{layer}.{which}.{name}"] = t.contiguous()
-    meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     return Calibration(m.name, config_hash(model), tensors, meta)
+
+
+def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config) -> tuple[dict[str, torch.Tensor], float]:
+    """QAQ's eps (given, or solved for the target bits over every layer) and each layer's share of tokens per tier
+    for keys and values."""
+    from kvpass import qaq
+
+    nums = {}
+    for layer in layers:
+        scale = float(acts[f"{layer}.scale"][0])
+        pairs = [qaq.sensitivities(q, k, v, scale, config)
+                 for q, k, v in zip(*(acts[f"{layer}.{w}"] for w in "qkv"))]
+        nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
+    dk, dv = acts[f"{layers[0]}.k"][0].shape[-1], acts[f"{layers[0]}.v"][0].shape[-1]
+    eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv)
+    tensors = {}
+    for layer, (nk, nv) in nums.items():
+        for which, num in (("k", nk), ("v", nv)):
+            tensors[f"{layer}.{which}.tier_share"] = qaq.shares(num, eps, config.tier_bits)
+            tensors[f"{layer}.{which}.eps"] = torch.tensor(eps, dtype=torch.float64)
+    return tensors, eps

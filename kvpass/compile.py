@@ -97,10 +97,11 @@ def compile(  # noqa: A001 - the public name users expect: kvpass.compile
         captured = capture_model(model, max_cache_len=max_cache_len, batch_size=batch_size, example_inputs=example_inputs)
         gm = captured.graph_module
     sites = locate(gm, captured.name)
-    layouts = plan(sites, config, captured.info.sliding_window)
     calib = resolve_calibration(calibration, model, config, tokenizer, captured)
+    calib_input = calib.as_rewrite_input() if calib else None
+    layouts = plan(sites, config, captured.info.sliding_window, calib_input)
     rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,
-            calibration=calib.as_rewrite_input() if calib else None, free_old=not isinstance(model, Captured) and captured.info.kind == "hf",  # the user's module keeps its own
+            calibration=calib_input, free_old=not isinstance(model, Captured) and captured.info.kind == "hf",  # the user's module keeps its own
             overlay=config.overlay, balance=config.balance)
     chunk = min(prefill_chunk, config.max_chunk or prefill_chunk)
     return KVPassModel(gm, captured.info, sites, layouts, config, config=captured.config,

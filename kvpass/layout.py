@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout
 from kvpass.methods import MethodConfig, balance_nbytes, overlay_nbytes
 from kvpass.passes.locate import AttentionSite
+from kvpass.qaq import TierLayout, capacities, qnorm_stats_nbytes
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,20 @@ class KVLayout:
     sliding_window: int | None = None
     overlay_nbytes: int = 0
     balance_nbytes: int = 0
+    tiers: tuple[TierLayout, TierLayout] | None = None  # QAQ's keys and values
 
     @property
     def nbytes(self) -> int:
         low = 0 if self.key is None else self.key.nbytes + self.value.nbytes
+        if self.tiers is not None:
+            low += sum(t.nbytes for t in self.tiers) + qnorm_stats_nbytes(self.tiers[0].batch, self.tiers[0].heads)
         return low + self.overlay_nbytes + self.balance_nbytes
 
 
-def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[int, int] | None = None) -> list[KVLayout]:
-    """One :class:`KVLayout` per site: the method's specs at the site's shapes."""
+def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[int, int] | None = None,
+         calibration: dict | None = None) -> list[KVLayout]:
+    """One :class:`KVLayout` per site: the method's specs at the site's shapes (QAQ's tier capacities from the
+    ``calibration`` shares, as :meth:`kvpass.calibrate.Calibration.as_rewrite_input` gives them)."""
     layouts = []
     for site in sites:
         shape = (site.batch, site.kv_heads, site.max_len)
@@ -45,5 +52,20 @@ def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[
         ov = 0 if method.overlay is None else overlay_nbytes(method.overlay, *shape, site.head_dim, site.v_head_dim,
                                                                site.dtype)
         bal = balance_nbytes(site.batch, site.kv_heads, site.head_dim) if method.balance else 0
-        layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov, bal))
+        tiers = None
+        if method.qaq is not None:
+            tiers = tuple(TierLayout(method.qaq, tuple(capacities(qaq_input(calibration, site.index, w)["tier_share"],
+                                                                  site.max_len)),
+                                     *shape, d, site.dtype, w == "k")
+                          for w, d in (("k", site.head_dim), ("v", site.v_head_dim)))
+        layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov, bal,
+                                tiers))
     return layouts
+
+
+def qaq_input(calibration: dict | None, layer: int, which: str) -> dict:
+    found = (calibration or {}).get((layer, which), {})
+    if "tier_share" not in found or "eps" not in found:
+        raise KVPassError(f"QAQ needs a calibration with tier shares and eps for layer {layer} ({which}); pass "
+                          "calibration=kvpass.calibrate(model, texts, method=...) made for this QAQ method")
+    return found

@@ -100,6 +100,8 @@ def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, "objec
         mine = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith(prefix)}
         k, v = layout.key, layout.value
         kspec, vspec = ("evicted", "evicted") if k is None else (str(k.spec), str(v.spec))
+        if layout.tiers is not None:
+            kspec, vspec = (t.describe() for t in layout.tiers)
         if layout.overlay_nbytes:
             kspec, vspec = kspec + " + overlay", vspec + " + overlay"
         layers.append(LayerReport(layout.layer, kspec, vspec, mine, sum(mine.values()), layout.dense_nbytes,

@@ -11,6 +11,7 @@ import torch
 from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec
 from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
+from kvpass.qaq import QAQConfig, qnorm_stats_nbytes
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class MethodConfig:
     overlay: OverlayConfig | None = None
     max_chunk: int | None = None  # prompts are written at most this many tokens per call
     balance: bool = False  # MiKV's query/key channel balancer (set from the first chunk of each sequence)
+    qaq: QAQConfig | None = None  # per-token bits in tiers (kvpass.qaq); ``key``/``value`` are then unused
 
     def key_spec(self, head_dim: int) -> CacheSpec:
         return fit_group(parse_cache_spec(self.key), head_dim)
@@ -59,21 +61,26 @@ class MethodConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Keys or values coded against calibrated ranges: compiling without a calibration is an error."""
-        return any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value))
+        """Keys or values coded against calibrated ranges, or QAQ's tier capacities: compiling without a
+        calibration is an error."""
+        return self.qaq is not None or any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value))
 
     @property
     def uses_calibration(self) -> bool:
-        """Anything fitted on calibration data (ranges, nuq LUTs); without it a nuq LUT falls back to NormalFloat."""
-        return any(static_names(parse_cache_spec(s)) for s in (self.key, self.value))
+        """Anything fitted on calibration data (ranges, nuq LUTs, QAQ's eps and tier shares); without it a nuq
+        LUT falls back to NormalFloat."""
+        return self.qaq is not None or any(static_names(parse_cache_spec(s)) for s in (self.key, self.value))
 
     @property
     def keeps_low_precision(self) -> bool:
-        return self.overlay is None or not self.overlay.evict
+        return self.qaq is None and (self.overlay is None or not self.overlay.evict)
 
     def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
         """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included."""
         elements = 2 * tokens * head_dim
+        if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
+            ring = self.qaq.ring * (2 * head_dim * 2 + 4) + qnorm_stats_nbytes(1, 1)
+            return (self.qaq.target_bits or float("nan")) + 8.0 * ring / elements
         total = 0.0
         if self.keeps_low_precision:
             total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
@@ -167,6 +174,14 @@ register_method(MethodConfig(
     "streaming", "StreamingLLM eviction baseline (not recommended): 4 sink tokens and the newest, 45% of the tokens "
     "in fp16, the rest dropped; about MiKV's memory", "none", "none",
     overlay=OverlayConfig(budget=0.45, recent=0, sink=4, evict=True, by_score=False), max_chunk=64))
+register_method(MethodConfig(
+    "qaq", "QAQ: per-token key and value bits from attention over a 5-step window, tiers int2 and int4 (1% fp16 "
+    "outliers), int8, fp16; eps solved on calibration data for 4 bits/elem, 4x smaller than fp16 (needs calibration)",
+    "none", "none", max_chunk=8, qaq=QAQConfig(target_bits=4.0)))
+register_method(MethodConfig(
+    "qaq-6x", "QAQ at 6x smaller than fp16 (2.67 bits/elem): as qaq, the int2 tier without outliers so that it fits "
+    "(needs calibration)", "none", "none", max_chunk=8,
+    qaq=QAQConfig(target_bits=16 / 6, tiers=("int2:per_token", "int4:per_token+outliers1%", "int8:per_token", "fp16"))))
 for _bits in (2, 4):
     register_method(MethodConfig(
         f"kivi-{_bits}bit",

@@ -39,11 +39,17 @@ def get_attrs(gm: GraphModule, targets: list[str]) -> list[Node]:
     return [gm.graph.get_attr(t) for t in targets]
 
 
+def positions_node(gm: GraphModule, access: CacheAccess) -> Node:
+    """The written positions as a tensor node (a copy_ into ``cache[:, :, start:end]`` gives them as bounds)."""
+    if isinstance(access.positions, tuple):
+        start, end = access.positions
+        access.positions = gm.graph.call_function(aten.arange.start, (start, end), {"device": val_device(access.new)})
+    return access.positions
+
+
 def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static: list[str], spec: str) -> None:
     with gm.graph.inserting_before(access.write):
-        if isinstance(access.positions, tuple):  # a copy_ into cache[:, :, start:end]
-            start, end = access.positions
-            access.positions = gm.graph.call_function(aten.arange.start, (start, end), {"device": val_device(access.new)})
+        positions_node(gm, access)
         gm.graph.call_function(
             torch.ops.kvpass.kv_store_.default,
             (get_attrs(gm, cache), get_attrs(gm, static), access.new, access.positions, spec),
@@ -155,6 +161,31 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     )
 
 
+def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, eps: float, device) -> Node:
+    """QAQ's buffers and its one op: write the new tokens, attend, code the tokens that left the window."""
+    import kvpass.qaq  # noqa: F401  (registers kv_qaq_attention_)
+
+    g, prefix = gm.graph, f"kvpass_cache_{site.index}_qaq"
+    names = {}
+    for which, tl in zip("kv", layout.tiers):
+        for name, t in tl.allocate(device).items():
+            gm.register_buffer(f"{prefix}_{which}_{name}", t)
+            names[f"{which}_{name}"] = f"{prefix}_{which}_{name}"
+    gm.register_buffer(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device))
+    k_bufs = [names[n] for n in names if n.startswith("k_t")]
+    v_bufs = [names[n] for n in names if n.startswith("v_t")]
+    state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], f"{prefix}_q_stats"]
+    kt, vt = layout.tiers
+    positions_node(gm, site.key)
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    return g.call_function(
+        torch.ops.kvpass.kv_qaq_attention_.default,
+        (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k_bufs), get_attrs(gm, v_bufs),
+         get_attrs(gm, state), ";".join(kt.config.tiers), list(kt.capacity), list(vt.capacity), eps,
+         kt.config.window, kt.config.quantile, site.max_len, site.mask, q_positions, site.scale),
+    )
+
+
 def add_balancer(gm: GraphModule, site: AttentionSite, device) -> None:
     """Insert MiKV's balancer: ``k / s`` is what gets stored, ``q * s`` what attends (``q . k`` unchanged)."""
     import kvpass.overlay  # noqa: F401  (registers kv_balance_)
@@ -238,7 +269,9 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
             replace_write(gm, site.key, *k, str(layout.key.spec))
             replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
-            if overlay is not None:
+            if layout.tiers is not None:
+                out = qaq_attention_node(gm, site, layout, float(calibration[(site.index, "k")]["eps"]), device)
+            elif overlay is not None:
                 out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
             else:
                 out = attention_node(gm, site, k, v, layout, attention, tables)

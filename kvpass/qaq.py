@@ -1,0 +1,422 @@
+"""QAQ: per-token key and value bits from attention, in tiers of static capacity (DESIGN section 4).
+
+Each token of each KV head is first held at model precision in a small ring for ``window`` steps (the attention
+window).
+When it leaves the window its bits are decided from the largest attention ``a`` it received over those steps:
+
+* values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
+* keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
+  ``quantile`` of a log-normal fitted to the query norms seen so far, and ``a' = min(a, 1/2)``.
+
+``a (1 - a)`` is the design's sensitivity of a logit error; it falls again above 1/2, which would give the keys of
+attention sinks (the tokens with the most attention, which KVQuant keeps in fp16) the fewest bits because the
+softmax happens to be saturated now. The window exists because importance jumps, so we take the monotone
+envelope: a token with more attention never gets fewer bits.
+
+The bits are rounded up to a tier (2/4/8/16 bits by default). Every tier is a packed store of a fixed number of
+entries per head (its capacity, from the shares measured on calibration data), and a uint8 map says which tier
+holds each cache slot. Slots are written in order, so the entry of slot ``i`` in tier ``t`` is the number of
+earlier slots in ``t``: no index is stored. A token whose tier is full goes to the nearest lower tier with room,
+else the nearest higher one; the capacities sum to the cache length, so there always is one. Tokens never move
+up a tier later (the paper's retained full-precision copy is not built: see the README).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+from kvpass.errors import KVPassError
+from kvpass.formats import QuantSpec, quantize
+from kvpass.formats.api import QuantizedTensor, dequantize
+from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
+from kvpass.ops import causal_mask, visible_length
+
+MAP_DTYPE = torch.uint8  # tier of each slot, 0 = not decided yet
+
+
+@dataclass(frozen=True)
+class QAQConfig:
+    """QAQ's knob and tiers. ``target_bits`` (average stored bits per element of keys and values, metadata and
+    the tier map included) is solved for ``eps`` by bisection on calibration data; or give ``eps`` itself."""
+
+    target_bits: float | None = None
+    eps: float | None = None
+    window: int = 5
+    quantile: float = 0.95
+    tiers: tuple[str, ...] = ("int2:per_token+outliers1%", "int4:per_token+outliers1%", "int8:per_token", "fp16")
+
+    def __post_init__(self) -> None:
+        if (self.target_bits is None) == (self.eps is None):
+            raise KVPassError("QAQConfig takes exactly one knob: target_bits=... or eps=...")
+        if self.eps is not None and not self.eps > 0:
+            raise KVPassError(f"QAQ eps must be > 0, got {self.eps}")
+        if self.window < 1:
+            raise KVPassError(f"QAQ window must be >= 1 step, got {self.window}")
+        if not 0.5 <= self.quantile < 1:
+            raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
+        specs = [parse_cache_spec(t) for t in self.tiers]
+        for cs in specs:
+            f = cs.format
+            if cs.residual or cs.sink or f.static or (f.kind in ("int", "nuq") and f.granularity != "per_token") \
+                    or (f.kind == "fp8" and f.granularity != "per_token") or static_names(cs):
+                raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format without "
+                                  "calibrated tensors, residual or sink)")
+        bits = self.tier_bits
+        if list(bits) != sorted(set(bits)):
+            raise KVPassError(f"QAQ tiers must have increasing bits, got {bits}")
+
+    @property
+    def tier_bits(self) -> tuple[int, ...]:
+        return tuple(tier_bits(parse_cache_spec(t).format) for t in self.tiers)
+
+    @property
+    def ring(self) -> int:
+        """Slots (at model precision) of the tokens still inside the window after a step."""
+        return self.window - 1
+
+
+def tier_bits(spec: QuantSpec) -> int:
+    if spec.kind == "float":
+        return {"fp16": 16, "bf16": 16, "fp32": 32}.get(spec.float_dtype or "fp16", 16)
+    return 8 if spec.kind == "fp8" else spec.bits
+
+
+def tier_cost(config: QAQConfig, head_dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Stored bits per element of one token in each tier, its metadata included."""
+    return torch.tensor([CacheLayout.build(t, (1, 1, 1, head_dim), dtype).bits_per_element for t in config.tiers])
+
+
+def map_bits(head_dim: int) -> float:
+    """Bits per element the tier map adds (one byte per token and head)."""
+    return 8.0 * MAP_DTYPE.itemsize / head_dim
+
+
+def capacities(shares: torch.Tensor, max_len: int) -> list[int]:
+    """Entries per head of each tier: the calibrated shares of ``max_len``, the lowest tier taking the rest so
+    that the capacities sum to ``max_len`` (every token finds an entry)."""
+    upper = [round(float(s) * max_len) for s in shares[1:]]
+    while sum(upper) > max_len:
+        upper[upper.index(max(upper))] -= 1
+    return [max_len - sum(upper), *upper]
+
+
+# --- the bit formulas ---------------------------------------------------------------------------------------
+
+
+def quantile_norm(stats: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The ``quantile`` of a log-normal fitted to query norms from ``stats[..., (count, sum, sum of squares)]``
+    of ``log |q|``."""
+    n = stats[..., 0].clamp_min(1)
+    mean = stats[..., 1] / n
+    var = (stats[..., 2] / n - mean**2).clamp_min(0)
+    return torch.exp(mean + NormalDist().inv_cdf(quantile) * var.sqrt())
+
+
+def value_bits(alpha: torch.Tensor, value_range: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ceil(torch.log2(1 + alpha * value_range / eps))
+
+
+def key_bits(alpha: torch.Tensor, key_range: torch.Tensor, q_norm: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
+    a = alpha.clamp(0, 0.5)  # the monotone envelope of a (1 - a): see the module docstring
+    return torch.ceil(torch.log2(1 + a * (1 - a) * q_norm * key_range / (math.sqrt(head_dim) * eps)))
+
+
+def to_tier(bits: torch.Tensor, tiers: tuple[int, ...]) -> torch.Tensor:
+    """Index of the smallest tier with at least ``bits`` (the largest tier when none has)."""
+    edges = torch.tensor(tiers, dtype=bits.dtype, device=bits.device)
+    return torch.bucketize(bits, edges).clamp_max(len(tiers) - 1)
+
+
+def token_range(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x.amax(-1) - x.amin(-1)
+
+
+# --- storage --------------------------------------------------------------------------------------------------
+
+
+def split_buffers(bufs: list[torch.Tensor], specs: list[CacheSpec]) -> list[dict[str, torch.Tensor]]:
+    out, i = [], 0
+    for cs in specs:
+        names = cache_names(cs)
+        out.append(dict(zip(names, bufs[i:i + len(names)])))
+        i += len(names)
+    return out
+
+
+def read(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], tier_map: torch.Tensor, n: int,
+         head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``[B, H, n, D]`` of the decided slots (zeros elsewhere): each tier dequantized and gathered to the
+    slots the map gives it, entry ``i`` of a tier being its ``i``-th slot in order."""
+    b, h = tier_map.shape[:2]
+    dense = torch.zeros(b, h, n, head_dim, dtype=dtype, device=tier_map.device)
+    for t, (tensors, cs) in enumerate(zip(bufs, specs)):
+        cap = next(iter(tensors.values())).shape[2]
+        sel = tier_map[..., :n] == t + 1
+        if cap == 0 or not bool(sel.any()):
+            continue
+        rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, cap, head_dim)), dtype, tensors))
+        entry = (sel.long().cumsum(-1) - 1).clamp(0, cap - 1)
+        picked = rows.gather(2, entry[..., None].expand(b, h, n, head_dim))
+        dense = torch.where(sel[..., None], picked, dense)
+    return dense
+
+
+def assign(tier_map: torch.Tensor, start: int, wanted: torch.Tensor, capacity: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tier and entry ``[B, H, T]`` of ``T`` tokens written from slot ``start`` on, each wanting tier ``wanted``:
+    its own when it has room, else the nearest lower tier with room, else the nearest higher one."""
+    ntiers = len(capacity)
+    levels = torch.arange(1, ntiers + 1, device=tier_map.device, dtype=tier_map.dtype)
+    fill = (tier_map[..., :start, None] == levels).sum(2)  # [B, H, tiers]
+    cap = torch.tensor(capacity, device=fill.device)
+    idx = torch.arange(ntiers, device=fill.device)
+    tiers, entries = [], []
+    for j in range(wanted.shape[-1]):
+        d = wanted[..., j:j + 1]
+        cost = torch.where(idx <= d, d - idx, ntiers + idx - d).float()
+        cost = cost.masked_fill(fill >= cap, float("inf"))
+        if bool(cost.isinf().all(-1).any()):
+            raise KVPassError(f"no tier has room for token {start + j} (capacities {capacity}); the capacities must "
+                              "sum to the cache length")
+        t = cost.argmin(-1, keepdim=True)
+        tiers.append(t)
+        entries.append(fill.gather(-1, t))
+        fill.scatter_add_(-1, t, torch.ones_like(t))
+    return torch.cat(tiers, -1), torch.cat(entries, -1)
+
+
+def write(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], x: torch.Tensor, tiers: torch.Tensor,
+          entries: torch.Tensor) -> None:
+    """Quantize tokens ``x`` ``[B, H, T, D]`` with the tier each was given and put them at their entries."""
+    for t, (tensors, cs) in enumerate(zip(bufs, specs)):
+        sel = (tiers == t).nonzero(as_tuple=True)
+        if not len(sel[0]):
+            continue
+        b, h, j = sel
+        coded = quantize(x[b, h, j][None, None], cs.format, check=False).tensors
+        for name, buf in tensors.items():
+            buf[b, h, entries[b, h, j]] = coded[name][0, 0].to(buf.dtype)
+
+
+@dataclass(frozen=True)
+class TierLayout:
+    """The QAQ buffers of one K or V cache ``[batch, heads, max_len, head_dim]``."""
+
+    config: QAQConfig
+    capacity: tuple[int, ...]
+    batch: int
+    heads: int
+    max_len: int
+    head_dim: int
+    dtype: torch.dtype
+    holds_score: bool = True  # the window's attention is one per token: kept with the keys only
+
+    @property
+    def specs(self) -> list[CacheSpec]:
+        return [parse_cache_spec(t) for t in self.config.tiers]
+
+    def tiers(self) -> list[CacheLayout]:
+        return [CacheLayout(cs, self.batch, self.heads, c, self.head_dim, self.dtype)
+                for cs, c in zip(self.specs, self.capacity)]
+
+    def allocate(self, device) -> dict[str, torch.Tensor]:
+        """Every buffer by name: the tier stores, the tier map, the window ring and its attention."""
+        b, h, r = self.batch, self.heads, self.config.ring
+        out = {}
+        for t, layout in enumerate(self.tiers()):
+            for name, (shape, dtype) in layout.buffer_specs().items():
+                out[f"t{t}_{name}"] = torch.zeros(shape, dtype=dtype, device=device)
+        out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
+        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.dtype, device=device)
+        if self.holds_score:
+            out["ring_score"] = torch.zeros(b, h, r, device=device)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.allocate("meta").values())
+
+    def describe(self) -> str:
+        bits = "/".join(str(b) for b in self.config.tier_bits)
+        return f"qaq {bits} bits, entries {'/'.join(str(c) for c in self.capacity)}"
+
+
+def qnorm_stats_nbytes(batch: int, heads: int) -> int:
+    return batch * heads * 3 * 4
+
+
+# --- the op ---------------------------------------------------------------------------------------------------
+
+
+def _tier_specs(text: str) -> list[CacheSpec]:
+    return [parse_cache_spec(t) for t in text.split(";")]
+
+
+def _window_max(probs: torch.Tensor, q_pos: torch.Tensor, cols: torch.Tensor, window: int, kv_heads: int) -> torch.Tensor:
+    """Largest attention each of the tokens at ``cols`` received from queries at most ``window - 1`` steps later,
+    over the heads of its GQA group: ``[B, Hkv, len(cols)]``."""
+    b, hq, t, _ = probs.shape
+    p = probs[..., cols]  # [B, Hq, T, P]
+    age = q_pos[:, None] - cols[None, :]
+    p = p.masked_fill(~((age >= 0) & (age < window)), 0.0)
+    return p.reshape(b, kv_heads, hq // kv_heads, t, -1).amax(dim=(2, 3))
+
+
+@torch.library.custom_op("kvpass::kv_qaq_attention_", mutates_args=("k_bufs", "v_bufs", "state"))
+def kv_qaq_attention_(
+    q: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    positions: torch.Tensor,
+    k_bufs: list[torch.Tensor],
+    v_bufs: list[torch.Tensor],
+    state: list[torch.Tensor],
+    tiers: str,
+    k_capacity: list[int],
+    v_capacity: list[int],
+    eps: float,
+    window: int,
+    quantile: float,
+    max_len: int,
+    mask: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
+    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``."""
+    k_map, v_map, k_ring, v_ring, ring_score, q_stats = state
+    specs = _tier_specs(tiers)
+    kb, vb = split_buffers(k_bufs, specs), split_buffers(v_bufs, specs)
+    b, hkv, t, dk = new_k.shape
+    dv, r = new_v.shape[-1], window - 1
+    p0, last = int(positions[0]), int(positions[-1])
+    if positions.tolist() != list(range(p0, last + 1)):
+        raise KVPassError(f"QAQ writes tokens in order; got positions {positions.tolist()[:8]}...")
+    if p0 == 0:  # a new sequence
+        q_stats.zero_()
+    k_map[..., p0:] = 0
+    v_map[..., p0:] = 0
+    logn = q.float().norm(dim=-1).clamp_min(1e-6).log().reshape(b, hkv, -1)
+    q_stats += torch.stack([torch.full_like(logn[..., 0], logn.shape[-1]), logn.sum(-1), logn.pow(2).sum(-1)], -1)
+
+    ring_pos = torch.arange(max(0, p0 - r), p0, device=positions.device)
+    pend_pos = torch.cat([ring_pos, positions])
+    pend_k = torch.cat([k_ring[:, :, ring_pos % max(r, 1)].to(new_k.dtype), new_k], 2)
+    pend_v = torch.cat([v_ring[:, :, ring_pos % max(r, 1)].to(new_v.dtype), new_v], 2)
+    score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
+
+    n = visible_length(mask, q_positions, max_len)
+    k = read(kb, specs, k_map, n, dk, q.dtype)
+    v = read(vb, specs, v_map, n, dv, q.dtype)
+    k[:, :, pend_pos] = pend_k.to(q.dtype)
+    v[:, :, pend_pos] = pend_v.to(q.dtype)
+
+    groups = q.shape[1] // hkv
+    scores = (q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    if mask is not None:
+        m = mask[..., :n]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    elif q_positions is not None:
+        scores = scores.masked_fill(~causal_mask(q_positions, n), float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    out = (probs @ v.float().repeat_interleave(groups, 1)).to(q.dtype)
+    score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
+
+    done = pend_pos <= last - r  # seen by the whole window
+    if bool(done.any()):
+        start = int(pend_pos[done][0])
+        alpha = score[..., done]
+        qn = quantile_norm(q_stats, quantile)[..., None]
+        bits = (key_bits(alpha, token_range(pend_k[:, :, done]), qn, dk, eps),
+                value_bits(alpha, token_range(pend_v[:, :, done]), eps))
+        tier_bits_ = tuple(tier_bits(cs.format) for cs in specs)
+        for x, bits_, bufs, cap, tmap in ((pend_k, bits[0], kb, k_capacity, k_map), (pend_v, bits[1], vb, v_capacity, v_map)):
+            tier, entry = assign(tmap, start, to_tier(bits_, tier_bits_), cap)
+            write(bufs, specs, x[:, :, done], tier, entry)
+            tmap[..., start:start + tier.shape[-1]] = (tier + 1).to(tmap.dtype)
+    if r:
+        keep = ~done
+        slots = pend_pos[keep] % r
+        k_ring[:, :, slots] = pend_k[:, :, keep].to(k_ring.dtype)
+        v_ring[:, :, slots] = pend_v[:, :, keep].to(v_ring.dtype)
+        ring_score[..., slots] = score[..., keep]
+    return out.contiguous()
+
+
+@kv_qaq_attention_.register_fake
+def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, k_capacity, v_capacity, eps, window, quantile, max_len,
+      mask, q_positions, scale):
+    b, hq, t, _ = q.shape
+    return q.new_empty((b, hq, t, new_v.shape[-1]))
+
+
+# --- calibration ----------------------------------------------------------------------------------------------
+
+
+def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: QAQConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one sequence of one layer (``q`` ``[Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]``, after RoPE): the
+    numerators ``a`` of the key and value formulas (``bits = ceil(log2(1 + a / eps))``) of every token ``[Hkv, T]``,
+    as the op computes them when the token leaves the window."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    groups = hq // hkv
+    scores = (q.float() @ k.float().repeat_interleave(groups, 0).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~causal_mask(torch.arange(t), t), float("-inf"))
+    probs = torch.softmax(scores, -1)  # [Hq, T, T]
+    alpha = torch.zeros(hq, t)
+    for o in range(config.window):  # query i + o attending token i
+        diag = torch.diagonal(probs, offset=-o, dim1=-2, dim2=-1)  # [Hq, T - o]
+        alpha[:, :t - o] = torch.maximum(alpha[:, :t - o], diag)
+    alpha = alpha.reshape(hkv, groups, t).amax(1)
+    logn = q.float().norm(dim=-1).clamp_min(1e-6).log().reshape(hkv, groups, t)
+    # the query statistics the op holds when token i is decided: queries up to i + window - 1
+    cum = lambda x: x.sum(1).cumsum(-1)
+    stats = torch.stack([cum(torch.ones_like(logn)), cum(logn), cum(logn**2)], -1)  # [Hkv, T, 3]
+    at = torch.clamp(torch.arange(t) + config.window - 1, max=t - 1)
+    qn = quantile_norm(stats[:, at], config.quantile)
+    a = alpha.clamp(0, 0.5)
+    num_k = a * (1 - a) * qn * token_range(k) / math.sqrt(d)
+    num_v = alpha * token_range(v)
+    return num_k, num_v
+
+
+def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:
+    return to_tier(torch.ceil(torch.log2(1 + num / eps)), tiers)
+
+
+def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int) -> float:
+    """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
+    eps; the average falls as eps grows)."""
+    ck, cv = tier_cost(config, dk), tier_cost(config, dv)
+    nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
+    bits = config.tier_bits
+
+    def average(eps: float) -> float:
+        return float((ck[tier_of(nk, eps, bits)].mean() * dk + cv[tier_of(nv, eps, bits)].mean() * dv) / (dk + dv))
+
+    target = config.target_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
+    lowest, highest = average(1e30), average(1e-30)
+    if not lowest <= target <= highest:
+        raise KVPassError(
+            f"QAQ target_bits={config.target_bits} is outside what these tiers can average: "
+            f"{lowest + config.target_bits - target:.2f} to {highest + config.target_bits - target:.2f} bits per element "
+            "(tier map included); choose a target in that range or other tiers")
+    lo, hi = -30.0, 30.0  # log10 eps
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if average(10**mid) < target else (mid, hi)
+    return 10**hi
+
+
+def shares(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:
+    """Fraction of tokens in each tier at ``eps``."""
+    counts = torch.bincount(tier_of(num.reshape(-1), eps, tiers), minlength=len(tiers)).float()
+    return counts / counts.sum()
+
+
+__all__ = ["QAQConfig", "TierLayout", "key_bits", "kv_qaq_attention_", "sensitivities", "solve", "value_bits"]

@@ -1,0 +1,206 @@
+"""QAQ: per-token bits from attention, tiers with static capacities, eps solved for a target on calibration data."""
+
+import math
+
+import pytest
+import torch
+from test_graph_pass import prompt
+from tiny_models import VOCAB, build
+
+import kvpass
+from kvpass import qaq
+from kvpass.errors import KVPassError
+from kvpass.kvcache import CacheLayout
+from kvpass.methods import MethodConfig
+from kvpass.qaq import QAQConfig
+
+D = 16  # the tiny models' head dim: metadata costs more per element than at 64 or 128
+
+
+def method(target=None, eps=None, tiers=None, window=5) -> MethodConfig:
+    kw = {} if tiers is None else {"tiers": tiers}
+    config = QAQConfig(target_bits=target, eps=eps, window=window, **kw)
+    return MethodConfig(f"qaq-test-{target}-{eps}", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
+
+
+def calibration_ids(n=600, seed=0):
+    return [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))]
+
+
+def test_bits_grow_with_attention_and_range_and_shrink_with_eps():
+    alpha = torch.linspace(0, 1, 101)
+    r = torch.full_like(alpha, 3.0)
+    for eps in (1e-3, 1e-2, 1e-1):
+        vb = qaq.value_bits(alpha, r, eps)
+        kb = qaq.key_bits(alpha, r, torch.tensor(4.0), 64, eps)
+        assert (vb.diff() >= 0).all() and (kb.diff() >= 0).all()  # more attention, never fewer bits
+    assert (qaq.value_bits(alpha, r, 1e-3) >= qaq.value_bits(alpha, r, 1e-2)).all()
+    assert (qaq.value_bits(alpha[50:51], torch.tensor([1.0, 2.0, 4.0]), 1e-2).diff() >= 0).all()
+    # the closed forms: B_v = ceil(log2(1 + a r / eps)), B_k = ceil(log2(1 + a(1-a) |q| r / (sqrt(d) eps)))
+    assert float(qaq.value_bits(torch.tensor(0.25), torch.tensor(2.0), 0.01)) == math.ceil(math.log2(1 + 50))
+    assert float(qaq.key_bits(torch.tensor(0.25), torch.tensor(2.0), torch.tensor(8.0), 64, 0.01)) == \
+        math.ceil(math.log2(1 + 0.25 * 0.75 * 8 * 2 / (8 * 0.01)))
+
+
+def test_query_norm_quantile_of_a_lognormal():
+    g = torch.Generator().manual_seed(0)
+    logn = 1.0 + 0.5 * torch.randn(200_000, generator=g)
+    stats = torch.stack([torch.tensor(float(len(logn))), logn.sum(), logn.pow(2).sum()])
+    expected = math.exp(1.0 + 1.6448536 * 0.5)
+    assert abs(float(qaq.quantile_norm(stats, 0.95)) / expected - 1) < 0.01
+
+
+def test_tier_rounding_and_capacities():
+    tiers = (2, 4, 8, 16)
+    assert qaq.to_tier(torch.tensor([0.0, 1, 2, 3, 4, 5, 8, 9, 16, 30]), tiers).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    caps = qaq.capacities(torch.tensor([0.5, 0.3, 0.15, 0.05]), 100)
+    assert caps == [50, 30, 15, 5] and sum(qaq.capacities(torch.tensor([0.0, 0.6, 0.6, 0.1]), 10)) == 10
+
+
+def test_full_tier_sends_tokens_to_the_nearest_lower_then_higher_tier():
+    tier_map = torch.zeros(1, 1, 16, dtype=torch.uint8)
+    tier_map[..., :3] = torch.tensor([2, 2, 3], dtype=torch.uint8)  # tier 1 already holds 2 entries, tier 2 one
+    tiers, entries = qaq.assign(tier_map, 3, torch.tensor([[[1, 1, 0]]]), [1, 2, 2, 1])
+    # tier 1 is full: the first goes down to tier 0, the second (tier 0 now full too) up to tier 2; the third wants
+    # tier 0, full, and the nearest higher tier with room is 3
+    assert tiers[0, 0].tolist() == [0, 2, 3]
+    assert entries[0, 0].tolist() == [0, 1, 0]
+    with pytest.raises(KVPassError, match="no tier has room"):
+        qaq.assign(tier_map, 3, torch.tensor([[[1, 1, 0, 0]]]), [1, 2, 2, 1])
+
+
+def test_tiers_store_and_read_back_each_token():
+    config = QAQConfig(eps=1.0, tiers=("int4:per_token", "int8:per_token", "none"))
+    layout = qaq.TierLayout(config, (4, 4, 4), 1, 2, 12, D, torch.float32)
+    bufs = layout.allocate("cpu")
+    specs = layout.specs
+    tensors = qaq.split_buffers([bufs[n] for n in bufs if n.startswith("t")], specs)
+    x = torch.randn(1, 2, 12, D)
+    wanted = torch.tensor([0, 1, 2] * 4).expand(1, 2, 12)
+    tiers, entries = qaq.assign(bufs["map"], 0, wanted, [4, 4, 4])
+    qaq.write(tensors, specs, x, tiers, entries)
+    bufs["map"][...] = (tiers + 1).to(torch.uint8)
+    back = qaq.read(tensors, specs, bufs["map"], 12, D, torch.float32)
+    err = (back - x).abs().amax(-1) / (x.amax(-1) - x.amin(-1))
+    assert torch.equal(back[..., 2::3, :], x[..., 2::3, :])  # the model-precision tier is exact
+    assert (err[..., 1::3] <= 0.5 / 255 + 1e-3).all() and (err[..., 0::3] <= 0.5 / 15 + 1e-3).all()
+
+
+def test_knob_moves_average_bits_monotonically():
+    model = build("llama")
+    captured = kvpass.capture_model(model, max_cache_len=128)
+    bits, eps = [], []
+    for target in (7.0, 10.0, 13.0):
+        m = method(target=target)
+        cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=128)
+        qm = kvpass.compile(captured, m, calibration=cal)
+        report = qm.cache_report()
+        bits.append(report.bits_per_element)
+        eps.append(cal.meta["eps"])
+        # the window ring, its scores and the query statistics do not scale with the cache (1 bit/elem here at 128
+        # tokens, head_dim 16); the tiers and their map land near the target
+        window = sum(8 * (4 * 2 * D * 4 + 4 * 4 + 3 * 4) * 2 for _ in qm.layouts)  # 2 heads per layer
+        elements = sum(layer.elements for layer in report.layers)
+        assert abs(bits[-1] - window / elements - target) < 0.3
+    assert bits == sorted(bits) and eps == sorted(eps, reverse=True)
+
+
+def test_more_attention_gets_at_least_as_many_bits():
+    # every key (and value) is a permutation of the same numbers, so ranges are equal and only attention differs
+    g = torch.Generator().manual_seed(0)
+    t, r = 24, 2
+    base = torch.randn(D, generator=g)
+    k = torch.stack([base[torch.randperm(D, generator=g)] for _ in range(t)])[None, None]
+    v = torch.stack([base[torch.randperm(D, generator=g)] for _ in range(t)])[None, None]
+    q = torch.randn(1, 2, t, D, generator=g) * 2
+    config = QAQConfig(eps=0.05, window=r + 1, tiers=("int2:per_token", "int4:per_token", "int8:per_token", "none"))
+    layout = qaq.TierLayout(config, (t, t, t, t), 1, 1, t, D, torch.float32)
+    kbufs, vbufs = layout.allocate("cpu"), layout.allocate("cpu")
+    names = [n for n in kbufs if n.startswith("t")]
+    state = [kbufs["map"], vbufs["map"], kbufs["ring"], vbufs["ring"], kbufs["ring_score"], torch.zeros(1, 1, 3)]
+    scale = D**-0.5
+    qaq.kv_qaq_attention_(q, k, v, torch.arange(t), [kbufs[n] for n in names], [vbufs[n] for n in names], state,
+                          ";".join(config.tiers), [t] * 4, [t] * 4, 0.05, config.window, 0.95, t, None,
+                          torch.arange(t), scale)
+    # the window's attention, computed here from scratch: the largest weight a token got from itself and the next r
+    probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~torch.ones(t, t).tril().bool(), -torch.inf), -1)
+    alpha = torch.stack([probs[0, :, i:i + r + 1, i].amax() for i in range(t - r)])
+    for tier_map in (kbufs["map"], vbufs["map"]):
+        decided = tier_map[0, 0, :t - r].long()
+        assert (decided > 0).all() and (tier_map[0, 0, t - r:] == 0).all()  # the last r are still in the window
+        order = alpha.argsort()
+        assert (decided[order].diff() >= 0).all(), (alpha[order], decided[order])
+        assert decided.unique().numel() > 1  # the test sees more than one tier
+
+
+def test_model_precision_tier_is_exact_and_generates_the_same_tokens():
+    model = build("llama")
+    m = method(eps=1.0, tiers=("none",))
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
+    ids, mask = prompt(2, length=20)
+    fp = kvpass.compile(model, "fp16", max_cache_len=48, batch_size=2)
+    qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2, calibration=cal)
+    torch.testing.assert_close(qm(ids, attention_mask=mask), fp(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]),
+                       fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
+def test_qaq_generates_and_accounts_bytes(arch):
+    model = build(arch)
+    m = method(target=8.0)
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
+    qm = kvpass.compile(model, m, max_cache_len=64, batch_size=2, calibration=cal)
+    ids, mask = prompt(2, length=30)
+    assert qm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).shape == (2, 38)
+    report = qm.cache_report()
+    real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
+    assert report.nbytes == real == sum(layout.nbytes for layout in qm.layouts)
+    # the closed form: each tier's entries at that tier's bytes per token, the uint8 map, the window ring and its
+    # fp32 attention, and the query-norm statistics
+    for layout in qm.layouts:
+        kt, vt = layout.tiers
+        b, h = kt.batch, kt.heads
+        expected = 0
+        for tl in (kt, vt):
+            per_token = [CacheLayout.build(s, (1, 1, 1, tl.head_dim), tl.dtype).nbytes for s in tl.config.tiers]
+            expected += b * h * sum(c * p for c, p in zip(tl.capacity, per_token))
+            expected += b * h * tl.max_len + b * h * tl.config.ring * tl.head_dim * 4
+            assert sum(tl.capacity) == tl.max_len
+        expected += b * h * kt.config.ring * 4 + b * h * 3 * 4
+        assert layout.nbytes == expected
+    # tokens past the window are in tiers, the newest window - 1 are not yet
+    tier_map = qm.graph_module.kvpass_cache_0_qaq_k_map
+    assert (tier_map[:, :, :37 - 4] > 0).all() and (tier_map[:, :, 37 - 4:] == 0).all()
+
+
+def test_calibration_round_trip_and_errors(tmp_path):
+    model = build("llama")
+    m = method(target=9.0)
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=64)
+    cal.save(tmp_path / "qaq")
+    loaded = kvpass.Calibration.load(tmp_path / "qaq")
+    ids, _ = prompt(1, length=24)
+    a = kvpass.compile(model, m, max_cache_len=32, calibration=cal)(ids)
+    b = kvpass.compile(model, m, max_cache_len=32, calibration=loaded)(ids)
+    assert torch.equal(a, b)
+    with pytest.raises(KVPassError, match="needs calibration"):
+        kvpass.compile(model, m, max_cache_len=32)
+    with pytest.raises(KVPassError, match="outside what these tiers can average"):
+        kvpass.calibrate(model, calibration_ids(), method(target=2.5), n_samples=1, seq_len=64)
+    with pytest.raises(KVPassError, match="exactly one knob"):
+        QAQConfig(target_bits=4.0, eps=0.1)
+    with pytest.raises(KVPassError, match="code each token alone"):
+        QAQConfig(eps=0.1, tiers=("int2:per_channel:g32|residual=32",))
+
+
+def test_qaq_op_opcheck():
+    config = QAQConfig(eps=0.1, window=3, tiers=("int4:per_token", "none"))
+    layout = qaq.TierLayout(config, (6, 6), 1, 1, 12, D, torch.float32)
+    kb, vb = layout.allocate("cpu"), layout.allocate("cpu")
+    names = [n for n in kb if n.startswith("t")]
+    state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 1, 3)]
+    q, k, v = torch.randn(1, 2, 4, D), torch.randn(1, 1, 4, D), torch.randn(1, 1, 4, D)
+    torch.library.opcheck(qaq.kv_qaq_attention_, (q, k, v, torch.arange(4), [kb[n] for n in names],
+                                                  [vb[n] for n in names], state, ";".join(config.tiers), [6, 6], [6, 6],
+                                                  0.1, 3, 0.95, 12, None, torch.arange(4), D**-0.5))
