@@ -1,6 +1,7 @@
 """kvpass: low-bit KV caches for LLM inference, applied as a compiler pass."""
 
 from kvpass import formats, ops  # noqa: F401  (ops registers the kvpass:: custom ops)
+from kvpass.lowering import triton as _triton_lowering  # noqa: F401  (the CUDA kernel of kv_attention)
 from kvpass.calibrate import Calibration, calibrate
 from kvpass.compile import capture_model, compile  # noqa: A004
 from kvpass.errors import InputError, KVPassError, SpecError

@@ -135,6 +135,20 @@ def reference_attention(
     return out, attention_mass(probs, kv_heads)
 
 
+def reference_kv_attention(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len, mask,
+                           q_positions, scale, need_mass, rope_cos, rope_sin, rope, rotary_dim):
+    """``kv_attention`` in plain torch: dequantize the visible slots, then SDPA (every device, every spec)."""
+    n = visible_length(mask, q_positions, max_len)
+    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim, n)
+    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, max_len, q.dtype, n)
+    if mask is not None:
+        mask = mask[..., :n]
+    out, mass = reference_attention(q, k, v, mask, q_positions, scale, need_mass)
+    if need_mass and n < max_len:
+        mass = F.pad(mass, (0, max_len - n))
+    return out.contiguous(), mass
+
+
 @torch.library.custom_op("kvpass::kv_attention", mutates_args=())
 def kv_attention(
     q: torch.Tensor,
@@ -163,15 +177,8 @@ def kv_attention(
     Returns the output ``[B, Hq, T, Dv]`` and, if ``need_mass``, the float32 attention mass ``[B, Hkv, S]``
     (else an empty tensor). Keys stored before RoPE are rotated back with the cached ``rope_cos``/``rope_sin``.
     """
-    n = visible_length(mask, q_positions, max_len)
-    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim, n)
-    v = kvcache.load(v_cache, v_static, _spec(v_spec), v_head_dim, max_len, q.dtype, n)
-    if mask is not None:
-        mask = mask[..., :n]
-    out, mass = reference_attention(q, k, v, mask, q_positions, scale, need_mass)
-    if need_mass and n < max_len:
-        mass = F.pad(mass, (0, max_len - n))
-    return out.contiguous(), mass
+    return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len,
+                                  mask, q_positions, scale, need_mass, rope_cos, rope_sin, rope, rotary_dim)
 
 
 @kv_attention.register_fake

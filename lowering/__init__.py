@@ -1,5 +1,7 @@
 """Backend lowerings of the kvpass ops (installed as ``kvpass.lowering``).
 
-Nothing is lowered yet beyond what torch.compile does with the reference kernels in :mod:`kvpass.ops`
-(Inductor calls them as extern kernels). The ONNX, TensorRT and Triton lowerings are open work; see the README.
+* :mod:`kvpass.lowering.triton`: the CUDA kernel of ``kvpass::kv_attention`` runs the fused Triton decode kernel
+  (:mod:`kvpass.plugins.triton_attention`) for per-token int2/int4/int8 caches.
+
+The ONNX and TensorRT lowerings are open work; see the README.
 """
