@@ -1,8 +1,7 @@
 """QAQ: per-token key and value bits from attention, in tiers of static capacity (DESIGN section 4).
 
 Each token of each KV head is first held at model precision in a small ring for ``window`` steps (the attention
-window).
-When it leaves the window its bits are decided from the largest attention ``a`` it received over those steps:
+window). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
 * keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
