@@ -154,11 +154,13 @@ def read(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], tier_map: 
     b, h = tier_map.shape[:2]
     dense = torch.zeros(b, h, n, head_dim, dtype=dtype, device=tier_map.device)
     for t, (tensors, cs) in enumerate(zip(bufs, specs)):
-        cap = next(iter(tensors.values())).shape[2]
         sel = tier_map[..., :n] == t + 1
-        if cap == 0 or not bool(sel.any()):
+        used = int(sel.sum(-1).max())  # entries are filled in slot order: only the first ones are read
+        if used == 0:
             continue
-        rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, cap, head_dim)), dtype, tensors))
+        part = {name: x[:, :, :used] for name, x in tensors.items()}
+        rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, used, head_dim)), dtype, part))
+        cap = used
         entry = (sel.long().cumsum(-1) - 1).clamp(0, cap - 1)
         picked = rows.gather(2, entry[..., None].expand(b, h, n, head_dim))
         dense = torch.where(sel[..., None], picked, dense)

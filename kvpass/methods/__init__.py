@@ -177,10 +177,10 @@ register_method(MethodConfig(
 register_method(MethodConfig(
     "qaq", "QAQ: per-token key and value bits from attention over a 5-step window, tiers int2 and int4 (1% fp16 "
     "outliers), int8, fp16; eps solved on calibration data for 4 bits/elem, 4x smaller than fp16 (needs calibration)",
-    "none", "none", max_chunk=8, qaq=QAQConfig(target_bits=4.0)))
+    "none", "none", max_chunk=32, qaq=QAQConfig(target_bits=4.0)))
 register_method(MethodConfig(
     "qaq-6x", "QAQ at 6x smaller than fp16 (2.67 bits/elem): as qaq, the int2 tier without outliers so that it fits "
-    "(needs calibration)", "none", "none", max_chunk=8,
+    "(needs calibration)", "none", "none", max_chunk=32,
     qaq=QAQConfig(target_bits=16 / 6, tiers=("int2:per_token", "int4:per_token+outliers1%", "int8:per_token", "fp16"))))
 for _bits in (2, 4):
     register_method(MethodConfig(
