@@ -11,6 +11,8 @@ each loaded block.
 Supported: ``intB:per_token[:gN]`` with B in 2, 4, 8 (codes packed little-endian, ``kvpass.formats.packing``),
 fp16 scale and zero per group, no outliers, no residual ring or sink, head dims that are powers of two >= 16.
 :func:`supports` says whether a cache spec qualifies; the caller falls back to the reference kernel otherwise.
+Dots take the queries' dtype with fp32 accumulation: fp16/bf16 on tensor cores, fp32 queries as TF32 on the GPU
+(about 1e-3 relative; exact in the interpreter).
 """
 
 from __future__ import annotations
