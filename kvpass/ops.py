@@ -127,12 +127,20 @@ def reference_attention(
     out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=groups > 1)
     if not need_mass:
         return out, q.new_zeros(0, dtype=torch.float32)
-    kx = k.float().repeat_interleave(groups, dim=1)
-    scores = (q.float() @ kx.transpose(-1, -2)) * scale
+    return out, attention_mass(attention_probs(q, k, mask, None, scale), kv_heads)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """float32 attention probabilities ``[..., Hq, T, S]`` of ``q`` over ``k`` ``[..., Hkv, S, D]`` (GQA), with a
+    bool or additive ``mask`` or else causal by ``q_positions``; rows with nothing visible are zeros."""
+    if mask is None and q_positions is not None:
+        mask = causal_mask(q_positions, k.shape[-2])
+    groups = q.shape[-3] // k.shape[-3]
+    scores = (q.float() @ k.float().repeat_interleave(groups, dim=-3).transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return out, attention_mass(probs, kv_heads)
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
 
 
 def reference_kv_attention(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len, mask,

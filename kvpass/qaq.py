@@ -32,7 +32,7 @@ from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
-from kvpass.ops import causal_mask, visible_length
+from kvpass.ops import attention_probs, visible_length
 
 MAP_DTYPE = torch.uint8  # tier of each slot, 0 = not decided yet
 
@@ -115,13 +115,27 @@ def quantile_norm(stats: torch.Tensor, quantile: float) -> torch.Tensor:
     return torch.exp(mean + NormalDist().inv_cdf(quantile) * var.sqrt())
 
 
+def value_numerator(alpha: torch.Tensor, value_range: torch.Tensor) -> torch.Tensor:
+    """``a`` of ``B_v = ceil(log2(1 + a / eps))``."""
+    return alpha * value_range
+
+
+def key_numerator(alpha: torch.Tensor, key_range: torch.Tensor, q_norm: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``a`` of ``B_k = ceil(log2(1 + a / eps))``."""
+    a = alpha.clamp(0, 0.5)  # the monotone envelope of a (1 - a): see the module docstring
+    return a * (1 - a) * q_norm * key_range / math.sqrt(head_dim)
+
+
+def bits_for(numerator: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ceil(torch.log2(1 + numerator / eps))
+
+
 def value_bits(alpha: torch.Tensor, value_range: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.ceil(torch.log2(1 + alpha * value_range / eps))
+    return bits_for(value_numerator(alpha, value_range), eps)
 
 
 def key_bits(alpha: torch.Tensor, key_range: torch.Tensor, q_norm: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
-    a = alpha.clamp(0, 0.5)  # the monotone envelope of a (1 - a): see the module docstring
-    return torch.ceil(torch.log2(1 + a * (1 - a) * q_norm * key_range / (math.sqrt(head_dim) * eps)))
+    return bits_for(key_numerator(alpha, key_range, q_norm, head_dim), eps)
 
 
 def to_tier(bits: torch.Tensor, tiers: tuple[int, ...]) -> torch.Tensor:
@@ -160,8 +174,7 @@ def read(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], tier_map: 
             continue
         part = {name: x[:, :, :used] for name, x in tensors.items()}
         rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, used, head_dim)), dtype, part))
-        cap = used
-        entry = (sel.long().cumsum(-1) - 1).clamp(0, cap - 1)
+        entry = (sel.long().cumsum(-1) - 1).clamp(0, used - 1)
         picked = rows.gather(2, entry[..., None].expand(b, h, n, head_dim))
         dense = torch.where(sel[..., None], picked, dense)
     return dense
@@ -316,15 +329,8 @@ def kv_qaq_attention_(
     k[:, :, pend_pos] = pend_k.to(q.dtype)
     v[:, :, pend_pos] = pend_v.to(q.dtype)
 
-    groups = q.shape[1] // hkv
-    scores = (q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
-    if mask is not None:
-        m = mask[..., :n]
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    elif q_positions is not None:
-        scores = scores.masked_fill(~causal_mask(q_positions, n), float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = (probs @ v.float().repeat_interleave(groups, 1)).to(q.dtype)
+    probs = attention_probs(q, k, None if mask is None else mask[..., :n], q_positions, scale)
+    out = (probs @ v.float().repeat_interleave(q.shape[1] // hkv, 1)).to(q.dtype)
     score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
 
     done = pend_pos <= last - r  # seen by the whole window
@@ -366,9 +372,7 @@ def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     hq, t, d = q.shape
     hkv = k.shape[0]
     groups = hq // hkv
-    scores = (q.float() @ k.float().repeat_interleave(groups, 0).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~causal_mask(torch.arange(t), t), float("-inf"))
-    probs = torch.softmax(scores, -1)  # [Hq, T, T]
+    probs = attention_probs(q, k, None, torch.arange(t), scale)  # [Hq, T, T]
     alpha = torch.zeros(hq, t)
     for o in range(config.window):  # query i + o attending token i
         diag = torch.diagonal(probs, offset=-o, dim1=-2, dim2=-1)  # [Hq, T - o]
@@ -380,14 +384,11 @@ def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     stats = torch.stack([cum(torch.ones_like(logn)), cum(logn), cum(logn**2)], -1)  # [Hkv, T, 3]
     at = torch.clamp(torch.arange(t) + config.window - 1, max=t - 1)
     qn = quantile_norm(stats[:, at], config.quantile)
-    a = alpha.clamp(0, 0.5)
-    num_k = a * (1 - a) * qn * token_range(k) / math.sqrt(d)
-    num_v = alpha * token_range(v)
-    return num_k, num_v
+    return key_numerator(alpha, token_range(k), qn, d), value_numerator(alpha, token_range(v))
 
 
 def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:
-    return to_tier(torch.ceil(torch.log2(1 + num / eps)), tiers)
+    return to_tier(bits_for(num, eps), tiers)
 
 
 def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int) -> float:
