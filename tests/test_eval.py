@@ -158,3 +158,19 @@ def test_a_failing_method_is_reported_and_the_run_goes_on(tiny_model_dir, tmp_pa
     assert records["int2"]["error"] == "RuntimeError: planted failure" and records["int2"]["perplexity"] is None
     assert records["int4"]["perplexity"] is not None and records["int4"]["error"] is None
     assert "`int2`: RuntimeError: planted failure" in md.read_text()
+
+
+@pytest.mark.parametrize("name", ["hf-hqq-int4", "hf-hqq-int2"])
+def test_hqq_peer_runs_with_three_kv_heads_and_an_odd_prompt(name):
+    # hqq's axis-1 packing breaks on this shape (SmolLM2: 3 KV heads); the peer must use a layout that runs
+    pytest.importorskip("hqq", reason="the HQQ peer needs hqq (pip install 'kvpass[eval]')")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=9, num_key_value_heads=3)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 1023))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="quantized",
+                         cache_config=PEERS[name].cache_config())
+    assert out.shape == (1, 1027)

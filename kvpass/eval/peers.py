@@ -34,10 +34,11 @@ class Peer:
             )
 
     def cache_config(self) -> dict:
-        # transformers' cache documentation recommends axis 1 for the HQQ backend; quanto keeps its default 0.
-        axes = {"axis_key": 1, "axis_value": 1} if self.backend == "hqq" else {}
-        return {"backend": self.backend, "nbits": self.nbits, "q_group_size": GROUP, "residual_length": RESIDUAL,
-                **axes}
+        # Both backends keep transformers' default axis 0. transformers' documentation suggests axis 1 for HQQ, but
+        # hqq 0.2.8 cannot unpack an axis-1 tensor whose number of groups is not a multiple of its packing (2 for
+        # int4, 4 for int2): with 3 KV heads (SmolLM2) and an odd prompt length it raises a size mismatch in
+        # dequantize, so axis 1 cannot run the evaluation at all.
+        return {"backend": self.backend, "nbits": self.nbits, "q_group_size": GROUP, "residual_length": RESIDUAL}
 
     def make_cache(self, config):
         from transformers import QuantizedCache
