@@ -107,3 +107,21 @@ def test_planted_outlier_channels_per_channel_and_dense_and_sparse_win():
     sparse = attention_error(quantize(spiky, "int3:per_channel:static+outliers1%", lo=lo1, hi=hi1).dequantize(),
                              spiky, q, v)
     assert sparse < 0.5 * dense
+
+
+def test_calibration_samples_do_not_chain_autograd_graphs(llama, monkeypatch):
+    # the cache writes are in place: a sample must start from cache buffers without the last sample's graph, or
+    # every sample's activations stay alive until calibration ends
+    import importlib
+
+    module = importlib.import_module("kvpass.calibrate")
+    seen = []
+    run = module.Recorder.run
+
+    def checked(self, *args):
+        seen.append(sum(b.grad_fn is not None for b in self.module.buffers()))
+        return run(self, *args)
+
+    monkeypatch.setattr(module.Recorder, "run", checked)
+    kvpass.calibrate(llama, [CALIB_TOKENS], "kvquant-3bit-1%", n_samples=3, seq_len=64)
+    assert seen == [0, 0, 0]
