@@ -28,7 +28,7 @@ def eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated; see `kvpass methods` (default: every method; --quick: fp16,int4,int2,kivi-2bit,"
                         "kvquant-2bit-1%%)")
     p.add_argument("--no-peers", action="store_true", help="do not add the installed transformers QuantizedCache peers")
-    p.add_argument("--context", type=int, help="perplexity window in tokens (default 2048; --quick 1024)")
+    p.add_argument("--context", type=int, help="perplexity window in tokens (default 2048; --quick 512)")
     p.add_argument("--windows", type=int, help="number of perplexity windows (default 4; --quick 1)")
     p.add_argument("--passkey-lengths", type=_ints, help="comma-separated prompt lengths, e.g. 1k,2k,4k,8k")
     p.add_argument("--passkey-depths", type=_floats, help="comma-separated needle depths in [0, 1]")

@@ -30,6 +30,7 @@ class EvalConfig:
     text: list[str] | None = None
     dataset: str | None = None
     methods: list[str] = field(default_factory=lambda: ["fp16", "int8", "fp8", "int4", "int2", "kivi-4bit", "kivi-2bit",
+                                                        "kvquant-4bit", "kvquant-3bit", "kvquant-2bit",
                                                         "kvquant-4bit-1%", "kvquant-3bit-1%", "kvquant-2bit-1%",
                                                         "qaq", "qaq-6x", "mikv", "h2o", "streaming"])
     context: int = 2048
