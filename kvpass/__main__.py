@@ -89,6 +89,22 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
         console.print(f"wrote {path}")
 
 
+def print_methods() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvpass.eval.peers import PEERS
+    from kvpass.methods import methods
+
+    table = Table("method", "what it stores", title="kvpass methods (use with kvpass.compile or kvpass eval --methods)")
+    for name, text in methods().items():
+        table.add_row(name, text)
+    for name, peer in PEERS.items():
+        state = "installed" if peer.installed else "not installed: pip install 'kvpass[eval]'"
+        table.add_row(name, f"peer: transformers QuantizedCache ({peer.backend}, int{peer.nbits}; {state})")
+    Console().print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvpass", description="Low-bit KV caches for LLM inference.")
@@ -103,14 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             run_eval(args, argv)
         elif args.command == "methods":
-            from kvpass.eval.peers import PEERS
-            from kvpass.methods import methods
-
-            for name, text in methods().items():
-                print(f"{name:12s} {text}")
-            for name, peer in PEERS.items():
-                state = "installed" if peer.installed else "not installed: pip install 'kvpass[eval]'"
-                print(f"{name:12s} peer: transformers QuantizedCache ({peer.backend}, int{peer.nbits}; {state})")
+            print_methods()
         elif args.command == "demo":
             from kvpass import demo as demo_mod
 

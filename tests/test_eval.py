@@ -174,3 +174,10 @@ def test_hqq_peer_runs_with_three_kv_heads_and_an_odd_prompt(name):
     out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="quantized",
                          cache_config=PEERS[name].cache_config())
     assert out.shape == (1, 1027)
+
+
+def test_methods_command_lists_every_method_and_peer(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in [*kvpass.methods(), *PEERS]:
+        assert name in out
