@@ -13,6 +13,7 @@ def test_pack_round_trip_is_bit_exact(bits, n):
     assert packed.dtype == torch.uint8
     assert packed.shape == (3, 5, packing.packed_len(n, bits))
     assert torch.equal(packing.unpack(packed, bits, n), codes)
+    assert torch.equal(packing.pack(codes.long(), bits), packed)  # the formats pass int64 codes
 
 
 @pytest.mark.parametrize(
@@ -28,5 +29,6 @@ def test_bit_order_is_little_endian_within_a_unit():
     # Documented order the ONNX/TensorRT lowerings depend on: first code in the lowest bits.
     assert packing.pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4]
     assert packing.pack(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+    assert packing.pack(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.uint8), 1).tolist() == [0x81, 1]
     three = packing.pack(torch.tensor([7, 0, 0, 0, 0, 0, 0, 1], dtype=torch.uint8), 3).tolist()
     assert three == [7, 0, 1 << 5]  # code 7 at bits 0-2, last code at bits 21-23

@@ -33,6 +33,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8)
     per_unit, unit_bytes = unit(bits)
+    if unit_bytes == 1:
+        return _pack_in_bytes(codes, bits, per_unit)
     n = codes.shape[-1]
     pad = (-n) % per_unit
     c = codes.to(torch.int64)
@@ -51,9 +53,28 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :n]
     per_unit, unit_bytes = unit(bits)
+    if unit_bytes == 1:
+        # one scalar shift per code slot: a broadcast shift by a tensor of shifts runs several times slower on CPU
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> s) & mask for s in range(0, 8, bits)], dim=-1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
     p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, unit_bytes)
     byte_shifts = torch.arange(unit_bytes, device=p.device, dtype=torch.int64) * 8
     word = (p << byte_shifts).sum(-1, keepdim=True)
     shifts = torch.arange(per_unit, device=p.device, dtype=torch.int64) * bits
     codes = (word >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*codes.shape[:-2], -1)[..., :n].to(torch.uint8)
+
+
+def _pack_in_bytes(codes: torch.Tensor, bits: int, per_unit: int) -> torch.Tensor:
+    """1, 2 and 4 bits: a unit is one byte, so the work stays in uint8 (the general path widens to int64, which
+    made unpacking the largest cost of a CPU decode step)."""
+    c = codes.to(torch.uint8)
+    pad = (-c.shape[-1]) % per_unit
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*c.shape[:-1], -1, per_unit)
+    out = c[..., 0].clone()
+    for i in range(1, per_unit):
+        out |= c[..., i] << (i * bits)
+    return out

@@ -81,7 +81,7 @@ class UniformFormat(Format):
         scale, zero = tensors["scale"].float(), tensors["zero"].float()
         ng = scale.shape[-1]
         cg = codes.reshape(*codes.shape[:-1], ng, n // ng)
-        return (cg * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(codes.shape)
+        return torch.addcmul(zero.unsqueeze(-1), cg, scale.unsqueeze(-1)).reshape(codes.shape)
 
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
