@@ -41,6 +41,14 @@ def static_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
     return 2 * heads * shape[-1] * torch.tensor([], dtype=spec.scale_dtype).element_size()
 
 
+def round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, never below its float value: a scale rounded down (coarsely so when it is an fp16
+    subnormal, below 6e-5) would push the group's maximum past the top code, where it is clipped by whole steps."""
+    stored = scale.to(dtype)
+    up = torch.nextafter(stored, torch.full_like(stored, math.inf))
+    return torch.where(stored.float() < scale, up, stored)
+
+
 def safe(scale: torch.Tensor) -> torch.Tensor:
     """The scale to divide by: a constant group (scale 0) quantizes to code 0 and dequantizes to ``zero``."""
     s = scale.float()
@@ -65,7 +73,7 @@ class UniformFormat(Format):
         ex = None if exclude is None else exclude.reshape(xg.shape)
         lo, hi = grouped_range(xg, ex)
         zero = lo.to(spec.scale_dtype)
-        scale = ((hi - zero.float()) / levels).to(spec.scale_dtype)
+        scale = round_up((hi - zero.float()) / levels, spec.scale_dtype)
         codes = torch.round((xg - zero.float().unsqueeze(-1)) / safe(scale).unsqueeze(-1)).clamp_(0, levels)
         return {
             "codes": packing.pack(codes.reshape(x.shape), spec.bits),
