@@ -161,19 +161,35 @@ def test_a_failing_method_is_reported_and_the_run_goes_on(tiny_model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["hf-hqq-int4", "hf-hqq-int2"])
-def test_hqq_peer_runs_with_three_kv_heads_and_an_odd_prompt(name):
-    # hqq's axis-1 packing breaks on this shape (SmolLM2: 3 KV heads); the peer must use a layout that runs
+def test_hqq_peer_runs_at_axis_1_with_three_kv_heads_and_an_odd_prompt(name):
+    # hqq's own axis-1 packing breaks on this shape (SmolLM2: 3 KV heads, odd token count); the padded layer must run
+    # it and reconstruct as well as hqq does on a shape it can pack
     pytest.importorskip("hqq", reason="the HQQ peer needs hqq (pip install 'kvpass[eval]')")
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.cache_utils import HQQQuantizedLayer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=9, num_key_value_heads=3)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 64, (1, 1023))
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="quantized",
-                         cache_config=PEERS[name].cache_config())
+    cache = PEERS[name].make_cache(model.config)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
     assert out.shape == (1, 1027)
+    layer = cache.layers[0]
+    assert layer.axis_key == layer.axis_value == 1
+
+    x = torch.randn(1, 3, 1023, 64)
+    q = layer._quantize(x, axis=1)
+    y = layer._dequantize(q)
+    assert y.shape == x.shape
+    # the first 1020 tokens form whole packs either way: padding must not change their codes or scales
+    plain = HQQQuantizedLayer(nbits=layer.nbits, axis_key=1, axis_value=1, q_group_size=64)
+    plain.keys = x  # _quantize reads the device and dtype from here
+    ref = plain._dequantize(plain._quantize(x[:, :, :1020].contiguous(), axis=1))
+    torch.testing.assert_close(y[:, :, :1020], ref, rtol=0, atol=0)
+    rel = ((y - x).norm() / x.norm()).item()
+    assert rel < (0.12 if layer.nbits == 4 else 0.5), rel
 
 
 def test_methods_command_lists_every_method_and_peer(capsys):

@@ -155,7 +155,7 @@ def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
         rec.passkey_cells = run_passkey(
             name, cells, tokenizer,
             lambda ids: model.generate(ids, max_new_tokens=cfg.passkey_new_tokens, do_sample=False,
-                                       cache_implementation="quantized", cache_config=peer.cache_config()))
+                                       cache=peer.make_cache(model.config)))
     rec.perplexity, rec.decode_tokens_per_s = ppl.perplexity, ppl.tokens_per_s
     rec.bits_per_element, rec.bits_measured = peer.nominal_bits(), False
     cfg_text = model.config.get_text_config()
