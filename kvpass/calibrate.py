@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from kvpass.errors import InputError, KVPassError
 from kvpass.formats import fit_lut, outliers
-from kvpass.formats.nuq import normalize, qnorm_affine
+from kvpass.formats.nuq import fit_lut_rows, lookup_per_channel, nearest_per_channel, normalize, qnorm_affine
 from kvpass.kvcache import CacheSpec
 from kvpass.methods import MethodConfig, get_method
 from kvpass.passes.locate import locate
@@ -198,8 +198,11 @@ def subsample(x: torch.Tensor, w: torch.Tensor, seed: int) -> tuple[torch.Tensor
 
 
 def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """Static tensors of one cache from activations ``[N, H, T, D]`` and their Fisher weights."""
+    """Static tensors of one cache from activations ``[N, H, T, D]`` and their Fisher weights. The first
+    ``cs.sink`` tokens of each sample are left out: they are stored at model precision, and the first token's
+    keys are often far outside every other token's range."""
     spec, out = cs.format, {}
+    act, fisher = act[:, :, cs.sink:], fisher[:, :, cs.sink:]
     x = act.permute(1, 0, 2, 3).reshape(act.shape[1], -1, act.shape[-1])  # [H, N*T, D]
     w = fisher.permute(1, 0, 2, 3).reshape_as(x)
     if spec.static:
@@ -218,6 +221,8 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
             score = (x - center).abs() / half.clamp_min(1e-12)
             _, picked = outliers.split(x, spec.outlier_frac, score)
             keep = ~picked
+        if spec.channel_lut:
+            return out | channel_luts(spec, xn, w * keep, seed)
     else:
         exclude = None
         if spec.outlier_frac:
@@ -232,6 +237,24 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
     out["lut"] = lut.to(torch.float16)
     if spec.qnorm:
         out["qnorm"] = qnorm_affine(lut.half().float(), samples)
+    return out
+
+
+def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """One LUT per head and channel from normalised values ``[H, M, D]`` (weight 0: an outlier), as
+    ``[1, H, 1, D, 2**B]``, with the layer's Q-Norm fitted over every channel's decoded values."""
+    h, m, d = xn.shape
+    if m > MAX_FIT_SAMPLES // 4:  # the same tokens for every channel keeps the rows rectangular
+        cols = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:MAX_FIT_SAMPLES // 4]
+        xn, w = xn[:, cols], w[:, cols]
+    rows = fit_lut_rows(xn.permute(0, 2, 1).reshape(h * d, -1), spec.bits, w.permute(0, 2, 1).reshape(h * d, -1))
+    lut = rows.reshape(1, h, 1, d, -1).half()
+    out = {"lut": lut}
+    if spec.qnorm:
+        rows_in = xn.unsqueeze(0)  # [1, H, M, D]: tokens as rows
+        q = lookup_per_channel(nearest_per_channel(rows_in, lut.float()), lut.float())
+        keep = (w > 0).unsqueeze(0)
+        out["qnorm"] = qnorm_affine(lut.float(), rows_in[keep], q[keep])
     return out
 
 

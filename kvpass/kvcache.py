@@ -142,6 +142,8 @@ class CacheLayout:
             out["lo"], out["hi"] = -torch.ones(shape, dtype=spec.scale_dtype), torch.ones(shape, dtype=spec.scale_dtype)
         if spec.kind == "nuq":
             out["lut"] = normal_float_grid(spec.bits).to(torch.float16)
+            if spec.channel_lut:
+                out["lut"] = out["lut"].expand(1, self.heads, 1, self.head_dim, -1).contiguous()
             if spec.qnorm:
                 out["qnorm"] = torch.tensor([1.0, 0.0])
         elif "scale" in static_names(self.spec):
@@ -153,7 +155,7 @@ class CacheLayout:
         """The tensors the format stores for one token (or one residual block)."""
         rows = self.spec.residual or 1
         x = torch.zeros(1, 1, rows, self.head_dim, dtype=self.dtype)
-        static = {k: v[:, :1] if v.ndim == 4 else v for k, v in self.default_static().items()}
+        static = {k: v[:, :1] if v.ndim >= 4 else v for k, v in self.default_static().items()}
         return quantize(x, self.format, check=False, **static).tensors
 
     def buffer_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -62,6 +62,9 @@ def test_kvquant_keys_are_stored_before_rope_and_sink_is_exact(llama, calibratio
 def test_calibration_round_trip_and_errors(llama, calibration, tmp_path):
     ids, mask = prompt(2)
     a = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=calibration)
+    lo = calibration.tensors["0.k.lo"]
+    assert calibration.tensors["0.k.lut"].shape == (*lo.shape, 8)  # keys: one LUT per head and channel
+    assert calibration.tensors["0.v.lut"].shape == (8,)  # values: one per layer
     calibration.save(tmp_path / "cal")
     b = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=str(tmp_path / "cal"))
     assert torch.equal(a(ids, attention_mask=mask), b(ids, attention_mask=mask))
@@ -125,3 +128,17 @@ def test_calibration_samples_do_not_chain_autograd_graphs(llama, monkeypatch):
     monkeypatch.setattr(module.Recorder, "run", checked)
     kvpass.calibrate(llama, [CALIB_TOKENS], "kvquant-3bit-1%", n_samples=3, seq_len=64)
     assert seen == [0, 0, 0]
+
+
+def test_calibrated_ranges_and_luts_leave_out_the_sink_tokens():
+    from kvpass.calibrate import fit_statics
+    from kvpass.kvcache import parse_cache_spec
+
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(2, 1, 40, 8, generator=g)
+    act[:, :, 0] = 500.0  # the first token's keys, far outside the others (kept at model precision anyway)
+    fisher = torch.ones_like(act)
+    with_sink = fit_statics(parse_cache_spec("nuq2:per_channel:static:channel_lut|sink=1"), act, fisher, 0)
+    assert with_sink["hi"].float().max() < 10
+    without = fit_statics(parse_cache_spec("nuq2:per_channel:static:channel_lut"), act, fisher, 0)
+    assert without["hi"].float().min() == 500

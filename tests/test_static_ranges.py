@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kvpass import KVPassError
-from kvpass.formats import expected_nbytes, fit_lut, parse_spec, quantize
+from kvpass.formats import expected_nbytes, fit_lut, packing, parse_spec, quantize
+from kvpass.formats.nuq import fit_lut_rows
 
 
 def keys_with_outlier_channels(seed=0):
@@ -59,3 +60,70 @@ def test_static_errors():
         quantize(torch.randn(4, 8), "int4:per_channel:static")
     with pytest.raises(KVPassError, match="'static' takes calibrated per-channel ranges"):
         parse_spec("int4:per_token:static")
+
+
+def channel_luts(heads, channels, bits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, heads, 1, channels, 2**bits, generator=g) * 2 - 1).sort(-1).values
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_channel_lut_codes_each_channel_against_its_own_centroids(bits):
+    x = keys_with_outlier_channels(3)
+    lo, hi = x.amin(dim=2, keepdim=True), x.amax(dim=2, keepdim=True)
+    lut = channel_luts(2, 32, bits).half()
+    spec = f"nuq{bits}:per_channel:static:channel_lut"
+    q = quantize(x, spec, lo=lo, hi=hi, lut=lut)
+    # brute force: nearest centroid of the channel's own row
+    lo16, hi16 = lo.half().float(), hi.half().float()
+    xn = ((x - (hi16 + lo16) / 2) / ((hi16 - lo16) / 2)).clamp(-1, 1)
+    brute = (xn.unsqueeze(-1) - lut.float()).abs().argmin(-1)
+    codes = packing.unpack(q.tensors["codes"], bits, 32).long()
+    dist = (xn - lut.float().expand(1, 2, 64, 32, -1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)).abs()
+    best = (xn.unsqueeze(-1) - lut.float()).abs().amin(-1)
+    assert (dist <= best + 1e-6).all()  # nearest (256 fp16 centroids per row can tie)
+    if bits <= 3:
+        assert torch.equal(codes, brute)
+    want = lut.float().expand(1, 2, 64, 32, -1).gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(q.dequantize(), want * (hi16 - lo16) / 2 + (hi16 + lo16) / 2, rtol=0, atol=1e-6)
+    assert q.nbytes == expected_nbytes(x.shape, spec, x.dtype)
+    assert q.tensors["lut"].shape == (1, 2, 1, 32, 2**bits)
+    assert parse_spec(str(parse_spec(spec))) == parse_spec(spec)
+
+
+def test_fit_lut_rows_matches_fit_lut_row_by_row():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(5, 700, generator=g) * 2 - 1
+    x[1] = x[1].sign() * 0.8 + 0.05 * x[1]  # two clusters
+    w = torch.rand(5, 700, generator=g)
+    w[2, :100] = 0  # left out, as outliers are
+    rows = fit_lut_rows(x, 2, w)
+    for i in range(5):
+        keep = w[i] > 0
+        torch.testing.assert_close(rows[i], fit_lut(x[i][keep], 2, w[i][keep]), rtol=0, atol=1e-4)
+
+
+def test_channel_luts_beat_one_lut_per_layer_on_channels_of_different_shapes():
+    # keys whose channels are distributed differently (two clusters, one-sided, gaussian): one LUT cannot fit all
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, 4096, 6, generator=g)
+    x[..., 0] = x[..., 0].sign() * 3 + 0.1 * x[..., 0]
+    x[..., 1] = x[..., 1].abs() ** 2
+    lo, hi = x.amin(dim=2, keepdim=True), x.amax(dim=2, keepdim=True)
+    xn = ((x - (hi + lo) / 2) / ((hi - lo) / 2)).clamp(-1, 1)
+    shared = fit_lut(xn, 2)
+    rows = fit_lut_rows(xn[0, 0].T, 2, torch.ones(6, 4096)).reshape(1, 1, 1, 6, 4)
+    err_shared = (quantize(x, "nuq2:per_channel:static", lo=lo, hi=hi, lut=shared).dequantize() - x).pow(2).mean()
+    err_rows = (quantize(x, "nuq2:per_channel:static:channel_lut", lo=lo, hi=hi, lut=rows).dequantize() - x).pow(2).mean()
+    assert err_rows < 0.6 * err_shared, (err_rows, err_shared)
+
+
+def test_channel_lut_errors():
+    with pytest.raises(KVPassError, match="channel_lut gives each calibrated channel"):
+        parse_spec("nuq2:per_token:channel_lut")
+    with pytest.raises(KVPassError, match="channel_lut gives each calibrated channel"):
+        parse_spec("int4:per_channel:static:channel_lut")
+    x = keys_with_outlier_channels()
+    lo, hi = x.amin(dim=2, keepdim=True), x.amax(dim=2, keepdim=True)
+    with pytest.raises(KVPassError, match=r"LUT of shape \(1, 2, 1, 32, 4\)"):
+        quantize(x, "nuq2:per_channel:static:channel_lut", lo=lo, hi=hi, lut=torch.linspace(-1, 1, 4))

@@ -4,6 +4,9 @@ normalised to [-1, 1] by its own min/max (``x = offset + half_range * lut[code]`
 The LUT comes from calibration: :func:`fit_lut` runs 1-D k-means over normalised activations, weighted by
 the diagonal Fisher information when gradients are available (KVQuant's sensitivity-weighted datatype:
 minimise ``sum_i F_i (A_i - Q(A_i))**2``). Without calibration the NormalFloat grid is used.
+With ``channel_lut`` (calibrated per-channel keys) every head and channel has its own centroids, fitted the same
+way on that channel's values alone: a 2-bit key channel whose values sit in two clusters is served far better by
+its own four centroids than by one LUT shared by every channel of the layer.
 Q-Norm (``:qnorm``) stores an affine correction ``(a, b)`` applied to the decoded centroids so that the
 dequantized values keep the mean and standard deviation of the normalised values they came from: fitted on
 calibration data and passed as ``qnorm=``, or fitted on the tensor being quantized.
@@ -101,15 +104,81 @@ def fit_lut(
     return centers.float()
 
 
-def qnorm_affine(lut: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def fit_lut_rows(samples: torch.Tensor, bits: int, weights: torch.Tensor, *, iters: int = 50) -> torch.Tensor:
+    """:func:`fit_lut` for every row of ``samples`` ``[C, N]`` at once (one LUT per head and channel): weighted
+    1-D k-means from weighted quantiles, rows coded together with :func:`nearest_per_channel`'s shifted
+    boundaries. A weight of 0 leaves a sample out (outliers). Returns sorted float32 ``[C, 2**bits]``."""
+    if samples.shape != weights.shape or samples.ndim != 2:
+        raise InputError(f"fit_lut_rows takes samples and weights of one shape [rows, n], got "
+                         f"{tuple(samples.shape)} and {tuple(weights.shape)}")
+    x, w = samples.detach().double(), weights.detach().double().clamp_min(0)
+    if not (torch.isfinite(x).all() and torch.isfinite(w).all()):
+        raise InputError("calibration samples or weights contain NaN/inf; clean the calibration data first")
+    k = 1 << bits
+    xs, order = x.sort(dim=1)
+    ws = w.gather(1, order) + 1e-12
+    cdf = ws.cumsum(1) / ws.sum(1, keepdim=True)
+    q = ((torch.arange(k, dtype=torch.float64) + 0.5) / k).expand(len(x), k).contiguous()
+    centers = xs.gather(1, torch.searchsorted(cdf, q).clamp_max(x.shape[1] - 1))
+    as_lut = (1, 1, 1, len(x), k)  # the rows as channels of one head
+    for _ in range(iters):
+        idx = nearest_per_channel(xs.T.reshape(1, 1, -1, len(x)), centers.reshape(as_lut))[0, 0].T
+        mass = torch.zeros_like(centers).scatter_add_(1, idx, ws)
+        total = torch.zeros_like(centers).scatter_add_(1, idx, ws * xs)
+        new = torch.where(mass > 0, total / mass.clamp_min(1e-300), centers).sort(dim=1).values
+        done = torch.allclose(new, centers, atol=1e-9)
+        centers = new
+        if done:
+            break
+    return centers.float()
+
+
+def channel_offsets(lut: torch.Tensor) -> torch.Tensor:
+    """Index of every (head, channel) LUT row of a ``[1, H, 1, D, K]`` table, shaped ``[1, H, 1, D]``."""
+    return torch.arange(lut.shape[1] * lut.shape[3], device=lut.device).reshape(1, lut.shape[1], 1, lut.shape[3])
+
+
+def nearest_per_channel(xn: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """:func:`nearest` with one sorted LUT per head and channel (``lut`` ``[1, H, 1, D, K]``, ``xn`` in [-1, 1]
+    with channels last): every channel's boundaries are shifted by 4 times its index, so one bucketize over the
+    concatenated (still sorted) boundaries codes all channels at once. float64 keeps the shifted values exact
+    enough for 8-bit centroids."""
+    c = channel_offsets(lut).double()
+    lut = lut.double()
+    mids = (lut[..., 1:] + lut[..., :-1]) / 2 + 4 * c.unsqueeze(-1)
+    k = lut.shape[-1]
+    codes = torch.bucketize((xn.double() + 4 * c).contiguous(), mids.reshape(-1).contiguous())
+    return codes - c.long() * (k - 1)
+
+
+def lookup_per_channel(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``lut[head, channel, code]`` for every code (``codes`` ``[B, H, T, D]``)."""
+    return lut.reshape(-1)[codes + channel_offsets(lut) * lut.shape[-1]]
+
+
+def qnorm_affine(lut: torch.Tensor, values: torch.Tensor, quantized: torch.Tensor | None = None) -> torch.Tensor:
     """Q-Norm: ``(a, b)`` such that decoding ``a * lut[code] + b`` gives quantized ``values`` the mean and
     standard deviation of ``values`` themselves. Codes are still chosen against ``lut``: correcting the LUT
-    itself would move the decision boundaries and undo the correction."""
+    itself would move the decision boundaries and undo the correction. ``quantized`` (the decoded values, same
+    shape as ``values``) is required for per-channel LUTs, where a flat ``lut[nearest]`` does not apply."""
     v = values.reshape(-1).double()
-    q = lut.double()[nearest(v, lut.double())]
+    q = lut.double()[nearest(v, lut.double())] if quantized is None else quantized.reshape(-1).double()
     q_std = q.std()
     a = v.std() / q_std if q_std > 0 else torch.ones((), dtype=torch.float64)
     return torch.stack([a, v.mean() - a * q.mean()]).float()
+
+
+def check_lut(lut: torch.Tensor, spec, x: torch.Tensor) -> None:
+    k = 1 << spec.bits
+    if spec.channel_lut:
+        if x.ndim < 3:
+            raise InputError(f"channel_lut codes [..., heads, tokens, channels] tensors, got shape {tuple(x.shape)}")
+        want = (1, x.shape[-3], 1, x.shape[-1], k)
+        if tuple(lut.shape) != want:
+            raise InputError(f"a nuq{spec.bits} channel_lut needs a LUT of shape {want} (one row of {k} centroids per "
+                             f"head and channel), got {tuple(lut.shape)}")
+    elif lut.numel() != k:
+        raise InputError(f"a nuq{spec.bits} LUT needs {k} centroids, got {lut.numel()}")
 
 
 @register_format
@@ -155,15 +224,21 @@ class NUQFormat(Format):
         center, half = (hi16.float() + lo16.float()) / 2, (hi16.float() - lo16.float()) / 2
         xn = ((x.float() - center) / torch.where(half > 0, half, torch.ones_like(half))).clamp(-1, 1)
         lut = params.get("lut")
-        lut = normal_float_grid(spec.bits).to(x.device) if lut is None else lut
-        if lut.numel() != 1 << spec.bits:
-            raise InputError(f"a nuq{spec.bits} LUT needs {1 << spec.bits} centroids, got {lut.numel()}")
-        lut = lut.to(LUT_DTYPE).float().sort().values
-        out = {"codes": packing.pack(nearest(xn, lut), spec.bits), "lo": lo16, "hi": hi16, "lut": lut.to(LUT_DTYPE)}
+        if lut is None:
+            lut = normal_float_grid(spec.bits).to(x.device)
+            if spec.channel_lut and x.ndim >= 3:
+                lut = lut.expand(1, x.shape[-3], 1, x.shape[-1], -1)
+        check_lut(lut, spec, x)
+        lut = lut.to(LUT_DTYPE).float().sort(dim=-1).values
+        codes = nearest_per_channel(xn, lut) if spec.channel_lut else nearest(xn, lut)
+        out = {"codes": packing.pack(codes, spec.bits), "lo": lo16, "hi": hi16, "lut": lut.to(LUT_DTYPE)}
         if spec.qnorm:
             affine = params.get("qnorm")
-            out["qnorm"] = (qnorm_affine(lut, xn if exclude is None else xn[~exclude]) if affine is None
-                            else affine).float().reshape(2)
+            if affine is None:
+                keep = slice(None) if exclude is None else ~exclude
+                q = lookup_per_channel(codes, lut)[keep] if spec.channel_lut else None
+                affine = qnorm_affine(lut, xn[keep], q)
+            out["qnorm"] = affine.float().reshape(2)
         return out
 
     def decoded_lut(self, tensors, spec) -> torch.Tensor:
@@ -175,7 +250,8 @@ class NUQFormat(Format):
         lut = self.decoded_lut(tensors, spec)
         if spec.static:
             lo, hi = tensors["lo"].float(), tensors["hi"].float()
-            return lut[codes] * (hi - lo) / 2 + (hi + lo) / 2
+            vals = lookup_per_channel(codes, lut) if spec.channel_lut else lut[codes]
+            return vals * (hi - lo) / 2 + (hi + lo) / 2
         half, offset = tensors["scale"].float(), tensors["zero"].float()
         ng = half.shape[-1]
         vals = lut[codes].reshape(*codes.shape[:-1], ng, n // ng)
@@ -184,6 +260,9 @@ class NUQFormat(Format):
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
         lut = (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
+        if spec.channel_lut:
+            lut += ((shape[-3] if len(shape) >= 3 else 1) * n - 1) * (1 << spec.bits) * torch.tensor(
+                [], dtype=LUT_DTYPE).element_size()
         if spec.static:
             return math.prod(lead) * packing.packed_len(n, spec.bits) + lut + static_nbytes(shape, spec)
         ng = group_count(n, spec, "reduced")

@@ -5,6 +5,7 @@ Grammar (case-insensitive)::
     spec     := base (":" option)* ("+" extra)*
     base     := "int"B | "nuq"B | "fp8_e4m3" | "fp8_e5m2" | "fp16" | "bf16" | "fp32" | "none"
     option   := "per_token" | "per_channel" | "per_head" | "per_tensor" | "g"N | "qnorm" | "scale_fp32" | "static"
+              | "channel_lut"
     extra    := "outliers"F"%"
 
 Examples: ``"int4:per_channel:g32"``, ``"nuq3:per_token"``, ``"fp8_e4m3"``,
@@ -17,6 +18,8 @@ axis into groups of that many elements, each with its own scale. Scales and zero
 unless ``scale_fp32`` asks for fp32 (needed for inputs beyond fp16's range, about 65504).
 ``static`` (per_channel only) takes each channel's range from calibration (``lo=``/``hi=`` tensors) instead of
 computing it, so every token is coded on its own with no per-token metadata (KVQuant's keys).
+``channel_lut`` (nuq static only) gives every head and channel its own centroids instead of one LUT per layer:
+``lut=`` is then ``[1, heads, 1, channels, 2**B]``.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class QuantSpec:
     outlier_frac: float = 0.0
     qnorm: bool = False
     static: bool = False
+    channel_lut: bool = False
     fp8_variant: str | None = None
     float_dtype: str | None = None  # "fp16" / "bf16" / "fp32" for kind="float"; None keeps the input dtype
     scale_dtype: torch.dtype = torch.float16
@@ -87,6 +91,9 @@ class QuantSpec:
         if self.static and (self.granularity != "per_channel" or self.group is not None or self.kind not in ("int", "nuq")):
             raise SpecError("'static' takes calibrated per-channel ranges: use it as intB/nuqB:per_channel:static, "
                             "without a group size")
+        if self.channel_lut and not (self.kind == "nuq" and self.static):
+            raise SpecError("channel_lut gives each calibrated channel its own nuq centroids; use it as "
+                            "nuqB:per_channel:static:channel_lut")
         if self.qnorm and self.kind != "nuq":
             raise SpecError("qnorm rescales nuq centroids; use it with a nuqB base, e.g. 'nuq2:per_token:qnorm'")
 
@@ -113,6 +120,8 @@ class QuantSpec:
             parts.append(f"g{self.group}")
         if self.static:
             parts.append("static")
+        if self.channel_lut:
+            parts.append("channel_lut")
         if self.qnorm:
             parts.append("qnorm")
         if self.scale_dtype == torch.float32:
@@ -155,6 +164,8 @@ def parse_spec(spec: "str | QuantSpec") -> QuantSpec:
             fields["qnorm"] = True
         elif opt == "static":
             fields["static"] = True
+        elif opt == "channel_lut":
+            fields["channel_lut"] = True
         elif opt == "scale_fp32":
             fields["scale_dtype"] = torch.float32
         else:

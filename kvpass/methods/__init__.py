@@ -157,10 +157,10 @@ for _bits in (4, 3, 2):
     for _out in ("", "+outliers1%"):
         register_method(MethodConfig(
             f"kvquant-{_bits}bit" + ("-1%" if _out else ""),
-            f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges, nuq{_bits} values per token, "
-            "Fisher-weighted LUTs, first token at model precision" + (", 1% dense-and-sparse outliers" if _out else "")
+            f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges and a LUT per channel, "
+            f"nuq{_bits} values per token, Fisher-weighted LUTs, first token at model precision" + (", 1% dense-and-sparse outliers" if _out else "")
             + (", Q-Norm" if _qn else "") + " (needs calibration)",
-            f"nuq{_bits}:per_channel:static{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
+            f"nuq{_bits}:per_channel:static:channel_lut{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
             pre_rope_keys=True))
 register_method(MethodConfig(
     "mikv", "MiKV: every token in int3 (per token, groups of 32), 20% of the tokens overlaid in fp16 (half heavy "
