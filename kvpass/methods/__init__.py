@@ -158,7 +158,8 @@ for _bits in (4, 3, 2):
         register_method(MethodConfig(
             f"kvquant-{_bits}bit" + ("-1%" if _out else ""),
             f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges and a LUT per channel, "
-            f"nuq{_bits} values per token, Fisher-weighted LUTs, first token at model precision" + (", 1% dense-and-sparse outliers" if _out else "")
+            f"nuq{_bits} values per token, Fisher-weighted LUTs, first token at model precision"
+            + (", 1% dense-and-sparse outliers" if _out else "")
             + (", Q-Norm" if _qn else "") + " (needs calibration)",
             f"nuq{_bits}:per_channel:static:channel_lut{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
             pre_rope_keys=True))
