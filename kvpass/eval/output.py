@@ -12,11 +12,6 @@ def _f(x, fmt: str, none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
 
-def pct(change: float | None) -> str | None:
-    """A relative change as a percentage string; None (a failed method) stays None and prints as "-"."""
-    return None if change is None else f"{100 * change:+.2f}%"
-
-
 def table(result: dict) -> Table:
     t = Table(title=f"kvpass eval: {result['model']}, perplexity over {result['tokens_scored']} tokens "
                     f"at context {result['context']}")
@@ -28,7 +23,7 @@ def table(result: dict) -> Table:
         bits = _f(r["bits_per_element"], ".2f") + ("" if r["bits_measured"] else "*")
         t.add_row(
             r["method"] + (" (failed)" if r.get("error") else ""), bits, _f(r["cache_bytes"] and r["cache_bytes"] / 2**20, ".1f"), _f(r["perplexity"], ".3f"),
-            pct(r["perplexity_rel_change"]) or "-",
+            _f(r["perplexity_rel_change"], "+.2%"),
             _f(r["passkey_synthetic"], ".0%"), _f(r["passkey_text"], ".0%"), _f(r["prefill_tokens_per_s"], ".0f"),
             _f(r["decode_tokens_per_s"], ".1f"), _f(r["peak_memory_bytes"] and r["peak_memory_bytes"] / 2**20, ".0f"),
             _f(r["max_context_in_budget"], ","),
@@ -118,7 +113,7 @@ def markdown(result: dict, command: str) -> str:
         bits = _f(r["bits_per_element"], ".2f") + ("" if r["bits_measured"] else " (nominal)")
         lines.append(
             f"| {r['method']} | {bits} | {_f(r['cache_bytes'] and r['cache_bytes'] / 2**20, '.1f')} | "
-            f"{_f(r['perplexity'], '.3f')} | {pct(r['perplexity_rel_change']) or '-'} | "
+            f"{_f(r['perplexity'], '.3f')} | {_f(r['perplexity_rel_change'], '+.2%')} | "
             f"{_f(r['passkey_synthetic'], '.0%')} | {_f(r['passkey_text'], '.0%')} | "
             f"{_f(r['prefill_tokens_per_s'], '.0f')} | {_f(r['decode_tokens_per_s'], '.1f')} | "
             f"{_f(r['max_context_in_budget'], ',')} |"

@@ -259,10 +259,8 @@ class NUQFormat(Format):
 
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
-        lut = (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
-        if spec.channel_lut:
-            lut += ((shape[-3] if len(shape) >= 3 else 1) * n - 1) * (1 << spec.bits) * torch.tensor(
-                [], dtype=LUT_DTYPE).element_size()
+        rows = (shape[-3] if len(shape) >= 3 else 1) * n if spec.channel_lut else 1  # one LUT per head and channel
+        lut = rows * (1 << spec.bits) * torch.tensor([], dtype=LUT_DTYPE).element_size() + (8 if spec.qnorm else 0)
         if spec.static:
             return math.prod(lead) * packing.packed_len(n, spec.bits) + lut + static_nbytes(shape, spec)
         ng = group_count(n, spec, "reduced")
