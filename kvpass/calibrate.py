@@ -222,7 +222,7 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
             _, picked = outliers.split(x, spec.outlier_frac, score)
             keep = ~picked
         if spec.channel_lut:
-            return out | channel_luts(spec, xn, w * keep, seed)
+            return out | channel_luts(spec, xn, w, keep, seed)
     else:
         exclude = None
         if spec.outlier_frac:
@@ -240,21 +240,22 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
     return out
 
 
-def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """One LUT per head and channel from normalised values ``[H, M, D]`` (weight 0: an outlier), as
-    ``[1, H, 1, D, 2**B]``, with the layer's Q-Norm fitted over every channel's decoded values."""
+def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """One LUT per head and channel from normalised values ``[H, M, D]``, their Fisher weights and the mask of
+    non-outliers, as ``[1, H, 1, D, 2**B]``, with the layer's Q-Norm fitted over every channel's decoded values."""
     h, m, d = xn.shape
     if m > MAX_FIT_SAMPLES // 4:  # the same tokens for every channel keeps the rows rectangular
         cols = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[:MAX_FIT_SAMPLES // 4]
-        xn, w = xn[:, cols], w[:, cols]
-    rows = fit_lut_rows(xn.permute(0, 2, 1).reshape(h * d, -1), spec.bits, w.permute(0, 2, 1).reshape(h * d, -1))
-    lut = rows.reshape(1, h, 1, d, -1).half()
+        xn, w, keep = xn[:, cols], w[:, cols], keep[:, cols]
+    weights = (w * keep).permute(0, 2, 1).reshape(h * d, -1)  # weight 0 leaves an outlier out
+    lut = fit_lut_rows(xn.permute(0, 2, 1).reshape(h * d, -1), spec.bits, weights).reshape(1, h, 1, d, -1).half()
     out = {"lut": lut}
     if spec.qnorm:
         rows_in = xn.unsqueeze(0)  # [1, H, M, D]: tokens as rows
         q = lookup_per_channel(nearest_per_channel(rows_in, lut.float()), lut.float())
-        keep = (w > 0).unsqueeze(0)
-        out["qnorm"] = qnorm_affine(lut.float(), rows_in[keep], q[keep])
+        # the outlier mask, not the weights: a token with zero Fisher information (the last one of each sample,
+        # whose logits are not scored) is still a value Q-Norm must match
+        out["qnorm"] = qnorm_affine(lut.float(), rows_in[keep[None]], q[keep[None]])
     return out
 
 
