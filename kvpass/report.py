@@ -33,7 +33,7 @@ class CacheReport:
     method: str
     layers: list[LayerReport]
     dense_dtype: str
-    shared: dict[str, int] = None  # buffers used by every layer (cos/sin tables of keys stored before RoPE)
+    shared: dict[str, int] = None  # buffers used by every layer (positions or cos/sin of keys stored before RoPE)
 
     @property
     def nbytes(self) -> int:
@@ -76,7 +76,7 @@ class CacheReport:
             t.add_row(name, first.key_spec, first.value_spec, f"{first.nbytes:,}{each}", f"{first.dense_nbytes:,}{each}",
                       f"{first.bits_per_element:.3f}", note)
         if self.shared:
-            t.add_row("shared", "RoPE cos/sin of cached keys", "", f"{sum(self.shared.values()):,}", "", "", "")
+            t.add_row("shared", "RoPE positions (or cos/sin) of cached keys", "", f"{sum(self.shared.values()):,}", "", "", "")
         t.add_row("total", "", "", f"{self.nbytes:,}", f"{self.dense_nbytes:,}", f"{self.bits_per_element:.3f}",
                   f"{self.compression:.2f}x smaller")
         return t

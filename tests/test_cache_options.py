@@ -89,7 +89,9 @@ def test_pre_rope_keys_without_quantization_are_exact(arch):
     qm = kvpass.compile(model, PRE_ROPE_EXACT, max_cache_len=48, batch_size=2)
     assert all(s.rope is not None for s in qm.sites)
     names = [n for n, _ in qm.graph_module.named_buffers()]
-    assert sum(n.startswith("kvpass_rope_") for n in names) == 2  # one cos/sin table shared by every layer
+    # cos/sin are recomputed from one int32 position id per cached slot, shared by every layer
+    assert [n for n in names if n.startswith("kvpass_rope_")] == ["kvpass_rope_positions_0"]
+    assert qm.cache_report().shared == {"kvpass_rope_positions_0": 2 * 48 * 4}
     logits = qm(ids, attention_mask=mask)
     torch.testing.assert_close(logits[mask.bool()], ref_prefill[mask.bool()], rtol=1e-5, atol=1e-5)
     assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]), seq)
@@ -103,6 +105,40 @@ def test_pre_rope_on_the_plain_decoder_with_interleaved_rope():
         expected = PlainDecoder()(toks, torch.arange(12))
     qm = kvpass.compile(PlainDecoder(), PRE_ROPE_EXACT, example_inputs=(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)))
     torch.testing.assert_close(qm(toks, torch.arange(12)), expected, rtol=1e-5, atol=1e-5)
+
+
+def _cos_sin_of_the_sequence():
+    from plain_decoder import PlainDecoder
+
+    class SequenceScaled(PlainDecoder):
+        """Angles scaled by the call's own last position: a row depends on the other positions of the call."""
+
+        def forward(self, tokens, positions):
+            angles = positions[:, None].float() * self.inv_freq[None, :] * (8.0 / (positions.max() + 8.0))
+            cos = angles.cos().repeat_interleave(2, dim=-1)
+            sin = angles.sin().repeat_interleave(2, dim=-1)
+            mask = torch.arange(self.max_len)[None, :] <= positions[:, None]
+            x = self.embed(tokens)
+            for block in self.blocks:
+                x = block(x, positions, cos, sin, mask)
+            return self.head(x)
+
+    return SequenceScaled, lambda tokens, positions: (tokens, positions)
+
+
+def test_pre_rope_caches_cos_sin_rows_where_a_row_depends_on_other_positions():
+    cls, inputs = _cos_sin_of_the_sequence()
+    toks = torch.randint(0, 80, (1, 12), generator=torch.Generator().manual_seed(0))
+    steps = [(toks[:, :8], torch.arange(8)), (toks[:, 8:10], torch.arange(8, 10)), (toks[:, 10:], torch.arange(10, 12))]
+    ref = cls()
+    with torch.no_grad():
+        expected = [ref(*inputs(t, p)) for t, p in steps]
+    qm = kvpass.compile(cls(), PRE_ROPE_EXACT, example_inputs=inputs(torch.zeros(1, 2, dtype=torch.long),
+                                                                    torch.arange(2)))
+    names = [n for n, _ in qm.graph_module.named_buffers() if n.startswith("kvpass_rope_")]
+    assert names == ["kvpass_rope_0_cos", "kvpass_rope_0_sin"]
+    for (t, p), e in zip(steps, expected):
+        torch.testing.assert_close(qm(*inputs(t, p)), e, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2"])

@@ -14,7 +14,8 @@ from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout, cache_names, static_names
 from kvpass.layout import KVLayout
 from kvpass.methods import OverlayConfig
-from kvpass.passes.locate import AttentionSite, CacheAccess, Rope
+from kvpass.passes.locate import AttentionSite, CacheAccess
+from kvpass.passes.rope import RopeTables
 
 aten = torch.ops.aten
 ATTENTION_MODES = ("fused", "load")
@@ -56,57 +57,15 @@ def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static
         )
 
 
-def base_of(node: Node) -> Node:
-    """The tensor a cos/sin operand was broadcast from (every layer unsqueezes the same table)."""
-    while node.op == "call_function" and node.target in (aten.unsqueeze.default, aten.expand.default,
-                                                          aten.view.default, aten.reshape.default):
-        node = node.args[0]
-    return node
-
-
-class RopeTables:
-    """One cached cos/sin table ``[B, 1, max_len, rotary_dim]`` per distinct rotary embedding in the graph,
-    written at the cached positions so that keys stored before RoPE can be rotated when read. Stored in the
-    key cache's dtype when keys are not quantized (exact), else in fp16; counted in ``cache_report``."""
-
-    def __init__(self, gm: GraphModule, device) -> None:
-        self.gm, self.device, self.tables = gm, device, {}
-
-    def get(self, site: AttentionSite, layout: CacheLayout) -> tuple[str, str]:
-        rope: Rope = site.rope
-        key = (base_of(rope.cos), base_of(rope.sin))
-        if key not in self.tables:
-            index = len(self.tables)
-            dtype = site.dtype if layout.format.kind == "float" else torch.float16
-            names = []
-            g = self.gm.graph
-            for which, node in (("cos", rope.cos), ("sin", rope.sin)):
-                name = f"kvpass_rope_{index}_{which}"
-                val = node.meta["val"]
-                with g.inserting_before(site.key.write):
-                    # cos/sin broadcast against [B, H, T, D]: bring [T, r] / [B, T, r] to [B or 1, 1, T, r] rows
-                    if val.ndim == 2:
-                        node = g.call_function(aten.unsqueeze.default, (node, 0))
-                    if val.ndim in (2, 3):
-                        node = g.call_function(aten.unsqueeze.default, (node, 1))
-                    batch = val.shape[0] if val.ndim >= 3 else 1
-                    shape = (int(batch), 1, site.max_len, rope.rotary_dim)
-                    self.gm.register_buffer(name, torch.zeros(shape, dtype=dtype, device=self.device))
-                    g.call_function(torch.ops.kvpass.kv_store_.default, ([g.get_attr(name)], [], node,
-                                                                         site.key.positions, "none"))
-                names.append(name)
-            self.tables[key] = tuple(names)
-        return self.tables[key]
-
-
-def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[str, str] | None) -> tuple:
+def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[Node | str, Node | str] | None) -> tuple:
     if tables is None:
         return None, None, "", 0
-    return gm.graph.get_attr(tables[0]), gm.graph.get_attr(tables[1]), site.rope.variant, site.rope.rotary_dim
+    cos, sin = (t if isinstance(t, Node) else gm.graph.get_attr(t) for t in tables)
+    return cos, sin, site.rope.variant, site.rope.rotary_dim
 
 
 def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
-                   tables: tuple[str, str] | None) -> Node:
+                   tables: tuple[Node | str, Node | str] | None) -> Node:
     g = gm.graph
     kspec, vspec = str(layout.key.spec), str(layout.value.spec)
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
