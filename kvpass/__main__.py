@@ -65,11 +65,12 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
     if args.no_peers:
         cfg.peers = []
     console = Console(width=None if sys.stdout.isatty() else 170)
-    result = run(cfg, console)
+    # the JSON is rewritten after every method: a long run that is killed keeps what it measured
+    save = (lambda partial: output.write_json(partial, args.json)) if args.json else None
+    result = run(cfg, console, on_method=save)
     console.print(output.table(result))
     console.print(output.FOOTNOTE, style="dim")
     if args.json:
-        output.write_json(result, args.json)
         console.print(f"wrote {args.json}")
     if args.plots:
         for path in output.write_plots(result, args.plots):

@@ -149,6 +149,15 @@ def test_a_failing_method_is_reported_and_the_run_goes_on(tiny_model_dir, tmp_pa
         return real(name, *args)
 
     monkeypatch.setattr(runner, "run_kvpass", broken)
+    from kvpass.eval import output
+
+    written, write_json = [], output.write_json
+
+    def spy(result, path):
+        written.append(([r["method"] for r in result["records"]], result["complete"]))
+        write_json(result, path)
+
+    monkeypatch.setattr(output, "write_json", spy)
     out, md = tmp_path / "result.json", tmp_path / "RESULTS.md"
     code = main(["eval", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "text.txt"),
                  "--methods", "fp16,int2,int4", "--no-peers", "--context", "64", "--windows", "1",
@@ -158,6 +167,8 @@ def test_a_failing_method_is_reported_and_the_run_goes_on(tiny_model_dir, tmp_pa
     assert records["int2"]["error"] == "RuntimeError: planted failure" and records["int2"]["perplexity"] is None
     assert records["int4"]["perplexity"] is not None and records["int4"]["error"] is None
     assert "`int2`: RuntimeError: planted failure" in md.read_text()
+    # the JSON is rewritten after every method, failed ones included, so a killed run keeps what it measured
+    assert written == [(["fp16"], False), (["fp16", "int2"], False), (["fp16", "int2", "int4"], True)]
 
 
 @pytest.mark.parametrize("name", ["hf-hqq-int4", "hf-hqq-int2"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -167,8 +168,11 @@ def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
     return rec
 
 
-def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | None = None) -> dict:
-    """Run every method of ``cfg``; returns the JSON-ready result (records plus machine, versions and date)."""
+def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | None = None,
+        on_method: Callable[[dict], None] | None = None) -> dict:
+    """Run every method of ``cfg``; returns the JSON-ready result (records plus machine, versions and date).
+    ``on_method`` gets the result so far (``"complete": False``) after each method, so that a long run killed
+    half-way keeps what it measured."""
     console = console or Console()
     names = list(dict.fromkeys(cfg.methods))
     if REFERENCE not in names:
@@ -210,15 +214,23 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
             kind = "peer" if name in PEERS else "kvpass"
             records.append(Record(name, kind, "failed", error=f"{type(err).__name__}: {err}"))
             console.print(f"[bold red]{name} failed[/]: {type(err).__name__}: {err}")
-    ref = next(r for r in records if r.method == REFERENCE)
+        if on_method is not None:
+            on_method(result(loaded.name, cfg, wins, records, complete=len(records) == len(names)))
+    return result(loaded.name, cfg, wins, records, complete=True)
+
+
+def result(model_name: str, cfg: EvalConfig, wins: list, records: list[Record], complete: bool) -> dict:
+    """The JSON-ready result of ``records``, with each perplexity's change against the reference."""
+    ref = next((r for r in records if r.method == REFERENCE), None)
     for r in records:
-        if r.perplexity is not None:
+        if r.perplexity is not None and ref is not None:
             r.perplexity_rel_change = r.perplexity / ref.perplexity - 1.0
     return {
-        "model": loaded.name,
+        "model": model_name,
         "context": cfg.context,
         "windows": len(wins),
         "tokens_scored": sum(len(w) - 1 for w in wins),
+        "complete": complete,
         "config": asdict(cfg),
         "records": [asdict(r) for r in records],
         **environment(),
