@@ -211,6 +211,8 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
         hi = torch.quantile(x, 1 - f / 2, dim=1) if f else x.amax(1)
         out["lo"] = lo[None, :, None, :].to(spec.scale_dtype)
         out["hi"] = hi[None, :, None, :].to(spec.scale_dtype)
+        if f:
+            out["sens"] = sensitivity(w)
     if spec.kind != "nuq":
         return out
     if spec.static:
@@ -238,6 +240,13 @@ def fit_statics(cs: CacheSpec, act: torch.Tensor, fisher: torch.Tensor, seed: in
     if spec.qnorm:
         out["qnorm"] = qnorm_affine(lut.half().float(), samples)
     return out
+
+
+def sensitivity(w: torch.Tensor) -> torch.Tensor:
+    """Mean Fisher information of each head and channel (``w`` ``[H, M, D]``) over the layer's mean, as fp16
+    ``[1, H, 1, D]``: the weight of each channel's coding error when a vector picks its outliers."""
+    mean = w.mean(1)
+    return (mean / mean.mean().clamp_min(1e-30)).clamp(1e-4, 1e4)[None, :, None, :].half()
 
 
 def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:

@@ -98,6 +98,8 @@ def static_names(cs: CacheSpec) -> list[str]:
     """Names of the tensors shared by every token (never written by ``kv_store_``)."""
     spec = cs.format
     names = ["lo", "hi"] if spec.static else []
+    if spec.static and spec.outlier_frac:
+        names += ["sens"]
     if spec.kind == "nuq":
         names += ["lut", "qnorm"] if spec.qnorm else ["lut"]
     if spec.kind == "fp8" and spec.granularity != "per_token":
@@ -140,6 +142,8 @@ class CacheLayout:
         if spec.static:
             shape = (1, self.heads, 1, self.head_dim)
             out["lo"], out["hi"] = -torch.ones(shape, dtype=spec.scale_dtype), torch.ones(shape, dtype=spec.scale_dtype)
+            if spec.outlier_frac:
+                out["sens"] = torch.ones(shape, dtype=torch.float16)
         if spec.kind == "nuq":
             out["lut"] = normal_float_grid(spec.bits).to(torch.float16)
             if spec.channel_lut:

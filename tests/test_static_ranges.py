@@ -55,6 +55,43 @@ def test_static_with_outliers_and_fitted_lut():
     assert q.nbytes == expected_nbytes(x.shape, "nuq3:per_channel:static+outliers5%", x.dtype)
 
 
+@pytest.mark.parametrize("spec", ["int3:per_channel:static+outliers5%", "nuq2:per_channel:static:channel_lut+outliers4%"])
+def test_static_outliers_are_the_costliest_codes_weighted_by_sensitivity(spec):
+    x = keys_with_outlier_channels(6)
+    lo, hi = x.quantile(0.1, dim=2, keepdim=True), x.quantile(0.9, dim=2, keepdim=True)
+    sens = torch.rand(1, 2, 1, 32, generator=torch.Generator().manual_seed(1)) * 4
+    sens[..., 5] = 1000.0  # a channel the loss is very sensitive to: its coding error is always worth keeping
+    q = quantize(x, spec, lo=lo, hi=hi, sens=sens.half())
+    dense = quantize(x, spec.split("+")[0], lo=lo, hi=hi)  # the same codes without outliers
+    cost = (x - dense.dequantize()).square() * sens.half().float()
+    k = q.tensors["outlier_index"].shape[-1]
+    want = cost.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(q.tensors["outlier_index"].long(), want)
+    assert torch.equal(q.tensors["codes"], dense.tensors["codes"])
+    # without sensitivities every channel weighs the same: the largest coding errors are kept
+    plain = quantize(x, spec, lo=lo, hi=hi)
+    err = (x - dense.dequantize()).square()
+    assert torch.equal(plain.tensors["outlier_index"].long(), err.topk(k, dim=-1).indices.sort(-1).values)
+    kept5 = [(t.tensors["outlier_index"] == 5).any(-1).float().mean() for t in (q, plain)]
+    assert kept5[0] > kept5[1] + 0.3, kept5
+    assert (q.dequantize() - x).square().mul(sens).mean() < (plain.dequantize() - x).square().mul(sens).mean()
+
+
+def test_calibrated_sensitivity_is_each_channels_mean_fisher_over_the_layer_mean():
+    from kvpass.calibrate import fit_statics
+    from kvpass.kvcache import parse_cache_spec
+
+    g = torch.Generator().manual_seed(0)
+    act = torch.randn(2, 2, 40, 8, generator=g)
+    fisher = torch.rand(2, 2, 40, 8, generator=g) * 1e-9  # Fisher information is tiny: fp16 needs it normalised
+    fisher[:, 1, :, 3] *= 50
+    st = fit_statics(parse_cache_spec("nuq2:per_channel:static:channel_lut+outliers1%|sink=1"), act, fisher, 0)
+    mean = fisher[:, :, 1:].mean(dim=(0, 2))
+    torch.testing.assert_close(st["sens"].float()[0, :, 0], mean / mean.mean(), rtol=2e-3, atol=0)
+    assert st["sens"].dtype == torch.float16 and st["sens"].shape == (1, 2, 1, 8)
+    assert "sens" not in fit_statics(parse_cache_spec("nuq2:per_channel:static"), act, fisher, 0)
+
+
 def test_static_errors():
     with pytest.raises(KVPassError, match="needs calibrated per-channel ranges"):
         quantize(torch.randn(4, 8), "int4:per_channel:static")

@@ -65,7 +65,8 @@ def quantize(
 
     ``params`` pass calibrated state to the format: ``lut=`` (nuq centroids), ``qnorm=`` (its Q-Norm affine),
     ``scale=`` (a static fp8 scale), ``lo=``/``hi=`` (per-channel ranges for ``static`` specs, broadcastable
-    to ``x``; channels last).
+    to ``x``; channels last), ``sens=`` (per-channel weights of the coding error that picks a static spec's
+    outliers).
     ``check=False`` skips the NaN/inf scan (for hot paths whose inputs were checked upstream).
     """
     spec = parse_spec(spec)
@@ -73,17 +74,31 @@ def quantize(
         validate_input(x, spec)
     fmt = get_format(spec)
     xv = to_vector_last(x, spec)
+    params = dict(params)
+    sens = params.pop("sens", None)
+    if spec.outlier_frac and spec.static:
+        return QuantizedTensor(spec, x.shape, x.dtype, quantize_static_outliers(xv, spec, fmt, sens, params))
     exclude = None
     stored: dict[str, torch.Tensor] = {}
     if spec.outlier_frac:
-        score = None
-        if spec.static and "lo" in params and "hi" in params:
-            # with calibrated ranges an outlier is what lies furthest outside its own channel's range
-            lo, hi = params["lo"].float(), params["hi"].float()
-            score = (xv.float() - (hi + lo) / 2).abs() / ((hi - lo) / 2).clamp_min(1e-12)
-        stored, exclude = outliers.split(xv, spec.outlier_frac, score)
+        stored, exclude = outliers.split(xv, spec.outlier_frac)
     stored = {**fmt.quantize(xv, spec, exclude, params), **stored}
     return QuantizedTensor(spec, x.shape, x.dtype, stored)
+
+
+def quantize_static_outliers(xv: torch.Tensor, spec: QuantSpec, fmt, sens: torch.Tensor | None,
+                             params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense-and-sparse against calibrated ranges: every element is coded on its own, so each vector keeps as
+    outliers the elements whose coding costs most, ``sens * (x - Q(x))**2`` with ``sens`` the calibrated mean
+    Fisher information of each head and channel (KVQuant's sensitivity; 1 without calibration). Measured on
+    SmolLM2 2-bit keys this beats keeping the values furthest from their channel's centre (a magnitude rule)."""
+    dense = fmt.quantize(xv, spec, None, params)
+    err = xv.float() - fmt.dequantize(dense, spec, xv.shape[-1]).float()
+    score = err.square() if sens is None else err.square() * sens.float()
+    stored, exclude = outliers.split(xv, spec.outlier_frac, score)
+    if spec.qnorm and "qnorm" not in params:  # an uncalibrated Q-Norm is fitted without the outliers
+        dense = fmt.quantize(xv, spec, exclude, params)
+    return {**dense, **stored}
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:

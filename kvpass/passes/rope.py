@@ -74,7 +74,7 @@ def check_position_function(gm: GraphModule, source: Node, nodes: list[Node], ou
     except Exception:  # noqa: BLE001 - any failure means "not a position-wise function": keep the tables
         return False
     for w, p_ in zip(whole, part):
-        if w.ndim < 2 or w.shape[-2] != max_len or w.shape[:-2] != lead and w.shape[:-2] != (1,) * len(lead):
+        if w.ndim < 2 or w.shape[-2] != max_len or (w.shape[:-2] != lead and w.shape[:-2] != (1,) * len(lead)):
             return False
         if not torch.equal(w[..., :few, :], p_):
             return False
