@@ -75,7 +75,7 @@ class Calibration:
             {"method": self.method, "model_hash": self.model_hash, "meta": self.meta}, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
+    def load(cls, path: str | Path) -> Calibration:
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -271,7 +271,7 @@ def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, se
 def calibrate(
     model,
     texts,
-    method: "str | MethodConfig",
+    method: str | MethodConfig,
     n_samples: int = 16,
     seq_len: int = 2048,
     tokenizer=None,

@@ -29,7 +29,7 @@ class Captured:
     """A captured step that can be rewritten several times (one method each) without exporting again."""
 
     graph_module: torch.fx.GraphModule
-    info: "CaptureInfo"
+    info: CaptureInfo
     config: object = None
     generation_config: object = None
     name: str = "model"
@@ -164,7 +164,7 @@ def capture_module(module: nn.Module, example_inputs: tuple) -> tuple[torch.fx.G
     with torch.no_grad():
         try:
             ep = torch.export.export(module, tuple(example_inputs), dynamic_shapes=dynamic, strict=True)
-        except Exception as err:  # noqa: BLE001 - re-raised with what to do about it
+        except Exception as err:
             raise KVPassError(
                 f"torch.export could not trace {type(module).__name__} with a dynamic token dimension: {err}"
             ) from err

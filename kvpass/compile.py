@@ -67,9 +67,9 @@ def resolve_calibration(calibration, model, config: MethodConfig, tokenizer, cap
     return calibration
 
 
-def compile(  # noqa: A001 - the public name users expect: kvpass.compile
-    model: "nn.Module | Captured",
-    method: "str | MethodConfig" = "int4",
+def compile(
+    model: nn.Module | Captured,
+    method: str | MethodConfig = "int4",
     *,
     max_cache_len: int | None = None,
     batch_size: int = 1,

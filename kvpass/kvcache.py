@@ -44,8 +44,8 @@ class CacheSpec:
         return text
 
 
-@functools.lru_cache(maxsize=None)
-def parse_cache_spec(text: "str | CacheSpec | QuantSpec") -> CacheSpec:
+@functools.cache
+def parse_cache_spec(text: str | CacheSpec | QuantSpec) -> CacheSpec:
     """Parse ``"<format>[|residual=R][|sink=S]"``."""
     if isinstance(text, CacheSpec):
         return text
@@ -123,7 +123,7 @@ class CacheLayout:
     dtype: torch.dtype
 
     @classmethod
-    def build(cls, spec: "str | CacheSpec | QuantSpec", shape: tuple[int, int, int, int], dtype: torch.dtype) -> "CacheLayout":
+    def build(cls, spec: str | CacheSpec | QuantSpec, shape: tuple[int, int, int, int], dtype: torch.dtype) -> CacheLayout:
         return cls(parse_cache_spec(spec), *shape, dtype)
 
     @property
@@ -181,7 +181,7 @@ class CacheLayout:
                 out[name] = ((b, h, self.max_len, t.shape[-1]), t.dtype)
         return out
 
-    def allocate(self, device: "torch.device | str" = "cpu",
+    def allocate(self, device: torch.device | str = "cpu",
                  static: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zeroed per-token buffers and the static tensors (``static`` overrides the defaults), in op order."""
         cache = [torch.zeros(s, dtype=d, device=device) for s, d in self.buffer_specs().values()]

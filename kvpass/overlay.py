@@ -152,4 +152,4 @@ def _(scale, q, k, positions) -> None:
     return None
 
 
-__all__ = ["kv_balance_", "attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]
+__all__ = ["attention_mass", "kv_balance_", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]

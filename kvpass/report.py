@@ -92,7 +92,7 @@ def _row_key(layer: LayerReport) -> tuple:
     return layer.key_spec, layer.value_spec, layer.nbytes, layer.dense_nbytes, layer.sliding_window
 
 
-def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, "object"], dense_dtype: str) -> CacheReport:
+def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, object], dense_dtype: str) -> CacheReport:
     """Bytes per layer from the real buffers named ``kvpass_cache_{layer}_...``."""
     layers = []
     for layout in layouts:

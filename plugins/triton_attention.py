@@ -132,12 +132,12 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, n_splits, stride_ob, stride_oh, 
     rows = tl.arange(0, BLOCK_M)
     dv = tl.arange(0, DV)
     top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s in range(0, n_splits):
+    for s in range(n_splits):
         top = tl.maximum(top, tl.load(m_ptr + (bh * n_splits + s) * BLOCK_M + rows))
     top = tl.where(top == float("-inf"), 0.0, top)
     acc = tl.zeros((BLOCK_M, DV), tl.float32)
     total = tl.zeros((BLOCK_M,), tl.float32)
-    for s in range(0, n_splits):
+    for s in range(n_splits):
         part = (bh * n_splits + s) * BLOCK_M
         w = tl.exp(tl.load(m_ptr + part + rows) - top)
         total += tl.load(l_ptr + part + rows) * w

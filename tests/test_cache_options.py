@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from test_graph_pass import prompt, reference
+from tiny_models import build
 
 import kvpass
 from kvpass import ops
 from kvpass.formats import quantize
 from kvpass.kvcache import CacheLayout, parse_cache_spec
 from kvpass.methods import MethodConfig
-from test_graph_pass import prompt, reference
-from tiny_models import build
 
 B, H, S, D, R = 2, 2, 40, 16, 8
 NO_ROPE = (None, None, "", 0)
@@ -28,7 +28,7 @@ def fill(spec, chunks, seed=0):
 
 
 def test_residual_keeps_recent_tokens_exact_and_codes_complete_blocks_per_channel():
-    layout, cache, static, x = fill(KIVI_K, [21])
+    _, cache, static, x = fill(KIVI_K, [21])
     dense = ops.kv_load(cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE)
     done = 21 // R * R
     expected = quantize(x[:, :, :done].reshape(B, H, done // R, R, D), "int2:per_channel:g4").dequantize()
@@ -38,9 +38,9 @@ def test_residual_keeps_recent_tokens_exact_and_codes_complete_blocks_per_channe
 
 
 def test_residual_cache_does_not_depend_on_chunking():
-    _, a, sa, _ = fill(KIVI_K, [21])
-    _, b, sb, _ = fill(KIVI_K, [1] * 21)
-    _, c, sc, _ = fill(KIVI_K, [5, 3, 9, 4])
+    _, a, _, _ = fill(KIVI_K, [21])
+    _, b, _, _ = fill(KIVI_K, [1] * 21)
+    _, c, _, _ = fill(KIVI_K, [5, 3, 9, 4])
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y) and torch.equal(x, z)
 
@@ -160,7 +160,7 @@ def test_kivi_generates_and_reports_its_layout(arch):
 
 
 def test_residual_load_of_a_prefix_reads_blocks_not_the_ring():
-    layout, cache, static, x = fill(KIVI_K, [30])
+    layout, cache, static, _ = fill(KIVI_K, [30])
     full = ops.kv_load(cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE)
     for upto in (5, 8, 13, 30):
         from kvpass.kvcache import load

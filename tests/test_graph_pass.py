@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, VOCAB, build
 
 import kvpass
-from tiny_models import ARCHS, VOCAB, build
 
 MAX_LEN = 64
 NEW = 16

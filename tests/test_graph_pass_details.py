@@ -3,15 +3,15 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from plain_decoder import PlainDecoder
+from test_graph_pass import prompt, reference
+from tiny_models import build
 from torch import nn
 
 import kvpass
 from kvpass import KVPassError
 from kvpass.capture import capture_hf
 from kvpass.passes.locate import locate
-from plain_decoder import PlainDecoder
-from test_graph_pass import prompt, reference
-from tiny_models import build
 
 
 def test_locate_finds_every_part_of_a_site():

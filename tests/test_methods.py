@@ -3,12 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_graph_pass import prompt
+from tiny_models import build
 
 import kvpass
 from kvpass import KVPassError
 from kvpass.formats import quantize
-from test_graph_pass import prompt
-from tiny_models import build
 
 CALIB_TOKENS = torch.randint(3, 96, (3000,), generator=torch.Generator().manual_seed(0))
 

@@ -39,7 +39,7 @@ def test_opcheck(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_store_then_load_matches_the_format(spec):
-    _, cache, static, new, pos = filled(spec)
+    _, cache, static, new, _ = filled(spec)
     loaded = ops.kv_load(cache, static, spec, D, S, torch.float32, None, None, "", 0)
     expected = quantize(new, spec).dequantize() if spec not in ("fp8_e5m2",) else None
     if expected is not None and "qnorm" not in spec:
@@ -48,7 +48,7 @@ def test_store_then_load_matches_the_format(spec):
 
 
 def test_store_writes_only_its_positions():
-    layout, cache, static, _, _ = filled("int4:per_token:g16", t=4)
+    _, cache, static, _, _ = filled("int4:per_token:g16", t=4)
     before = [c.clone() for c in cache]
     ops.kv_store_(cache, static, torch.randn(B, HKV, 2, D), torch.tensor([9, 11]), "int4:per_token:g16")
     for b, a in zip(before, cache):

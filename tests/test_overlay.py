@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from test_graph_pass import prompt
+from tiny_models import build
 
 import kvpass
 from kvpass import overlay as ov_ops
 from kvpass.methods import MethodConfig, OverlayConfig
-from test_graph_pass import prompt
-from tiny_models import build
 
 B, H, C, S, D = 1, 2, 3, 16, 4
 

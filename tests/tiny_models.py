@@ -8,8 +8,9 @@ VOCAB = 96
 
 
 def _common(**kw):
-    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2,
+            "pad_token_id": 0}
     base.update(kw)
     return base
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Self
 
 import torch
 
@@ -11,11 +12,11 @@ import torch
 class PeakMemory:
     """Peak memory above the level at entry: CUDA allocator peak on a GPU, process RSS sampled every 5 ms on CPU."""
 
-    def __init__(self, device: "torch.device | str" = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.peak = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -102,11 +102,11 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Perplexity over {result['tokens_scored']} tokens in {result['windows']} window(s) of {result['context']} "
-        "tokens, the quantized cache read for every token.",
+        (f"Perplexity over {result['tokens_scored']} tokens in {result['windows']} window(s) of {result['context']} "
+         "tokens, the quantized cache read for every token."),
         "",
-        "| method | bits/elem | cache MB | perplexity | Δ vs fp16 | passkey synthetic | passkey real text | prefill tok/s "
-        f"| decode tok/s | context in {result['config']['memory_budget_gb']:g} GiB |",
+        ("| method | bits/elem | cache MB | perplexity | Δ vs fp16 | passkey synthetic | passkey real text | prefill tok/s "
+         f"| decode tok/s | context in {result['config']['memory_budget_gb']:g} GiB |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in result["records"]:

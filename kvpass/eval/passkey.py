@@ -36,7 +36,7 @@ class PasskeyPrompt:
 def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = "synthetic",
                 text: str | None = None) -> PasskeyPrompt:
     """A prompt of about ``length`` tokens with the needle at ``depth`` of the haystack (0 = start, 1 = end)."""
-    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids
     head, tail, pin = enc(INTRO), enc(QUESTION), enc(needle(key))
     budget = length - len(head) - len(tail) - len(pin)
     if budget <= 0:
@@ -52,7 +52,7 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = 
         filler = enc(text)[:budget]
         if len(filler) < budget:
             filler = (filler * (budget // max(1, len(filler)) + 1))[:budget]
-    cut = int(round(depth * budget))
+    cut = round(depth * budget)
     tokens = head + filler[:cut] + pin + filler[cut:] + tail
     bos = getattr(tokenizer, "bos_token_id", None)
     prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []

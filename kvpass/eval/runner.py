@@ -47,9 +47,9 @@ class EvalConfig:
     peers: list[str] | None = None  # peers added when installed (None: all); --methods may name others
 
 
-QUICK = dict(methods=["fp16", "int4", "int2", "kivi-2bit", "kvquant-2bit-1%"], context=512, windows=1, passkey_lengths=[1024], passkey_depths=[0.5], decode_steps=8,
-             calibration_samples=4, calibration_len=512,
-             peers=["hf-quanto-int4", "hf-quanto-int2"])
+QUICK = {"methods": ["fp16", "int4", "int2", "kivi-2bit", "kvquant-2bit-1%"], "context": 512, "windows": 1,
+         "passkey_lengths": [1024], "passkey_depths": [0.5], "decode_steps": 8, "calibration_samples": 4,
+         "calibration_len": 512, "peers": ["hf-quanto-int4", "hf-quanto-int2"]}
 
 
 @dataclass
@@ -244,7 +244,7 @@ def environment() -> dict:
     import transformers
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads, "
                    f"{platform.system()} {platform.release()}",
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

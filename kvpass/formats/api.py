@@ -59,7 +59,7 @@ def vector_last_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...
 
 
 def quantize(
-    x: torch.Tensor, spec: "str | QuantSpec", *, check: bool = True, **params: torch.Tensor
+    x: torch.Tensor, spec: str | QuantSpec, *, check: bool = True, **params: torch.Tensor
 ) -> QuantizedTensor:
     """Quantize ``x`` (``[..., tokens, channels]``) with ``spec`` and return every stored tensor.
 
@@ -113,7 +113,7 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     return dense.to(q.dtype)
 
 
-def expected_nbytes(shape: tuple[int, ...], spec: "str | QuantSpec", dtype: torch.dtype = torch.float16) -> int:
+def expected_nbytes(shape: tuple[int, ...], spec: str | QuantSpec, dtype: torch.dtype = torch.float16) -> int:
     """Closed-form bytes of quantizing a tensor of ``shape`` and ``dtype`` with ``spec``."""
     spec = parse_spec(spec)
     vshape = vector_last_shape(tuple(shape), spec)

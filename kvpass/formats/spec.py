@@ -102,7 +102,7 @@ class QuantSpec:
         """The axis a scale is taken over: channels (-1) for per-token, tokens (-2) for per-channel."""
         return -1 if self.granularity == "per_token" else -2
 
-    def with_(self, **changes) -> "QuantSpec":
+    def with_(self, **changes) -> QuantSpec:
         return replace(self, **changes)
 
     def __str__(self) -> str:
@@ -132,7 +132,7 @@ class QuantSpec:
         return text
 
 
-def parse_spec(spec: "str | QuantSpec") -> QuantSpec:
+def parse_spec(spec: str | QuantSpec) -> QuantSpec:
     """Parse a short spec string (see the module docstring) into a :class:`QuantSpec`."""
     if isinstance(spec, QuantSpec):
         return spec

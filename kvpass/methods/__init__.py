@@ -123,7 +123,7 @@ def register_method(config: MethodConfig, *aliases: str) -> MethodConfig:
     return config
 
 
-def get_method(name: "str | MethodConfig") -> MethodConfig:
+def get_method(name: str | MethodConfig) -> MethodConfig:
     """The registered method called ``name``; a clear error listing the valid names otherwise."""
     if isinstance(name, MethodConfig):
         return name

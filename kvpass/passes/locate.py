@@ -49,7 +49,7 @@ class CacheAccess:
     buffer: str  # the get_attr target of the cache buffer
     write: Node  # the index_copy_/index_put_ node
     new: Node  # the new rows [B, H, T, D]
-    positions: "Node | tuple"  # token positions [T], or (start, end) of a token slice
+    positions: Node | tuple  # token positions [T], or (start, end) of a token slice
 
 
 @dataclass
@@ -138,9 +138,8 @@ def _is_full_slice(node: Node) -> bool:
 
 def _reaches_buffer(node: Node, writes_by_buffer: dict[str, list[Node]], depth: int = 6):
     for arg in node.all_input_nodes:
-        if arg.op == "get_attr" and arg.target in writes_by_buffer:
-            yield True
-        elif arg.op == "call_function" and write_destination(arg) is not None:
+        cache = arg.op == "get_attr" and arg.target in writes_by_buffer
+        if cache or (arg.op == "call_function" and write_destination(arg) is not None):
             yield True
         elif depth > 0 and arg.op == "call_function":
             yield from _reaches_buffer(arg, writes_by_buffer, depth - 1)
