@@ -105,7 +105,8 @@ class RopeTables:
         if None in found or found[0][0] is not found[1][0]:
             return None
         source = found[0][0]
-        nodes = sorted(set(found[0][1]) | set(found[1][1]), key=lambda n: list(n.graph.nodes).index(n))
+        wanted = set(found[0][1]) | set(found[1][1])
+        nodes = [n for n in self.gm.graph.nodes if n in wanted]  # graph order, as node_copy needs
         sv = source.meta["val"]
         batch = int(sv.shape[0]) if sv.ndim == 2 else 1
         if not check_position_function(self.gm, source, nodes, list(key), batch, site.max_len, self.device):
