@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kvpass.errors import InputError, KVPassError
 from kvpass.formats import fit_lut, outliers
 from kvpass.formats.nuq import fit_lut_rows, lookup_per_channel, nearest_per_channel, normalize, qnorm_affine
-from kvpass.kvcache import CacheSpec
+from kvpass.kvcache import CacheSpec, parse_cache_spec, static_names
 from kvpass.methods import MethodConfig, get_method
 from kvpass.passes.locate import locate
 
@@ -139,7 +139,8 @@ class Recorder(torch.fx.Interpreter):
 
 def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str, list[torch.Tensor]]:
     """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
-    queries, keys and values (after RoPE) without gradients, and each layer's softmax scale."""
+    queries, keys and values (after RoPE), gradients only where key tiers have calibrated tensors to fit; and each
+    layer's softmax scale."""
     from kvpass.capture import example_hf_inputs
     from kvpass.compile import capture_model
 
@@ -148,11 +149,11 @@ def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str
     gm = captured.instantiate()
     sites = locate(gm, captured.name)
     wanted = {}
-    with_grads = method.qaq is None
+    with_grads = method.qaq is None or any(static_names(parse_cache_spec(t)) for t in method.qaq.tiers_for("k"))
     for s in sites:
         key = s.rope.pre if method.pre_rope_keys and s.rope is not None else s.key.new
         wanted[key], wanted[s.value.new] = f"{s.index}.k", f"{s.index}.v"
-        if not with_grads:
+        if method.qaq is not None:
             wanted[s.query] = f"{s.index}.q"
     out: dict[str, list[torch.Tensor]] = {f"{s.index}.scale": [torch.tensor(s.scale)] for s in sites}
     _, _, mask, _ = example_hf_inputs(1, seq_len, model.device, seq_len)
@@ -286,7 +287,7 @@ def calibrate(
     layers = sorted({int(k.split(".")[0]) for k in acts})
     meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     if m.qaq is not None:
-        tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq)
+        tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq, seed)
         return Calibration(m.name, config_hash(model), tensors, meta)
     for layer in layers:
         for which in ("k", "v"):
@@ -298,9 +299,10 @@ def calibrate(
     return Calibration(m.name, config_hash(model), tensors, meta)
 
 
-def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config) -> tuple[dict[str, torch.Tensor], float]:
-    """QAQ's eps (given, or solved for the target bits over every layer) and each layer's share of tokens per tier
-    for keys and values."""
+def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0
+            ) -> tuple[dict[str, torch.Tensor], float]:
+    """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
+    for keys and values, and the calibrated tensors of key tiers that code against calibrated ranges."""
     from kvpass import qaq
 
     nums = {}
@@ -316,4 +318,13 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config) -> t
         for which, num in (("k", nk), ("v", nv)):
             tensors[f"{layer}.{which}.tier_share"] = qaq.shares(num, eps, config.tier_bits)
             tensors[f"{layer}.{which}.eps"] = torch.tensor(eps, dtype=torch.float64)
+        for t, tier in enumerate(config.tiers_for("k")):
+            cs = parse_cache_spec(tier)
+            if not static_names(cs):
+                continue
+            # every token, the first left out (sink=1 only trims it from the fit): its keys are often far outside
+            # the others' ranges, and the most attended token lands in a high tier anyway
+            act, fisher = torch.stack(acts[f"{layer}.k"]), torch.stack(acts[f"{layer}.k.fisher"])
+            for name, x in fit_statics(replace(cs, sink=1), act, fisher, seed).items():
+                tensors[f"{layer}.k.t{t}_{name}"] = x.contiguous()
     return tensors, eps

@@ -55,8 +55,8 @@ def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[
         tiers = None
         if method.qaq is not None:
             tiers = tuple(TierLayout(method.qaq, tuple(capacities(qaq_input(calibration, site.index, w)["tier_share"],
-                                                                  site.max_len)),
-                                     *shape, d, site.dtype, w == "k")
+                                                                  site.max_len, method.qaq.sink)),
+                                     *shape, d, site.dtype, holds_score=w == "k", keys=w == "k")
                           for w, d in (("k", site.head_dim), ("v", site.v_head_dim)))
         layouts.append(KVLayout(site.index, k, v, dense, elements, (sliding_window or {}).get(site.index), ov, bal,
                                 tiers))

@@ -18,6 +18,12 @@ holds each cache slot. Slots are written in order, so the entry of slot ``i`` in
 earlier slots in ``t``: no index is stored. A token whose tier is full goes to the nearest lower tier with room,
 else the nearest higher one; the capacities sum to the cache length, so there always is one. Tokens never move
 up a tier later (the paper's retained full-precision copy is not built: see the README).
+
+Key tiers may differ from value tiers (``QAQConfig.key_tiers``) and may code keys per channel against calibrated
+ranges (``:static`` formats code each token alone, so a token can still be written when it is decided): per-token
+int2 keys lose to a few outlier channels what per-channel ranges keep (on SmolLM2 qaq-6x went from +1012% to +8.6%
+perplexity with them; benchmarks/RESULTS.md). The keys here are post-RoPE (the op attends itself), where KVQuant stores
+them pre-RoPE; the ranges and LUTs are fitted on calibration keys with their Fisher information.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class QAQConfig:
     window: int = 5
     quantile: float = 0.95
     tiers: tuple[str, ...] = ("int2:per_token+outliers1%", "int4:per_token+outliers1%", "int8:per_token", "fp16")
+    key_tiers: tuple[str, ...] | None = None  # None: the same as ``tiers``; may use calibrated per-channel formats
+    sink: int = 1  # the first tokens always go to the highest tier (KVQuant's attention sink)
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.eps is None):
@@ -55,22 +63,40 @@ class QAQConfig:
             raise KVPassError(f"QAQ eps must be > 0, got {self.eps}")
         if self.window < 1:
             raise KVPassError(f"QAQ window must be >= 1 step, got {self.window}")
+        if self.sink < 0:
+            raise KVPassError(f"QAQ sink must be >= 0 tokens, got {self.sink}")
         if not 0.5 <= self.quantile < 1:
             raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
-        specs = [parse_cache_spec(t) for t in self.tiers]
-        for cs in specs:
+        for cs in (parse_cache_spec(t) for t in self.tiers):
             f = cs.format
             if cs.residual or cs.sink or f.static or (f.kind in ("int", "nuq") and f.granularity != "per_token") \
                     or (f.kind == "fp8" and f.granularity != "per_token") or static_names(cs):
                 raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format without "
                                   "calibrated tensors, residual or sink)")
+        for cs in (parse_cache_spec(t) for t in self.key_tiers or ()):
+            f = cs.format
+            alone = f.static or (f.granularity == "per_token" and not static_names(cs)) or f.kind == "float"
+            if cs.residual or cs.sink or not alone:
+                raise KVPassError(f"QAQ key tier '{cs}' must code each token alone (a per-token format without "
+                                  "calibrated tensors, or a ':static' per-channel format; no residual or sink)")
         bits = self.tier_bits
         if list(bits) != sorted(set(bits)):
             raise KVPassError(f"QAQ tiers must have increasing bits, got {bits}")
+        if self.key_tiers is not None and self.bits_of(self.key_tiers) != bits:
+            raise KVPassError(f"QAQ key tiers must have the bits of the value tiers {bits}, got "
+                              f"{self.bits_of(self.key_tiers)}")
+
+    @staticmethod
+    def bits_of(tiers: tuple[str, ...]) -> tuple[int, ...]:
+        return tuple(tier_bits(parse_cache_spec(t).format) for t in tiers)
 
     @property
     def tier_bits(self) -> tuple[int, ...]:
-        return tuple(tier_bits(parse_cache_spec(t).format) for t in self.tiers)
+        return self.bits_of(self.tiers)
+
+    def tiers_for(self, which: str) -> tuple[str, ...]:
+        """The tiers of keys (``"k"``) or values (``"v"``)."""
+        return self.key_tiers or self.tiers if which == "k" else self.tiers
 
     @property
     def ring(self) -> int:
@@ -84,9 +110,15 @@ def tier_bits(spec: QuantSpec) -> int:
     return 8 if spec.kind == "fp8" else spec.bits
 
 
-def tier_cost(config: QAQConfig, head_dim: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Stored bits per element of one token in each tier, its metadata included."""
-    return torch.tensor([CacheLayout.build(t, (1, 1, 1, head_dim), dtype).bits_per_element for t in config.tiers])
+def token_nbytes(tier: str, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one token in ``tier``, its per-token metadata included (calibrated tensors are per layer)."""
+    specs = CacheLayout.build(tier, (1, 1, 1, head_dim), dtype).buffer_specs().values()
+    return sum(math.prod(shape) * torch.tensor([], dtype=d).element_size() for shape, d in specs)
+
+
+def tier_cost(config: QAQConfig, head_dim: int, dtype: torch.dtype = torch.float16, which: str = "v") -> torch.Tensor:
+    """Stored bits per element of one token in each tier of keys or values, its per-token metadata included."""
+    return torch.tensor([8.0 * token_nbytes(t, head_dim, dtype) / head_dim for t in config.tiers_for(which)])
 
 
 def map_bits(head_dim: int) -> float:
@@ -94,12 +126,15 @@ def map_bits(head_dim: int) -> float:
     return 8.0 * MAP_DTYPE.itemsize / head_dim
 
 
-def capacities(shares: torch.Tensor, max_len: int) -> list[int]:
-    """Entries per head of each tier: the calibrated shares of ``max_len``, the lowest tier taking the rest so
-    that the capacities sum to ``max_len`` (every token finds an entry)."""
+def capacities(shares: torch.Tensor, max_len: int, sink: int = 0) -> list[int]:
+    """Entries per head of each tier: the calibrated shares of ``max_len``, at least ``sink`` in the highest tier,
+    the lowest tier taking the rest so that the capacities sum to ``max_len`` (every token finds an entry)."""
     upper = [round(float(s) * max_len) for s in shares[1:]]
+    if upper:
+        upper[-1] = max(upper[-1], min(sink, max_len))
     while sum(upper) > max_len:
-        upper[upper.index(max(upper))] -= 1
+        below = upper[:-1] if upper[-1] <= sink else upper
+        upper[upper.index(max(below))] -= 1
     return [max_len - sum(upper), *upper]
 
 
@@ -153,9 +188,10 @@ def token_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def split_buffers(bufs: list[torch.Tensor], specs: list[CacheSpec]) -> list[dict[str, torch.Tensor]]:
+    """Each tier's per-token buffers, then its calibrated tensors, by name."""
     out, i = [], 0
     for cs in specs:
-        names = cache_names(cs)
+        names = cache_names(cs) + static_names(cs)
         out.append(dict(zip(names, bufs[i:i + len(names)])))
         i += len(names)
     return out
@@ -172,7 +208,8 @@ def read(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], tier_map: 
         used = int(sel.sum(-1).max())  # entries are filled in slot order: only the first ones are read
         if used == 0:
             continue
-        part = {name: x[:, :, :used] for name, x in tensors.items()}
+        part = {name: x[:, :, :used] for name, x in tensors.items() if name in cache_names(cs)} | \
+            {name: tensors[name] for name in static_names(cs)}
         rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, used, head_dim)), dtype, part))
         entry = (sel.long().cumsum(-1) - 1).clamp(0, used - 1)
         picked = rows.gather(2, entry[..., None].expand(b, h, n, head_dim))
@@ -205,15 +242,22 @@ def assign(tier_map: torch.Tensor, start: int, wanted: torch.Tensor, capacity: l
 
 def write(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], x: torch.Tensor, tiers: torch.Tensor,
           entries: torch.Tensor) -> None:
-    """Quantize tokens ``x`` ``[B, H, T, D]`` with the tier each was given and put them at their entries."""
+    """Quantize tokens ``x`` ``[B, H, T, D]`` with the tier each was given and put them at their entries. A tier
+    with calibrated per-head tensors codes one head at a time."""
     for t, (tensors, cs) in enumerate(zip(bufs, specs)):
-        sel = (tiers == t).nonzero(as_tuple=True)
-        if not len(sel[0]):
-            continue
-        b, h, j = sel
-        coded = quantize(x[b, h, j][None, None], cs.format, check=False).tensors
-        for name, buf in tensors.items():
-            buf[b, h, entries[b, h, j]] = coded[name][0, 0].to(buf.dtype)
+        statics = static_names(cs)
+        for head in range(x.shape[1]) if statics else [None]:
+            chosen = tiers == t
+            if head is not None:
+                chosen = chosen & (torch.arange(x.shape[1], device=x.device)[:, None] == head)
+            b, h, j = chosen.nonzero(as_tuple=True)
+            if not len(b):
+                continue
+            params = {n: tensors[n][:, head:head + 1] if tensors[n].ndim >= 4 else tensors[n] for n in statics}
+            coded = quantize(x[b, h, j][None, None], cs.format, check=False, **params).tensors
+            for name in cache_names(cs):
+                buf = tensors[name]
+                buf[b, h, entries[b, h, j]] = coded[name][0, 0].to(buf.dtype)
 
 
 @dataclass(frozen=True)
@@ -228,22 +272,31 @@ class TierLayout:
     head_dim: int
     dtype: torch.dtype
     holds_score: bool = True  # the window's attention is one per token: kept with the keys only
+    keys: bool = True  # the key tiers (QAQConfig.key_tiers) or the value tiers
 
     @property
     def specs(self) -> list[CacheSpec]:
-        return [parse_cache_spec(t) for t in self.config.tiers]
+        return [parse_cache_spec(t) for t in self.config.tiers_for("k" if self.keys else "v")]
+
+    def static_buffers(self) -> list[str]:
+        """Names of the calibrated tensors among :meth:`allocate`'s buffers."""
+        return [f"t{t}_{name}" for t, cs in enumerate(self.specs) for name in static_names(cs)]
 
     def tiers(self) -> list[CacheLayout]:
         return [CacheLayout(cs, self.batch, self.heads, c, self.head_dim, self.dtype)
                 for cs, c in zip(self.specs, self.capacity)]
 
     def allocate(self, device) -> dict[str, torch.Tensor]:
-        """Every buffer by name: the tier stores, the tier map, the window ring and its attention."""
+        """Every buffer by name: the tier stores (per-token buffers, then calibrated tensors with placeholder
+        values), the tier map, the window ring and its attention."""
         b, h, r = self.batch, self.heads, self.config.ring
         out = {}
         for t, layout in enumerate(self.tiers()):
             for name, (shape, dtype) in layout.buffer_specs().items():
                 out[f"t{t}_{name}"] = torch.zeros(shape, dtype=dtype, device=device)
+            static = layout.default_static()
+            for name in static_names(layout.spec):
+                out[f"t{t}_{name}"] = static[name].to(device)
         out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
         out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.dtype, device=device)
         if self.holds_score:
@@ -256,7 +309,7 @@ class TierLayout:
 
     def describe(self) -> str:
         bits = "/".join(str(b) for b in self.config.tier_bits)
-        return f"qaq {bits} bits, entries {'/'.join(str(c) for c in self.capacity)}"
+        return f"qaq {bits} bits ({', '.join(str(s) for s in self.specs)}), entries {'/'.join(str(c) for c in self.capacity)}"
 
 
 def qnorm_stats_nbytes(batch: int, heads: int) -> int:
@@ -290,21 +343,24 @@ def kv_qaq_attention_(
     v_bufs: list[torch.Tensor],
     state: list[torch.Tensor],
     tiers: str,
+    key_tiers: str,
     k_capacity: list[int],
     v_capacity: list[int],
     eps: float,
     window: int,
     quantile: float,
+    sink: int,
     max_len: int,
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
     """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
-    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``."""
+    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``;
+    ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``."""
     k_map, v_map, k_ring, v_ring, ring_score, q_stats = state
-    specs = _tier_specs(tiers)
-    kb, vb = split_buffers(k_bufs, specs), split_buffers(v_bufs, specs)
+    kspecs, vspecs = _tier_specs(key_tiers), _tier_specs(tiers)
+    kb, vb = split_buffers(k_bufs, kspecs), split_buffers(v_bufs, vspecs)
     b, hkv, t, dk = new_k.shape
     dv, r = new_v.shape[-1], window - 1
     p0, last = int(positions[0]), int(positions[-1])
@@ -324,8 +380,8 @@ def kv_qaq_attention_(
     score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
 
     n = visible_length(mask, q_positions, max_len)
-    k = read(kb, specs, k_map, n, dk, q.dtype)
-    v = read(vb, specs, v_map, n, dv, q.dtype)
+    k = read(kb, kspecs, k_map, n, dk, q.dtype)
+    v = read(vb, vspecs, v_map, n, dv, q.dtype)
     k[:, :, pend_pos] = pend_k.to(q.dtype)
     v[:, :, pend_pos] = pend_v.to(q.dtype)
 
@@ -340,9 +396,12 @@ def kv_qaq_attention_(
         qn = quantile_norm(q_stats, quantile)[..., None]
         bits = (key_bits(alpha, token_range(pend_k[:, :, done]), qn, dk, eps),
                 value_bits(alpha, token_range(pend_v[:, :, done]), eps))
-        tier_bits_ = tuple(tier_bits(cs.format) for cs in specs)
-        for x, bits_, bufs, cap, tmap in ((pend_k, bits[0], kb, k_capacity, k_map), (pend_v, bits[1], vb, v_capacity, v_map)):
-            tier, entry = assign(tmap, start, to_tier(bits_, tier_bits_), cap)
+        tier_bits_ = tuple(tier_bits(cs.format) for cs in vspecs)  # the key tiers have the same bits
+        for x, bits_, bufs, specs, cap, tmap in ((pend_k, bits[0], kb, kspecs, k_capacity, k_map),
+                                                  (pend_v, bits[1], vb, vspecs, v_capacity, v_map)):
+            wanted = to_tier(bits_, tier_bits_)
+            wanted[..., pend_pos[done] < sink] = len(tier_bits_) - 1  # the sink: the highest tier
+            tier, entry = assign(tmap, start, wanted, cap)
             write(bufs, specs, x[:, :, done], tier, entry)
             tmap[..., start:start + tier.shape[-1]] = (tier + 1).to(tmap.dtype)
     if r:
@@ -355,8 +414,8 @@ def kv_qaq_attention_(
 
 
 @kv_qaq_attention_.register_fake
-def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, k_capacity, v_capacity, eps, window, quantile, max_len,
-      mask, q_positions, scale):
+def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, key_tiers, k_capacity, v_capacity, eps, window, quantile, sink,
+      max_len, mask, q_positions, scale):
     b, hq, t, _ = q.shape
     return q.new_empty((b, hq, t, new_v.shape[-1]))
 
@@ -394,7 +453,7 @@ def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tens
 def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int) -> float:
     """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
     eps; the average falls as eps grows)."""
-    ck, cv = tier_cost(config, dk), tier_cost(config, dv)
+    ck, cv = tier_cost(config, dk, which="k"), tier_cost(config, dv, which="v")
     nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
     bits = config.tier_bits
 

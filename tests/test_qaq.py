@@ -55,6 +55,8 @@ def test_tier_rounding_and_capacities():
     assert qaq.to_tier(torch.tensor([0.0, 1, 2, 3, 4, 5, 8, 9, 16, 30]), tiers).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
     caps = qaq.capacities(torch.tensor([0.5, 0.3, 0.15, 0.05]), 100)
     assert caps == [50, 30, 15, 5] and sum(qaq.capacities(torch.tensor([0.0, 0.6, 0.6, 0.1]), 10)) == 10
+    assert qaq.capacities(torch.tensor([0.9, 0.1, 0.0, 0.0]), 10, sink=1) == [8, 1, 0, 1]  # the sink's entry
+    assert qaq.capacities(torch.tensor([0.0, 0.0, 1.0, 0.0]), 10, sink=2) == [0, 0, 8, 2]
 
 
 def test_full_tier_sends_tokens_to_the_nearest_lower_then_higher_tier():
@@ -120,7 +122,7 @@ def test_more_attention_gets_at_least_as_many_bits():
     state = [kbufs["map"], vbufs["map"], kbufs["ring"], vbufs["ring"], kbufs["ring_score"], torch.zeros(1, 1, 3)]
     scale = D**-0.5
     qaq.kv_qaq_attention_(q, k, v, torch.arange(t), [kbufs[n] for n in names], [vbufs[n] for n in names], state,
-                          ";".join(config.tiers), [t] * 4, [t] * 4, 0.05, config.window, 0.95, t, None,
+                          ";".join(config.tiers), ";".join(config.tiers), [t] * 4, [t] * 4, 0.05, config.window, 0.95, 0, t, None,
                           torch.arange(t), scale)
     # the window's attention, computed here from scratch: the largest weight a token got from itself and the next r
     probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~torch.ones(t, t).tril().bool(), -torch.inf), -1)
@@ -202,5 +204,83 @@ def test_qaq_op_opcheck():
     state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 1, 3)]
     q, k, v = torch.randn(1, 2, 4, D), torch.randn(1, 1, 4, D), torch.randn(1, 1, 4, D)
     torch.library.opcheck(qaq.kv_qaq_attention_, (q, k, v, torch.arange(4), [kb[n] for n in names],
-                                                  [vb[n] for n in names], state, ";".join(config.tiers), [6, 6], [6, 6],
-                                                  0.1, 3, 0.95, 12, None, torch.arange(4), D**-0.5))
+                                                  [vb[n] for n in names], state, ";".join(config.tiers), ";".join(config.tiers),
+                                                  [6, 6], [6, 6],
+                                                  0.1, 3, 0.95, 1, 12, None, torch.arange(4), D**-0.5))
+
+
+def test_static_key_tier_codes_each_channel_against_its_calibrated_range():
+    config = QAQConfig(eps=1.0, tiers=("int4:per_token", "none"), key_tiers=("int4:per_channel:static", "none"))
+    layout = qaq.TierLayout(config, (8, 4), 1, 2, 12, D, torch.float32, keys=True)
+    assert layout.static_buffers() == ["t0_lo", "t0_hi"]
+    bufs = layout.allocate("cpu")
+    x = torch.randn(1, 2, 12, D) * torch.logspace(-2, 1, D)  # channels of very different ranges
+    bufs["t0_lo"].copy_(x.amin(2, keepdim=True))
+    bufs["t0_hi"].copy_(x.amax(2, keepdim=True))
+    specs = layout.specs
+    tensors = qaq.split_buffers([bufs[n] for n in bufs if n.startswith("t")], specs)
+    wanted = torch.tensor([0, 0, 1] * 4).expand(1, 2, 12)
+    tiers, entries = qaq.assign(bufs["map"], 0, wanted, [8, 4])
+    qaq.write(tensors, specs, x, tiers, entries)
+    bufs["map"][...] = (tiers + 1).to(torch.uint8)
+    back = qaq.read(tensors, specs, bufs["map"], 12, D, torch.float32)
+    step = (bufs["t0_hi"] - bufs["t0_lo"]).float() / 15  # the fp16-rounded range each channel was coded in
+    low = wanted[0, 0] == 0
+    assert ((back - x).abs()[:, :, low] <= step / 2 + 1e-3).all()  # per channel, not per token
+    assert torch.equal(back[:, :, ~low], x[:, :, ~low])
+    # the same keys per token at the same bits lose the small channels to the large ones
+    per_token = qaq.TierLayout(QAQConfig(eps=1.0, tiers=("int4:per_token", "none")), (8, 4), 1, 2, 12, D,
+                               torch.float32, keys=True)
+    pb = per_token.allocate("cpu")
+    pt = qaq.split_buffers([pb[n] for n in pb if n.startswith("t")], per_token.specs)
+    qaq.write(pt, per_token.specs, x, tiers, entries)
+    back_pt = qaq.read(pt, per_token.specs, bufs["map"], 12, D, torch.float32)
+    assert (back - x)[..., :4].abs().amax() * 5 < (back_pt - x)[..., :4].abs().amax()
+
+
+def test_static_key_tiers_calibrate_compile_and_account_bytes():
+    keys = ("nuq2:per_channel:static:channel_lut:qnorm+outliers1%", "nuq4:per_channel:static:channel_lut+outliers1%",
+            "int8:per_token", "fp16")
+    config = QAQConfig(target_bits=8.0, key_tiers=keys)
+    m = MethodConfig("qaq-test-static-keys", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
+    model = build("llama")
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
+    lo, hi = cal.tensors["0.k.t0_lo"], cal.tensors["0.k.t0_hi"]
+    assert lo.shape == (1, 2, 1, D) and (hi > lo).all() and cal.tensors["0.k.t1_lut"].shape == (1, 2, 1, D, 16)
+    assert "0.v.t0_lo" not in cal.tensors  # the value tiers are per token
+    qm = kvpass.compile(model, m, max_cache_len=64, batch_size=2, calibration=cal)
+    assert torch.equal(qm.graph_module.kvpass_cache_0_qaq_k_static_t0_lo, lo)
+    ids, mask = prompt(2, length=30)
+    first = qm(ids, attention_mask=mask)
+    qm.reset()  # empties the cache but keeps the calibrated tensors: the same call gives the same logits
+    torch.testing.assert_close(qm(ids, attention_mask=mask), first, rtol=0, atol=0)
+    assert torch.equal(qm.graph_module.kvpass_cache_0_qaq_k_static_t0_lo, lo)
+    qm.reset()
+    assert qm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).shape == (2, 38)
+    report = qm.cache_report()
+    real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
+    assert report.nbytes == real
+    for which in "kv":  # the first slot (the attention sink) is always in the highest tier
+        assert (getattr(qm.graph_module, f"kvpass_cache_0_qaq_{which}_map")[:, :, 0] == 4).all()
+    for layout in qm.layouts:  # the closed form: per-token bytes per entry, each tier's calibrated tensors once
+        kt, vt = layout.tiers
+        b, h = kt.batch, kt.heads
+        static = 2 * h * D * 2 + h * D * 2 + 8 + 2 * h * D * 2 + h * D * 2 + h * D * 4 * 2 + h * D * 16 * 2
+        expected = static + b * h * (kt.config.ring * 4 + 3 * 4)
+        for tl, which in ((kt, "k"), (vt, "v")):
+            per_token = [qaq.token_nbytes(s, D, tl.dtype) for s in tl.config.tiers_for(which)]
+            expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + tl.max_len + tl.config.ring * D * 4)
+        assert layout.nbytes == expected
+    # a calibration without the key tiers' tensors is a clear error
+    del cal.tensors["0.k.t0_lo"]
+    with pytest.raises(KVPassError, match="t0_lo is not in the calibration"):
+        kvpass.compile(model, m, max_cache_len=64, calibration=cal)
+
+
+def test_key_tier_errors():
+    with pytest.raises(KVPassError, match="bits of the value tiers"):
+        QAQConfig(eps=0.1, key_tiers=("int4:per_channel:static", "int8:per_token"))
+    with pytest.raises(KVPassError, match="key tier .* must code each token alone"):
+        QAQConfig(eps=0.1, tiers=("int4:per_token", "none"), key_tiers=("int4:per_channel:g32|residual=32", "none"))
+    with pytest.raises(KVPassError, match="must code each token alone"):
+        QAQConfig(eps=0.1, tiers=("int4:per_channel:static", "none"))

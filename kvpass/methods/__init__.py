@@ -175,14 +175,20 @@ register_method(MethodConfig(
     "streaming", "StreamingLLM eviction baseline (not recommended): 4 sink tokens and the newest, 45% of the tokens "
     "in fp16, the rest dropped; about MiKV's memory", "none", "none",
     overlay=OverlayConfig(budget=0.45, recent=0, sink=4, evict=True, by_score=False), max_chunk=64))
+# QAQ's keys in its low tiers are coded per channel against calibrated ranges (post-RoPE), as KVQuant's are: per token
+# at 2 bits a few outlier channels ruin them (see kvpass.qaq)
+_QAQ_KEYS = ("nuq2:per_channel:static:channel_lut:qnorm+outliers1%", "nuq4:per_channel:static:channel_lut+outliers1%",
+             "int8:per_token", "fp16")
 register_method(MethodConfig(
-    "qaq", "QAQ: per-token key and value bits from attention over a 5-step window, tiers int2 and int4 (1% fp16 "
-    "outliers), int8, fp16; eps solved on calibration data for 4 bits/elem, 4x smaller than fp16 (needs calibration)",
-    "none", "none", max_chunk=32, qaq=QAQConfig(target_bits=4.0)))
+    "qaq", "QAQ: per-token key and value bits from attention over a 5-step window, tiers of 2 and 4 bits (1% fp16 "
+    "outliers; keys nuq per channel with calibrated ranges, values int per token), int8, fp16; eps solved on "
+    "calibration data for 4 bits/elem, 4x smaller than fp16 (needs calibration)",
+    "none", "none", max_chunk=32, qaq=QAQConfig(target_bits=4.0, key_tiers=_QAQ_KEYS)))
 register_method(MethodConfig(
-    "qaq-6x", "QAQ at 6x smaller than fp16 (2.67 bits/elem): as qaq, the int2 tier without outliers so that it fits "
-    "(needs calibration)", "none", "none", max_chunk=32,
-    qaq=QAQConfig(target_bits=16 / 6, tiers=("int2:per_token", "int4:per_token+outliers1%", "int8:per_token", "fp16"))))
+    "qaq-6x", "QAQ solved for 2.67 bits/elem of per-token storage (6x smaller than fp16; the calibrated per-layer "
+    "tensors add ~0.17 at 2k tokens): as qaq, the int2 value tier without outliers so that it fits (needs calibration)", "none", "none", max_chunk=32,
+    qaq=QAQConfig(target_bits=16 / 6, key_tiers=_QAQ_KEYS,
+                  tiers=("int2:per_token", "int4:per_token+outliers1%", "int8:per_token", "fp16"))))
 for _bits in (2, 4):
     register_method(MethodConfig(
         f"kivi-{_bits}bit",

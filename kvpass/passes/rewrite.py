@@ -120,16 +120,27 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     )
 
 
-def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, eps: float, device) -> Node:
-    """QAQ's buffers and its one op: write the new tokens, attend, code the tokens that left the window."""
+def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, calibration: dict, device) -> Node:
+    """QAQ's buffers (calibrated tier tensors from ``calibration``) and its one op: write the new tokens, attend,
+    code the tokens that left the window."""
     import kvpass.qaq  # noqa: F401  (registers kv_qaq_attention_)
 
     g, prefix = gm.graph, f"kvpass_cache_{site.index}_qaq"
     names = {}
     for which, tl in zip("kv", layout.tiers):
+        fitted = calibration.get((site.index, which), {})
         for name, t in tl.allocate(device).items():
-            gm.register_buffer(f"{prefix}_{which}_{name}", t)
-            names[f"{which}_{name}"] = f"{prefix}_{which}_{name}"
+            if name in tl.static_buffers():
+                if name not in fitted:
+                    raise KVPassError(f"layer {site.index}: QAQ tier tensor {which}.{name} is not in the calibration; "
+                                      "calibrate with kvpass.calibrate(model, texts, method=...) for this method")
+                t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
+                # "_static_" in the name keeps KVPassModel.reset() from zeroing calibrated tensors
+                target = f"{prefix}_{which}_static_{name}"
+            else:
+                target = f"{prefix}_{which}_{name}"
+            gm.register_buffer(target, t)
+            names[f"{which}_{name}"] = target
     gm.register_buffer(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device))
     k_bufs = [names[n] for n in names if n.startswith("k_t")]
     v_bufs = [names[n] for n in names if n.startswith("v_t")]
@@ -140,8 +151,9 @@ def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, e
     return g.call_function(
         torch.ops.kvpass.kv_qaq_attention_.default,
         (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k_bufs), get_attrs(gm, v_bufs),
-         get_attrs(gm, state), ";".join(kt.config.tiers), list(kt.capacity), list(vt.capacity), eps,
-         kt.config.window, kt.config.quantile, site.max_len, site.mask, q_positions, site.scale),
+         get_attrs(gm, state), ";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")),
+         list(kt.capacity), list(vt.capacity), float(calibration[(site.index, "k")]["eps"]),
+         kt.config.window, kt.config.quantile, kt.config.sink, site.max_len, site.mask, q_positions, site.scale),
     )
 
 
@@ -229,7 +241,7 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
             replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
             if layout.tiers is not None:
-                out = qaq_attention_node(gm, site, layout, float(calibration[(site.index, "k")]["eps"]), device)
+                out = qaq_attention_node(gm, site, layout, calibration, device)
             elif overlay is not None:
                 out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
             else:
