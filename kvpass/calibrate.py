@@ -139,7 +139,7 @@ class Recorder(torch.fx.Interpreter):
 
 def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str, list[torch.Tensor]]:
     """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
-    queries, keys and values (after RoPE), gradients only where key tiers have calibrated tensors to fit; and each
+    queries, keys and values (after RoPE), gradients only where tiers have calibrated tensors to fit; and each
     layer's softmax scale."""
     from kvpass.capture import example_hf_inputs
     from kvpass.compile import capture_model
@@ -149,7 +149,8 @@ def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str
     gm = captured.instantiate()
     sites = locate(gm, captured.name)
     wanted = {}
-    with_grads = method.qaq is None or any(static_names(parse_cache_spec(t)) for t in method.qaq.tiers_for("k"))
+    with_grads = method.qaq is None or any(static_names(parse_cache_spec(t))
+                                           for which in "kv" for t in method.qaq.tiers_for(which))
     for s in sites:
         key = s.rope.pre if method.pre_rope_keys and s.rope is not None else s.key.new
         wanted[key], wanted[s.value.new] = f"{s.index}.k", f"{s.index}.v"
@@ -302,7 +303,7 @@ def calibrate(
 def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0
             ) -> tuple[dict[str, torch.Tensor], float]:
     """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
-    for keys and values, and the calibrated tensors of key tiers that code against calibrated ranges."""
+    for keys and values, and the calibrated tensors (ranges, LUTs) of the key and value tiers that have them."""
     from kvpass import qaq
 
     nums = {}
@@ -318,13 +319,14 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
         for which, num in (("k", nk), ("v", nv)):
             tensors[f"{layer}.{which}.tier_share"] = qaq.shares(num, eps, config.tier_bits)
             tensors[f"{layer}.{which}.eps"] = torch.tensor(eps, dtype=torch.float64)
-        for t, tier in enumerate(config.tiers_for("k")):
-            cs = parse_cache_spec(tier)
-            if not static_names(cs):
-                continue
-            # every token, the first left out (sink=1 only trims it from the fit): its keys are often far outside
-            # the others' ranges, and the most attended token lands in a high tier anyway
-            act, fisher = torch.stack(acts[f"{layer}.k"]), torch.stack(acts[f"{layer}.k.fisher"])
-            for name, x in fit_statics(replace(cs, sink=1), act, fisher, seed).items():
-                tensors[f"{layer}.k.t{t}_{name}"] = x.contiguous()
+        for which in "kv":
+            for t, tier in enumerate(config.tiers_for(which)):
+                cs = parse_cache_spec(tier)
+                if not static_names(cs):
+                    continue
+                # every token, the first left out (sink=1 only trims it from the fit): its keys are often far
+                # outside the others' ranges, and the sink is stored in the highest tier anyway
+                act, fisher = torch.stack(acts[f"{layer}.{which}"]), torch.stack(acts[f"{layer}.{which}.fisher"])
+                for name, x in fit_statics(replace(cs, sink=1), act, fisher, seed).items():
+                    tensors[f"{layer}.{which}.t{t}_{name}"] = x.contiguous()
     return tensors, eps

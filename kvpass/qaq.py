@@ -23,7 +23,8 @@ Key tiers may differ from value tiers (``QAQConfig.key_tiers``) and may code key
 ranges (``:static`` formats code each token alone, so a token can still be written when it is decided): per-token
 int2 keys lose to a few outlier channels what per-channel ranges keep (on SmolLM2 qaq-6x went from +1012% to +8.6%
 perplexity with them; benchmarks/RESULTS.md). The keys here are post-RoPE (the op attends itself), where KVQuant stores
-them pre-RoPE; the ranges and LUTs are fitted on calibration keys with their Fisher information.
+them pre-RoPE; the ranges and LUTs are fitted on calibration keys with their Fisher information. Value tiers may
+use calibrated tensors too (nuq per token with a Fisher-weighted LUT per layer, KVQuant's value format).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class QAQConfig:
     window: int = 5
     quantile: float = 0.95
     tiers: tuple[str, ...] = ("int2:per_token+outliers1%", "int4:per_token+outliers1%", "int8:per_token", "fp16")
-    key_tiers: tuple[str, ...] | None = None  # None: the same as ``tiers``; may use calibrated per-channel formats
+    key_tiers: tuple[str, ...] | None = None  # None: the same as ``tiers``
     sink: int = 1  # the first tokens always go to the highest tier (KVQuant's attention sink)
 
     def __post_init__(self) -> None:
@@ -67,18 +68,11 @@ class QAQConfig:
             raise KVPassError(f"QAQ sink must be >= 0 tokens, got {self.sink}")
         if not 0.5 <= self.quantile < 1:
             raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
-        for cs in (parse_cache_spec(t) for t in self.tiers):
+        for cs in (parse_cache_spec(t) for t in (*self.tiers, *(self.key_tiers or ()))):
             f = cs.format
-            if cs.residual or cs.sink or f.static or (f.kind in ("int", "nuq") and f.granularity != "per_token") \
-                    or (f.kind == "fp8" and f.granularity != "per_token") or static_names(cs):
-                raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format without "
-                                  "calibrated tensors, residual or sink)")
-        for cs in (parse_cache_spec(t) for t in self.key_tiers or ()):
-            f = cs.format
-            alone = f.static or (f.granularity == "per_token" and not static_names(cs)) or f.kind == "float"
-            if cs.residual or cs.sink or not alone:
-                raise KVPassError(f"QAQ key tier '{cs}' must code each token alone (a per-token format without "
-                                  "calibrated tensors, or a ':static' per-channel format; no residual or sink)")
+            if cs.residual or cs.sink or not (f.static or f.granularity == "per_token" or f.kind == "float"):
+                raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format, or a ':static' "
+                                  "per-channel format with calibrated ranges; no residual or sink)")
         bits = self.tier_bits
         if list(bits) != sorted(set(bits)):
             raise KVPassError(f"QAQ tiers must have increasing bits, got {bits}")

@@ -10,6 +10,7 @@ from tiny_models import VOCAB, build
 import kvpass
 from kvpass import qaq
 from kvpass.errors import KVPassError
+from kvpass.formats.nuq import normal_float_grid
 from kvpass.kvcache import CacheLayout
 from kvpass.methods import MethodConfig
 from kvpass.qaq import QAQConfig
@@ -280,7 +281,30 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
 def test_key_tier_errors():
     with pytest.raises(KVPassError, match="bits of the value tiers"):
         QAQConfig(eps=0.1, key_tiers=("int4:per_channel:static", "int8:per_token"))
-    with pytest.raises(KVPassError, match="key tier .* must code each token alone"):
+    with pytest.raises(KVPassError, match="tier 'int4:per_channel:g32.*' must code each token alone"):
         QAQConfig(eps=0.1, tiers=("int4:per_token", "none"), key_tiers=("int4:per_channel:g32|residual=32", "none"))
+    with pytest.raises(KVPassError, match="cannot be stored token by token"):
+        QAQConfig(eps=0.1, tiers=("int4:per_channel:g32", "none"))
     with pytest.raises(KVPassError, match="must code each token alone"):
-        QAQConfig(eps=0.1, tiers=("int4:per_channel:static", "none"))
+        QAQConfig(eps=0.1, tiers=("int4:per_token|sink=1", "none"))
+
+
+def test_value_tiers_with_a_calibrated_lut_per_layer():
+    values = ("nuq2:per_token:qnorm+outliers1%", "nuq4:per_token", "int8:per_token", "fp16")
+    config = QAQConfig(target_bits=8.0, tiers=values)
+    m = MethodConfig("qaq-test-nuq-values", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
+    model = build("llama")
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
+    lut2, lut4 = cal.tensors["0.v.t0_lut"], cal.tensors["0.v.t1_lut"]
+    assert lut2.shape == (4,) and lut4.shape == (16,) and (lut2.diff() > 0).all()
+    assert not torch.allclose(lut2.float(), normal_float_grid(2).float(), atol=1e-2)  # fitted, not the default
+    assert "0.v.t0_qnorm" in cal.tensors and "0.k.t0_lut" in cal.tensors  # no key_tiers: keys use the same tiers
+    qm = kvpass.compile(model, m, max_cache_len=64, batch_size=2, calibration=cal)
+    assert torch.equal(qm.graph_module.kvpass_cache_0_qaq_v_static_t0_lut, lut2.to(torch.float16))
+    ids, mask = prompt(2, length=30)
+    first = qm(ids, attention_mask=mask)
+    qm.reset()
+    torch.testing.assert_close(qm(ids, attention_mask=mask), first, rtol=0, atol=0)
+    report = qm.cache_report()
+    real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
+    assert report.nbytes == real
