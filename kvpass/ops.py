@@ -134,10 +134,16 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
                     scale: float) -> torch.Tensor:
     """float32 attention probabilities ``[..., Hq, T, S]`` of ``q`` over ``k`` ``[..., Hkv, S, D]`` (GQA), with a
     bool or additive ``mask`` or else causal by ``q_positions``; rows with nothing visible are zeros."""
-    if mask is None and q_positions is not None:
-        mask = causal_mask(q_positions, k.shape[-2])
     groups = q.shape[-3] // k.shape[-3]
     scores = (q.float() @ k.float().repeat_interleave(groups, dim=-3).transpose(-1, -2)) * scale
+    return masked_softmax(scores, mask, q_positions)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of ``scores`` ``[..., T, S]`` with a bool or additive ``mask`` or else causal by
+    ``q_positions``; rows with nothing visible are zeros."""
+    if mask is None and q_positions is not None:
+        mask = causal_mask(q_positions, scores.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)

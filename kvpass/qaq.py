@@ -39,7 +39,7 @@ from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
-from kvpass.ops import attention_probs, visible_length
+from kvpass.ops import attention_probs, masked_softmax, visible_length
 
 MAP_DTYPE = torch.uint8  # tier of each slot, 0 = not decided yet
 
@@ -379,8 +379,8 @@ def kv_qaq_attention_(
     k[:, :, pend_pos] = pend_k.to(q.dtype)
     v[:, :, pend_pos] = pend_v.to(q.dtype)
 
+    # the window's attention (what decides tiers) sees every pending token at model precision
     probs = attention_probs(q, k, None if mask is None else mask[..., :n], q_positions, scale)
-    out = (probs @ v.float().repeat_interleave(q.shape[1] // hkv, 1)).to(q.dtype)
     score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
 
     done = pend_pos <= last - r  # seen by the whole window
@@ -398,6 +398,17 @@ def kv_qaq_attention_(
             tier, entry = assign(tmap, start, wanted, cap)
             write(bufs, specs, x[:, :, done], tier, entry)
             tmap[..., start:start + tier.shape[-1]] = (tier + 1).to(tmap.dtype)
+    if t > 1 and bool(done.any()):
+        # a prompt chunk: each query reads the tokens that left its own window as they are now stored, as it
+        # would have when decoding, not the model-precision copies the chunk still holds
+        stored_k, stored_v = read(kb, kspecs, k_map, n, dk, q.dtype), read(vb, vspecs, v_map, n, dv, q.dtype)
+        stored_k[:, :, pend_pos[~done]] = pend_k[:, :, ~done].to(q.dtype)
+        stored_v[:, :, pend_pos[~done]] = pend_v[:, :, ~done].to(q.dtype)
+        recent = torch.arange(n, device=q.device) >= (positions[:, None] - r)  # [T, n]: still in its window
+        out = _attend_mixed(q, (k, v), (stored_k, stored_v), recent, None if mask is None else mask[..., :n],
+                            q_positions, scale)
+    else:  # decoding: the pending tokens are exactly the query's window
+        out = (probs @ v.float().repeat_interleave(q.shape[1] // hkv, 1)).to(q.dtype)
     if r:
         keep = ~done
         slots = pend_pos[keep] % r
@@ -405,6 +416,19 @@ def kv_qaq_attention_(
         v_ring[:, :, slots] = pend_v[:, :, keep].to(v_ring.dtype)
         ring_score[..., slots] = score[..., keep]
     return out.contiguous()
+
+
+def _attend_mixed(q: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor], stored: tuple[torch.Tensor, torch.Tensor],
+                  recent: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None,
+                  scale: float) -> torch.Tensor:
+    """Attention ``[B, Hq, T, Dv]`` where query ``i`` reads slot ``s`` from ``exact`` if ``recent[i, s]`` and from
+    ``stored`` otherwise (keys and values ``[B, Hkv, n, D]``)."""
+    groups = q.shape[1] // exact[0].shape[1]
+    k_e, v_e, k_s, v_s = (x.float().repeat_interleave(groups, 1) for x in (*exact, *stored))
+    qf = q.float()
+    scores = torch.where(recent, qf @ k_e.transpose(-1, -2), qf @ k_s.transpose(-1, -2)) * scale
+    probs = masked_softmax(scores, mask, q_positions)
+    return ((probs * recent) @ v_e + (probs * ~recent) @ v_s).to(q.dtype)
 
 
 @kv_qaq_attention_.register_fake

@@ -148,6 +148,22 @@ def test_model_precision_tier_is_exact_and_generates_the_same_tokens():
                        fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
 
 
+def test_prompt_in_chunks_reads_the_cache_as_decoding_does():
+    # eps so large that every token but the sink goes to int4: the tiers cannot differ between the two runs, so
+    # the logits can only match if each query in a chunk reads the tokens that left its window as stored
+    model = build("llama")
+    m = method(eps=1e9, tiers=("int4:per_token", "fp16"))
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
+    qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
+    ids, _ = prompt(1, length=30)
+    chunked = qm(ids)
+    qm.reset()
+    stepped = torch.cat([qm(ids[:, i:i + 1]) for i in range(ids.shape[1])], 1)
+    torch.testing.assert_close(chunked, stepped, rtol=1e-4, atol=1e-4)
+    fp = kvpass.compile(model, "fp16", max_cache_len=48)(ids)
+    assert (chunked - fp).abs().amax() > 1e-3  # the int4 tier really is read
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])
 def test_qaq_generates_and_accounts_bytes(arch):
     model = build(arch)
