@@ -21,7 +21,7 @@ up a tier later (the paper's retained full-precision copy is not built: see the 
 
 Key tiers may differ from value tiers (``QAQConfig.key_tiers``) and may code keys per channel against calibrated
 ranges (``:static`` formats code each token alone, so a token can still be written when it is decided): per-token
-int2 keys lose to a few outlier channels what per-channel ranges keep (on SmolLM2 qaq-6x went from +1012% to +8.6%
+int2 keys lose to a few outlier channels what per-channel ranges keep (on SmolLM2 qaq-6x went from +1012% to +14.8%
 perplexity with them; benchmarks/RESULTS.md). The keys here are post-RoPE (the op attends itself), where KVQuant stores
 them pre-RoPE; the ranges and LUTs are fitted on calibration keys with their Fisher information. Value tiers may
 use calibrated tensors too (nuq per token with a Fisher-weighted LUT per layer, KVQuant's value format).
