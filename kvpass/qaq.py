@@ -202,7 +202,7 @@ def read(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], tier_map: 
         used = int(sel.sum(-1).max())  # entries are filled in slot order: only the first ones are read
         if used == 0:
             continue
-        part = {name: x[:, :, :used] for name, x in tensors.items() if name in cache_names(cs)} | \
+        part = {name: tensors[name][:, :, :used] for name in cache_names(cs)} | \
             {name: tensors[name] for name in static_names(cs)}
         rows = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, used, head_dim)), dtype, part))
         entry = (sel.long().cumsum(-1) - 1).clamp(0, used - 1)
@@ -240,7 +240,8 @@ def write(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], x: torch.
     with calibrated per-head tensors codes one head at a time."""
     for t, (tensors, cs) in enumerate(zip(bufs, specs)):
         statics = static_names(cs)
-        for head in range(x.shape[1]) if statics else [None]:
+        per_head = any(tensors[n].ndim >= 4 for n in statics)  # a per-layer LUT codes every head at once
+        for head in range(x.shape[1]) if per_head else [None]:
             chosen = tiers == t
             if head is not None:
                 chosen = chosen & (torch.arange(x.shape[1], device=x.device)[:, None] == head)
