@@ -12,7 +12,7 @@ from kvpass.__main__ import main
 from kvpass.eval import passkey
 from kvpass.eval.data import windows
 from kvpass.eval.peers import PEERS, Peer
-from kvpass.eval.perplexity import kvpass_perplexity
+from kvpass.eval.perplexity import hf_perplexity, kvpass_perplexity, quantized_cache_perplexity
 from kvpass.models import load
 
 
@@ -33,6 +33,43 @@ def test_fp16_perplexity_equals_transformers(tiny, tiny_model_dir):
     assert ours.tokens == 3 * 128
     int2 = kvpass_perplexity(kvpass.compile(tiny.model, "int2", max_cache_len=128), wins)
     assert int2.perplexity != pytest.approx(direct, rel=1e-4)  # the quantized cache really is read
+
+
+def test_teacher_forced_perplexity_in_batches_equals_one_window_at_a_time(tiny, tiny_model_dir):
+    # the peers' perplexity runs windows 8 at a time; with a full-precision cache it must equal a plain forward,
+    # and batching must not change it (4 windows in batches of 3: one of 3 and one of 1)
+    from transformers import DynamicCache
+
+    ids = tiny.tokenizer((tiny_model_dir / "text.txt").read_text(), return_tensors="pt").input_ids[0]
+    wins = windows(ids, 48, 4)
+    assert len(wins) == 4
+    direct = hf_perplexity(tiny.model, wins)
+    one = quantized_cache_perplexity(tiny.model, wins, lambda: DynamicCache(config=tiny.model.config), batch_size=1)
+    three = quantized_cache_perplexity(tiny.model, wins, lambda: DynamicCache(config=tiny.model.config), batch_size=3)
+    assert one.perplexity == pytest.approx(direct.perplexity, rel=1e-4)
+    assert three.perplexity == pytest.approx(one.perplexity, rel=1e-5)
+    assert three.tokens == one.tokens == 4 * 48
+
+
+@pytest.mark.parametrize("name", ["hf-quanto-int2", "hf-hqq-int2"])
+def test_peer_perplexity_does_not_depend_on_the_batch(name):
+    # each peer quantizes a row's groups on its own when a group is one head's channels (head_dim 64 = group 64, as
+    # on SmolLM2), so 3 windows in one batch score as 3 windows one at a time. (quanto treats a [1, 1, 1, 64] tensor,
+    # one token of a single KV head, differently from a batch of them, so the config has 3 KV heads like SmolLM2;
+    # Gemma-3's single head has 256 channels, 4 groups, and batches exactly too.)
+    peer = PEERS[name]
+    pytest.importorskip(peer.module, reason=f"the {name} peer needs it (pip install 'kvpass[eval]')")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=192, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=3)
+    model = LlamaForCausalLM(cfg).eval()
+    wins = list(torch.randint(0, 96, (3, 150)))  # past the 128-token residual, so quantized tokens are read
+    one = quantized_cache_perplexity(model, wins, lambda: peer.make_cache(cfg), batch_size=1)
+    three = quantized_cache_perplexity(model, wins, lambda: peer.make_cache(cfg), batch_size=3)
+    assert three.perplexity == pytest.approx(one.perplexity, rel=1e-5)
+    assert one.perplexity != pytest.approx(hf_perplexity(model, wins).perplexity, rel=1e-4)
 
 
 @pytest.mark.parametrize("haystack", ["synthetic", "text"])

@@ -33,7 +33,8 @@ def table(result: dict) -> Table:
 
 FOOTNOTE = ("bits/elem: measured from the stored buffers (codes, scales, zero points, outliers); * = nominal, for "
             "peers whose storage is not inspected. fits in budget: tokens of context whose cache fits in the memory "
-            "budget. Peers decode token by token (their prefill attends in full precision), so their tok/s is decode.")
+            "budget. Peers' perplexity is teacher-forced decode, one token at a time (their prefill attends in full "
+            "precision); their prefill tok/s is not measured.")
 
 
 def write_json(result: dict, path: str | Path) -> None:

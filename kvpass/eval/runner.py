@@ -157,7 +157,16 @@ def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
             name, cells, tokenizer,
             lambda ids: model.generate(ids, max_new_tokens=cfg.passkey_new_tokens, do_sample=False,
                                        cache=peer.make_cache(model.config)))
-    rec.perplexity, rec.decode_tokens_per_s = ppl.perplexity, ppl.tokens_per_s
+        cache = {}  # decode measured as for kvpass: batch 1, single-token steps after a context-long prompt
+
+        def reset():
+            cache["now"] = peer.make_cache(model.config)
+
+        def step(ids):
+            return model(ids.to(model.device), cache=cache["now"], use_cache=True)
+
+        rec.decode_tokens_per_s = decode_tokens_per_s(step, cfg.context, cfg.decode_steps, vocab, reset=reset)
+    rec.perplexity = ppl.perplexity
     rec.bits_per_element, rec.bits_measured = peer.nominal_bits(), False
     cfg_text = model.config.get_text_config()
     kv_heads, head_dim = head_shapes(cfg_text)
