@@ -16,8 +16,12 @@ The bits are rounded up to a tier (2/4/8/16 bits by default). Every tier is a pa
 entries per head (its capacity, from the shares measured on calibration data), and a uint8 map says which tier
 holds each cache slot. Slots are written in order, so the entry of slot ``i`` in tier ``t`` is the number of
 earlier slots in ``t``: no index is stored. A token whose tier is full goes to the nearest lower tier with room,
-else the nearest higher one; the capacities sum to the cache length, so there always is one. Tokens never move
-up a tier later (the paper's retained full-precision copy is not built: see the README).
+else the nearest higher one; the capacities sum to the cache length, so there always is one.
+
+With ``QAQConfig.retain`` every token is also kept at model precision (the paper keeps this copy in host memory;
+here it is one more cache buffer, counted in ``cache_report``). A decided token whose attention now asks for more
+bits than its tier has is then moved up to the highest tier at or below the one it asks for that has room, and
+re-coded from that copy; without it a token's tier is final once it leaves the window.
 
 Key tiers may differ from value tiers (``QAQConfig.key_tiers``) and may code keys per channel against calibrated
 ranges (``:static`` formats code each token alone, so a token can still be written when it is decided): per-token
@@ -56,6 +60,7 @@ class QAQConfig:
     tiers: tuple[str, ...] = ("int2:per_token+outliers1%", "int4:per_token+outliers1%", "int8:per_token", "fp16")
     key_tiers: tuple[str, ...] | None = None  # None: the same as ``tiers``
     sink: int = 1  # the first tokens always go to the highest tier (KVQuant's attention sink)
+    retain: bool = False  # keep a model-precision copy so that tokens can move up a tier later
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.eps is None):
@@ -255,6 +260,41 @@ def write(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], x: torch.
                 buf[b, h, entries[b, h, j]] = coded[name][0, 0].to(buf.dtype)
 
 
+def promote(tier_map: torch.Tensor, x: torch.Tensor, wanted: torch.Tensor, capacity: list[int],
+            bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec]) -> int:
+    """Move the decided slots ``[0, n)`` (``x`` ``[B, H, n, D]``, their model-precision copies) whose tier is below
+    ``wanted`` ``[B, H, n]`` up to the highest tier at or below it with room, in slot order, and re-code them.
+    Entries follow slot order, so every later slot of a row from its first move on is re-coded at its new entry.
+    Returns how many slots moved."""
+    n = x.shape[2]
+    cur = tier_map[..., :n].long() - 1
+    up = wanted > cur
+    if not bool(up.any()):
+        return 0
+    ntiers = len(capacity)
+    levels = torch.arange(ntiers, device=x.device)
+    fill = (cur[..., None] == levels).sum(2)  # [B, H, tiers]
+    cap = torch.tensor(capacity, device=x.device)
+    new = cur.clone()
+    for j in up.any(1).any(0).nonzero().flatten().tolist():
+        c, w = cur[..., j, None], wanted[..., j, None]
+        ok = (levels > c) & (levels <= w) & (fill < cap) & up[..., j, None]
+        t = torch.where(ok, levels, -1).amax(-1, keepdim=True)
+        moved = (t >= 0).long()
+        fill.scatter_add_(-1, c, -moved)
+        fill.scatter_add_(-1, t.clamp_min(0), moved)
+        new[..., j] = torch.where(moved[..., 0].bool(), t[..., 0], c[..., 0])
+    changed = new != cur
+    if not bool(changed.any()):
+        return 0
+    slots = torch.arange(n, device=x.device)
+    first = torch.where(changed, slots, n).amin(-1, keepdim=True)
+    entries = torch.nn.functional.one_hot(new, ntiers).cumsum(2).gather(-1, new[..., None])[..., 0] - 1
+    write(bufs, specs, x, torch.where(slots >= first, new, -1), entries)
+    tier_map[..., :n] = (new + 1).to(tier_map.dtype)
+    return int(changed.sum())
+
+
 @dataclass(frozen=True)
 class TierLayout:
     """The QAQ buffers of one K or V cache ``[batch, heads, max_len, head_dim]``."""
@@ -294,6 +334,8 @@ class TierLayout:
                 out[f"t{t}_{name}"] = static[name].to(device)
         out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
         out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.dtype, device=device)
+        if self.config.retain:
+            out["retained"] = torch.zeros(b, h, self.max_len, self.head_dim, dtype=self.dtype, device=device)
         if self.holds_score:
             out["ring_score"] = torch.zeros(b, h, r, device=device)
         return out
@@ -351,9 +393,10 @@ def kv_qaq_attention_(
     scale: float,
 ) -> torch.Tensor:
     """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
-    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``;
-    ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``."""
-    k_map, v_map, k_ring, v_ring, ring_score, q_stats = state
+    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``, then
+    ``k_retained, v_retained`` when the method retains model-precision copies (decided tokens may then move up a
+    tier); ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``."""
+    k_map, v_map, k_ring, v_ring, ring_score, q_stats, *retained = state
     kspecs, vspecs = _tier_specs(key_tiers), _tier_specs(tiers)
     kb, vb = split_buffers(k_bufs, kspecs), split_buffers(v_bufs, vspecs)
     b, hkv, t, dk = new_k.shape
@@ -368,6 +411,9 @@ def kv_qaq_attention_(
     logn = q.float().norm(dim=-1).clamp_min(1e-6).log().reshape(b, hkv, -1)
     q_stats += torch.stack([torch.full_like(logn[..., 0], logn.shape[-1]), logn.sum(-1), logn.pow(2).sum(-1)], -1)
 
+    if retained:
+        retained[0][:, :, positions] = new_k.to(retained[0].dtype)
+        retained[1][:, :, positions] = new_v.to(retained[1].dtype)
     ring_pos = torch.arange(max(0, p0 - r), p0, device=positions.device)
     pend_pos = torch.cat([ring_pos, positions])
     pend_k = torch.cat([k_ring[:, :, ring_pos % max(r, 1)].to(new_k.dtype), new_k], 2)
@@ -385,13 +431,21 @@ def kv_qaq_attention_(
     score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
 
     done = pend_pos <= last - r  # seen by the whole window
+    qn = quantile_norm(q_stats, quantile)[..., None]
+    tier_bits_ = tuple(tier_bits(cs.format) for cs in vspecs)  # the key tiers have the same bits
+    decided = max(0, p0 - r)
+    if retained and decided:
+        # tokens already in tiers whose attention now asks for more bits move up, re-coded from their copies
+        now = probs[..., :decided].reshape(b, hkv, -1, decided).amax(2)
+        k_keep, v_keep = (x[:, :, :decided] for x in retained)
+        promote(k_map, k_keep, to_tier(key_bits(now, token_range(k_keep), qn, dk, eps), tier_bits_), k_capacity,
+                kb, kspecs)
+        promote(v_map, v_keep, to_tier(value_bits(now, token_range(v_keep), eps), tier_bits_), v_capacity, vb, vspecs)
     if bool(done.any()):
         start = int(pend_pos[done][0])
         alpha = score[..., done]
-        qn = quantile_norm(q_stats, quantile)[..., None]
         bits = (key_bits(alpha, token_range(pend_k[:, :, done]), qn, dk, eps),
                 value_bits(alpha, token_range(pend_v[:, :, done]), eps))
-        tier_bits_ = tuple(tier_bits(cs.format) for cs in vspecs)  # the key tiers have the same bits
         for x, bits_, bufs, specs, cap, tmap in ((pend_k, bits[0], kb, kspecs, k_capacity, k_map),
                                                   (pend_v, bits[1], vb, vspecs, v_capacity, v_map)):
             wanted = to_tier(bits_, tier_bits_)

@@ -1,5 +1,6 @@
 """QAQ: per-token bits from attention, tiers with static capacities, eps solved for a target on calibration data."""
 
+import dataclasses
 import math
 
 import pytest
@@ -213,17 +214,22 @@ def test_calibration_round_trip_and_errors(tmp_path):
         QAQConfig(eps=0.1, tiers=("int2:per_channel:g32|residual=32",))
 
 
-def test_qaq_op_opcheck():
-    config = QAQConfig(eps=0.1, window=3, tiers=("int4:per_token", "none"))
+@pytest.mark.parametrize("retain", [False, True])
+def test_qaq_op_opcheck(retain):
+    config = QAQConfig(eps=0.1, window=3, tiers=("int4:per_token", "none"), retain=retain)
     layout = qaq.TierLayout(config, (6, 6), 1, 1, 12, D, torch.float32)
     kb, vb = layout.allocate("cpu"), layout.allocate("cpu")
     names = [n for n in kb if n.startswith("t")]
     state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 1, 3)]
+    if retain:
+        state += [kb["retained"], vb["retained"]]
+        kb["map"][..., :4] = vb["map"][..., :4] = 1  # decided slots, so that the promotion path runs
     q, k, v = torch.randn(1, 2, 4, D), torch.randn(1, 1, 4, D), torch.randn(1, 1, 4, D)
-    torch.library.opcheck(qaq.kv_qaq_attention_, (q, k, v, torch.arange(4), [kb[n] for n in names],
+    pos = torch.arange(6, 10) if retain else torch.arange(4)
+    torch.library.opcheck(qaq.kv_qaq_attention_, (q, k, v, pos, [kb[n] for n in names],
                                                   [vb[n] for n in names], state, ";".join(config.tiers), ";".join(config.tiers),
                                                   [6, 6], [6, 6],
-                                                  0.1, 3, 0.95, 1, 12, None, torch.arange(4), D**-0.5))
+                                                  0.1, 3, 0.95, 1, 12, None, pos, D**-0.5))
 
 
 def test_static_key_tier_codes_each_channel_against_its_calibrated_range():
@@ -324,3 +330,74 @@ def test_value_tiers_with_a_calibrated_lut_per_layer():
     report = qm.cache_report()
     real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
     assert report.nbytes == real
+
+
+def _run_op(config, capacity, calls, retain_bufs=True):
+    """Run the op over ``calls`` (q, k, v, positions) on fresh single-head buffers; returns them."""
+    max_len = sum(capacity)
+    layout = qaq.TierLayout(config, tuple(capacity), 1, 1, max_len, D, torch.float32)
+    kb, vb = layout.allocate("cpu"), layout.allocate("cpu")
+    names = [n for n in kb if n.startswith("t")]
+    state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 1, 3)]
+    if config.retain:
+        state += [kb["retained"], vb["retained"]]
+    for q, k, v, pos in calls:
+        qaq.kv_qaq_attention_(q, k, v, pos, [kb[n] for n in names], [vb[n] for n in names], state,
+                              ";".join(config.tiers), ";".join(config.tiers), list(capacity), list(capacity),
+                              config.eps, config.window, 0.95, 0, max_len, None, pos, D**-0.5)
+    return kb, vb, names
+
+
+def test_retained_copy_moves_a_token_up_when_its_attention_rises():
+    # 12 tokens under near-uniform attention: slot 8 gets ~1/9 in its window, 1 bit, the int2 tier. A 13th query
+    # aimed at slot 8's key gives it ~all the attention: with the retained copy its value moves to the fp16 tier
+    # (its fp16 rounding) and the int2 entries after it shift down by one, re-coded; without the copy it stays int2.
+    g = torch.Generator().manual_seed(0)
+    t = 12
+    k, v = torch.randn(1, 1, t + 1, D, generator=g), torch.randn(1, 1, t + 1, D, generator=g)
+    q = torch.randn(1, 2, t, D, generator=g) * 0.01
+    q_hit = (k[:, :, 8:9] * 20).expand(1, 2, 1, D)
+    calls = [(q, k[:, :, :t], v[:, :, :t], torch.arange(t)), (q_hit, k[:, :, t:], v[:, :, t:], torch.tensor([t]))]
+    tiers = ("int2:per_token", "fp16")
+    for retain in (False, True):
+        config = QAQConfig(eps=0.5, window=3, tiers=tiers, sink=0, retain=retain)
+        kb, vb, names = _run_op(config, (t + 1, t + 1), calls[:1])
+        assert vb["map"][0, 0, 8] == 1  # int2 after the prompt
+        kb, vb, names = _run_op(config, (t + 1, t + 1), calls)
+        specs = [qaq.parse_cache_spec(s) for s in tiers]
+        back = qaq.read(qaq.split_buffers([vb[n] for n in names], specs), specs, vb["map"], t - 1, D, torch.float32)
+        if not retain:
+            assert vb["map"][0, 0, 8] == 1 and not torch.equal(back[0, 0, 8], v[0, 0, 8])
+            continue
+        assert vb["map"][0, 0, 8] == 2 and torch.equal(back[0, 0, 8], v[0, 0, 8].half().float())
+        assert torch.equal(vb["retained"][..., :t + 1, :], v)
+        # every decided slot reads back as its own copy coded in the tier the map gives it
+        for tier, spec in enumerate(specs):
+            sel = vb["map"][0, 0, :t - 1] == tier + 1
+            x = v[:, :, :t - 1][:, :, sel]
+            ref = kvpass.formats.dequantize(kvpass.formats.quantize(x, spec.format))
+            torch.testing.assert_close(back[:, :, :t - 1][:, :, sel], ref, rtol=0, atol=0)
+        # no room in the fp16 tier: nothing moves, nothing breaks
+        kb, vb, names = _run_op(config, (2 * t, 1), calls)
+        assert vb["map"][0, 0, 8] == 1
+
+
+def test_retained_copy_is_counted_and_generates():
+    model = build("llama")
+    plain = method(target=8.0)
+    # the same method with the copy (the calibration does not depend on it, so it is shared)
+    kept = dataclasses.replace(plain, qaq=dataclasses.replace(plain.qaq, retain=True))
+    assert kept.nominal_bits() == pytest.approx(plain.nominal_bits() + 16)
+    cal = kvpass.calibrate(model, calibration_ids(), kept, n_samples=2, seq_len=96)
+    qm = kvpass.compile(model, kept, max_cache_len=64, batch_size=2, calibration=cal)
+    base = kvpass.compile(model, plain, max_cache_len=64, batch_size=2, calibration=cal)
+    ids, mask = prompt(2, length=30)
+    assert qm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).shape == (2, 38)
+    report = qm.cache_report()
+    real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
+    copies = sum(2 * 2 * site.kv_heads * 64 * site.head_dim * 4 for site in qm.sites)  # k and v, batch 2, fp32
+    assert report.nbytes == real == base.cache_report().nbytes + copies
+    fp = kvpass.compile(model, "fp16", max_cache_len=64, batch_size=2)(ids, attention_mask=mask)
+    qm.reset()
+    moved = qm(ids, attention_mask=mask)
+    assert (moved - fp).abs().amax() > 1e-4  # still quantized: the copy is for re-coding, not for reading

@@ -80,7 +80,8 @@ class MethodConfig:
         elements = 2 * tokens * head_dim
         if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
             ring = self.qaq.ring * (2 * head_dim * 2 + 4) + qnorm_stats_nbytes(1, 1)
-            return (self.qaq.target_bits or float("nan")) + 8.0 * ring / elements
+            retained = 16.0 if self.qaq.retain else 0.0  # the model-precision copy of every token (fp16 here)
+            return (self.qaq.target_bits or float("nan")) + retained + 8.0 * ring / elements
         total = 0.0
         if self.keeps_low_precision:
             total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes

@@ -145,6 +145,8 @@ def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, c
     k_bufs = [names[n] for n in names if n.startswith("k_t")]
     v_bufs = [names[n] for n in names if n.startswith("v_t")]
     state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], f"{prefix}_q_stats"]
+    if "k_retained" in names:
+        state += [names["k_retained"], names["v_retained"]]
     kt, vt = layout.tiers
     positions_node(gm, site.key)
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
