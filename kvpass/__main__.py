@@ -32,6 +32,7 @@ def eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, help="number of perplexity windows (default 4; --quick 1)")
     p.add_argument("--passkey-lengths", type=_ints, help="comma-separated prompt lengths, e.g. 1k,2k,4k,8k")
     p.add_argument("--passkey-depths", type=_floats, help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--passkey-trials", type=int, help="prompts per passkey cell, each with its own key (default 1)")
     p.add_argument("--memory-budget-gb", type=float, help="budget for the 'context that fits' column (default 1)")
     p.add_argument("--calibration-samples", type=int, help="calibration windows for calibrated methods (default 16)")
     p.add_argument("--calibration-len", type=int, help="tokens per calibration window (default 2048)")
@@ -54,7 +55,8 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
             setattr(cfg, k, v)
     overrides = {"model": args.model, "gguf_file": args.gguf_file, "text": args.text, "dataset": args.dataset,
                  "context": args.context, "windows": args.windows, "passkey_lengths": args.passkey_lengths,
-                 "passkey_depths": args.passkey_depths, "memory_budget_gb": args.memory_budget_gb,
+                 "passkey_depths": args.passkey_depths, "passkey_trials": args.passkey_trials,
+                 "memory_budget_gb": args.memory_budget_gb,
                  "calibration_samples": args.calibration_samples, "calibration_len": args.calibration_len}
     names = {f.name for f in fields(cfg)}
     for k, v in overrides.items():

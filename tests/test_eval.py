@@ -88,6 +88,23 @@ def test_passkey_prompt_puts_the_key_where_it_says(tiny, tiny_model_dir, haystac
     assert tiny.tokenizer.decode(p.ids[0]).endswith("The pass key is")
 
 
+def test_passkey_trials_are_separate_prompts_of_each_cell(tiny, tiny_model_dir):
+    from kvpass.eval.runner import EvalConfig, passkey_cells
+
+    text = (tiny_model_dir / "text.txt").read_text()
+    cfg = EvalConfig(passkey_lengths=[200, 300], passkey_depths=[0.5], passkey_trials=3)
+    cells = passkey_cells(cfg, tiny.tokenizer, text, max_len=400)
+    assert len(cells) == 2 * 1 * 2 * 3  # lengths x depths x haystacks x trials
+    assert len({c.key for c in cells}) == len(cells)
+    for c in cells:  # every trial still holds its own key where it says
+        assert str(c.key) in tiny.tokenizer.decode(c.ids[0, c.key_token_start:c.key_token_end])
+    real = [c for c in cells if c.haystack == "text" and c.ids.shape[1] > 250]
+    heads = {tuple(c.ids[0, :c.key_token_start].tolist()) for c in real}
+    assert len(real) == 3 and len(heads) == 3  # each trial reads another stretch of the text
+    once = passkey_cells(EvalConfig(passkey_lengths=[200], passkey_depths=[0.5]), tiny.tokenizer, text, 400)
+    assert [c.key for c in once] == passkey.keys(2)  # one trial: the prompts of earlier runs
+
+
 def test_passkey_scorer():
     assert passkey.score(" 71432. Remember it.", 71432)
     assert passkey.score("The pass key is 71432", 71432)
@@ -141,6 +158,8 @@ def test_cli_errors(tiny_model_dir, tmp_path, monkeypatch):
     assert code == 2 and "text is shorter than one window" in err and "--context" in err
     code, err = run_cli("eval", "--model", str(tiny_model_dir), "--methods", "fp16,int5", "--no-peers")
     assert code == 2 and "unknown method 'int5'" in err and "hf-quanto-int4" in err
+    code, err = run_cli("eval", "--model", str(tiny_model_dir), "--no-peers", "--passkey-trials", "0")
+    assert code == 2 and "--passkey-trials must be at least 1" in err
     monkeypatch.setattr(Peer, "installed", property(lambda self: False))
     code, err = run_cli("eval", "--model", str(tiny_model_dir), "--methods", "hf-hqq-int2")
     assert code == 2 and "needs hqq" in err and "kvpass[eval]" in err

@@ -34,8 +34,10 @@ class PasskeyPrompt:
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = "synthetic",
-                text: str | None = None) -> PasskeyPrompt:
-    """A prompt of about ``length`` tokens with the needle at ``depth`` of the haystack (0 = start, 1 = end)."""
+                text: str | None = None, offset: int = 0) -> PasskeyPrompt:
+    """A prompt of about ``length`` tokens with the needle at ``depth`` of the haystack (0 = start, 1 = end).
+    A real-text haystack starts ``offset`` tokens into ``text`` (wrapping around), so repeated trials of one cell
+    read different text."""
     enc = lambda s: tokenizer(s, add_special_tokens=False).input_ids
     head, tail, pin = enc(INTRO), enc(QUESTION), enc(needle(key))
     budget = length - len(head) - len(tail) - len(pin)
@@ -49,9 +51,9 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = 
     else:
         if not text:
             raise KVPassError("a real-text haystack needs text; pass --text or use the synthetic haystack only")
-        filler = enc(text)[:budget]
-        if len(filler) < budget:
-            filler = (filler * (budget // max(1, len(filler)) + 1))[:budget]
+        whole = enc(text)
+        start = offset % max(1, len(whole))
+        filler = (whole[start:] + whole * (budget // max(1, len(whole)) + 1))[:budget]
     cut = round(depth * budget)
     tokens = head + filler[:cut] + pin + filler[cut:] + tail
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -39,6 +39,7 @@ class EvalConfig:
     passkey_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     haystacks: list[str] = field(default_factory=lambda: ["synthetic", "text"])
+    passkey_trials: int = 1  # prompts per cell (another key and, in real text, another stretch of it)
     passkey_new_tokens: int = 8
     decode_steps: int = 16
     calibration_samples: int = 16
@@ -89,11 +90,13 @@ def validate_methods(names: list[str]) -> None:
 def passkey_cells(cfg: EvalConfig, tokenizer, haystack_text: str, max_len: int) -> list[passkey.PasskeyPrompt]:
     cells = []
     lengths = [n for n in cfg.passkey_lengths if n + cfg.passkey_new_tokens <= max_len]
-    secrets = iter(passkey.keys(len(lengths) * len(cfg.passkey_depths) * len(cfg.haystacks)))
+    secrets = iter(passkey.keys(len(lengths) * len(cfg.passkey_depths) * len(cfg.haystacks) * cfg.passkey_trials))
     for length in lengths:
         for depth in cfg.passkey_depths:
             for hay in cfg.haystacks:
-                cells.append(passkey.make_prompt(tokenizer, length, depth, next(secrets), hay, haystack_text))
+                for trial in range(cfg.passkey_trials):
+                    cells.append(passkey.make_prompt(tokenizer, length, depth, next(secrets), hay, haystack_text,
+                                                     offset=trial * length))
     return cells
 
 
@@ -189,6 +192,8 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     wanted = list(PEERS) if cfg.peers is None else cfg.peers
     names += [p for p in wanted if PEERS[p].installed and p not in names]
     validate_methods(names)
+    if cfg.passkey_trials < 1:
+        raise KVPassError(f"--passkey-trials must be at least 1, got {cfg.passkey_trials}")
     loaded = loaded or load(cfg.model, cfg.gguf_file)
     model, tokenizer = loaded.model, loaded.tokenizer
     text = load_text(cfg.text, cfg.dataset)
