@@ -105,6 +105,31 @@ def test_passkey_trials_are_separate_prompts_of_each_cell(tiny, tiny_model_dir):
     assert [c.key for c in once] == passkey.keys(2)  # one trial: the prompts of earlier runs
 
 
+def test_each_run_gets_a_cache_of_its_own_length(tiny, tiny_model_dir, monkeypatch):
+    # budgets are fractions of the cache: h2o's 45% of a cache sized for the longest passkey prompt would keep
+    # every token of a short perplexity window, so each run compiles a cache of its own length
+    from kvpass.eval.runner import EvalConfig, run
+
+    seen, real = [], kvpass.compile
+
+    def spy(captured, method, **kw):
+        qm = real(captured, method, **kw)
+        seen.append((method.name if hasattr(method, "name") else method, qm.max_cache_len))
+        return qm
+
+    monkeypatch.setattr(kvpass, "compile", spy)
+    cfg = EvalConfig(model=str(tiny_model_dir), text=[str(tiny_model_dir / "text.txt")], methods=["h2o"], peers=[],
+                     context=64, windows=1, passkey_lengths=[200, 300], passkey_depths=[0.5], decode_steps=2)
+    result = run(cfg, loaded=tiny)
+    lengths = [n for _, n in seen]
+    assert lengths[0::3] == [64, 64]  # fp16, then h2o: perplexity and speed at the context
+    assert all(208 <= n <= 209 for n in lengths[1::3]) and all(308 <= n <= 309 for n in lengths[2::3])
+    h2o = result["records"][1]
+    assert h2o["method"] == "h2o" and len(h2o["passkey_cells"]) == 4
+    assert h2o["cache_bytes"] == real(kvpass.capture_model(tiny.model, max_cache_len=64, batch_size=1),
+                                      "h2o").cache_report().nbytes
+
+
 def test_passkey_scorer():
     assert passkey.score(" 71432. Remember it.", 71432)
     assert passkey.score("The pass key is 71432", 71432)

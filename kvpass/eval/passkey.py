@@ -31,6 +31,7 @@ class PasskeyPrompt:
     key_token_start: int  # index of the first token of the needle sentence
     key_token_end: int
     haystack: str
+    length: int = 0  # the requested length (``ids`` may hold a token more: BOS)
 
 
 def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = "synthetic",
@@ -60,7 +61,7 @@ def make_prompt(tokenizer, length: int, depth: float, key: int, haystack: str = 
     prefix = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
     ids = torch.tensor([prefix + tokens])
     start = len(prefix) + len(head) + cut
-    return PasskeyPrompt(ids, key, depth, start, start + len(pin), haystack)
+    return PasskeyPrompt(ids, key, depth, start, start + len(pin), haystack, length)
 
 
 def score(generated: str, key: int) -> bool:

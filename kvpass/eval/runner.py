@@ -119,7 +119,19 @@ def summarise_passkey(rec: Record) -> None:
     rec.passkey_accuracy = sum(all_hits) / len(all_hits) if all_hits else None
 
 
+def cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -> tuple[int, dict[int, int]]:
+    """The cache length of the perplexity and speed runs (the context), and of each passkey length (its longest
+    prompt plus the answer). Each run gets a cache of its own length because budgets are fractions of the cache
+    (an eviction method keeping 45% of a 4k cache would keep almost every token of a 2k window)."""
+    need: dict[int, int] = {}
+    for c in cells:
+        need[c.length] = max(need.get(c.length, 0), c.ids.shape[1] + cfg.passkey_new_tokens)
+    return cfg.context, need
+
+
 def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids) -> Record:
+    """One kvpass method; ``captured`` maps a cache length to the model captured with it (see
+    :func:`cache_lengths`)."""
     method = get_method(name)
     rec = Record(name, "kvpass", method.description)
     start = time.perf_counter()
@@ -130,10 +142,23 @@ def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model
                                        seq_len=min(cfg.calibration_len, len(calib_ids)))
         rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
     with PeakMemory() as mem:
-        qm = kvpass.compile(captured, method, prefill_chunk=captured.info.max_cache_len, calibration=calibration)
+        context, passkey_len = cache_lengths(cfg, cells)
+        compiled = {}
+
+        def compiled_for(n: int):
+            if n not in compiled:
+                compiled[n] = kvpass.compile(captured[n], method, prefill_chunk=n, calibration=calibration)
+            return compiled[n]
+
+        qm = compiled_for(context)
         ppl = kvpass_perplexity(qm, wins, desc=f"{name}: perplexity")
-        rec.passkey_cells = run_passkey(
-            name, cells, tokenizer, lambda ids: qm.generate(ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[]))
+        for length in dict.fromkeys(c.length for c in cells):
+            pk = compiled_for(passkey_len[length])
+            rec.passkey_cells += run_passkey(
+                name, [c for c in cells if c.length == length], tokenizer,
+                lambda ids, pk=pk: pk.generate(ids, max_new_tokens=cfg.passkey_new_tokens, eos_token_id=[]))
+            if pk is not qm:
+                del compiled[passkey_len[length]]  # one passkey cache at a time
         rec.decode_tokens_per_s = decode_tokens_per_s(qm, min(cfg.context, qm.max_cache_len - cfg.decode_steps),
                                                       cfg.decode_steps, vocab, reset=qm.reset)
     report = qm.cache_report()
@@ -212,8 +237,11 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     console.print(f"[bold]kvpass eval[/]: {loaded.name}, {len(wins)} window(s) of {cfg.context} tokens, "
                   f"{len(cells)} passkey prompts, methods: {', '.join(names)}")
     start = time.perf_counter()
-    captured = kvpass.capture_model(model, max_cache_len=max_len, batch_size=1)
-    console.print(f"captured the model in {time.perf_counter() - start:.0f} s")
+    context, passkey_len = cache_lengths(cfg, cells)
+    captured = {n: kvpass.capture_model(model, max_cache_len=n, batch_size=1)
+                for n in sorted({context, *passkey_len.values()})}
+    console.print(f"captured the model with caches of {', '.join(map(str, captured))} tokens in "
+                  f"{time.perf_counter() - start:.0f} s")
     records = []
     for name in tqdm(names, desc="methods", unit="method"):
         try:
