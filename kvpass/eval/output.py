@@ -52,14 +52,19 @@ def write_plots(result: dict, directory: str | Path) -> list[Path]:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in result["records"]:
-        if r["perplexity"] is None or r["bits_per_element"] is None:
-            continue
-        ax.scatter(r["bits_per_element"], r["perplexity"], marker="o" if r["kind"] == "kvpass" else "s")
-        ax.annotate(r["method"], (r["bits_per_element"], r["perplexity"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
-    ax.set_xlabel("bits per element (keys and values, metadata included)")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    shown = [r for r in result["records"] if r["perplexity"] is not None and r["bits_per_element"] is not None]
+    colors = plt.get_cmap("tab20")
+    for i, r in enumerate(shown):
+        # a legend instead of labels at the points: the 4-5 bit methods sit on top of each other
+        ax.scatter(r["bits_per_element"], r["perplexity"], color=colors(i % 20), label=r["method"],
+                   marker="o" if r["kind"] == "kvpass" else "s", edgecolors="black", linewidths=0.4)
+    if shown:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="o kvpass, □ peer",
+                  title_fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 3, 4, 6, 8, 12, 16, 32], ["2", "3", "4", "6", "8", "12", "16", "32"])
+    ax.set_xlabel("bits per element (keys and values, metadata included; log scale)")
     ax.set_ylabel(f"perplexity (context {result['context']}, log scale)")
     ax.set_yscale("log")
     ax.set_title(f"{result['model']}: perplexity vs cache size")
@@ -72,19 +77,27 @@ def write_plots(result: dict, directory: str | Path) -> list[Path]:
     if records:
         lengths = sorted({c["length"] for r in records for c in r["passkey_cells"]})
         depths = sorted({c["depth"] for r in records for c in r["passkey_cells"]})
-        fig, axes = plt.subplots(1, len(records), figsize=(2.2 * len(records) + 1, 2.6), squeeze=False)
-        for ax, r in zip(axes[0], records):
+        cols = min(6, len(records))
+        rows = -(-len(records) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 1, 2.2 * rows + 0.6), squeeze=False)
+        for ax in axes.flat[len(records):]:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, records):
             grid = [[0.0] * len(lengths) for _ in depths]
             for i, d in enumerate(depths):
                 for j, n in enumerate(lengths):
                     hits = [c["correct"] for c in r["passkey_cells"] if c["depth"] == d and c["length"] == n]
                     grid[i][j] = sum(hits) / len(hits) if hits else float("nan")
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for i, row in enumerate(grid):
+                for j, acc in enumerate(row):
+                    ax.text(j, i, "-" if acc != acc else f"{acc:.0%}", ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             ax.set_title(r["method"], fontsize=8)
             ax.set_xlabel("prompt tokens", fontsize=7)
-        axes[0][0].set_ylabel("needle depth", fontsize=7)
+        for row in axes:
+            row[0].set_ylabel("needle depth", fontsize=7)
         fig.suptitle("passkey accuracy (both haystacks)", fontsize=9)
         fig.tight_layout()
         paths.append(out / "passkey_heatmap.png")
