@@ -361,9 +361,9 @@ def test_retained_copy_moves_a_token_up_when_its_attention_rises():
     tiers = ("int2:per_token", "fp16")
     for retain in (False, True):
         config = QAQConfig(eps=0.5, window=3, tiers=tiers, sink=0, retain=retain)
-        kb, vb, names = _run_op(config, (t + 1, t + 1), calls[:1])
+        _, vb, names = _run_op(config, (t + 1, t + 1), calls[:1])
         assert vb["map"][0, 0, 8] == 1  # int2 after the prompt
-        kb, vb, names = _run_op(config, (t + 1, t + 1), calls)
+        _, vb, names = _run_op(config, (t + 1, t + 1), calls)
         specs = [qaq.parse_cache_spec(s) for s in tiers]
         back = qaq.read(qaq.split_buffers([vb[n] for n in names], specs), specs, vb["map"], t - 1, D, torch.float32)
         if not retain:
@@ -378,7 +378,7 @@ def test_retained_copy_moves_a_token_up_when_its_attention_rises():
             ref = kvpass.formats.dequantize(kvpass.formats.quantize(x, spec.format))
             torch.testing.assert_close(back[:, :, :t - 1][:, :, sel], ref, rtol=0, atol=0)
         # no room in the fp16 tier: nothing moves, nothing breaks
-        kb, vb, names = _run_op(config, (2 * t, 1), calls)
+        _, vb, names = _run_op(config, (2 * t, 1), calls)
         assert vb["map"][0, 0, 8] == 1
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -91,7 +92,7 @@ def write_plots(result: dict, directory: str | Path) -> list[Path]:
             ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
             for i, row in enumerate(grid):
                 for j, acc in enumerate(row):
-                    ax.text(j, i, "-" if acc != acc else f"{acc:.0%}", ha="center", va="center", fontsize=7)
+                    ax.text(j, i, "-" if math.isnan(acc) else f"{acc:.0%}", ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             ax.set_title(r["method"], fontsize=8)
