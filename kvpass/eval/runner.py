@@ -119,19 +119,19 @@ def summarise_passkey(rec: Record) -> None:
     rec.passkey_accuracy = sum(all_hits) / len(all_hits) if all_hits else None
 
 
-def cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -> tuple[int, dict[int, int]]:
-    """The cache length of the perplexity and speed runs (the context), and of each passkey length (its longest
-    prompt plus the answer). Each run gets a cache of its own length because budgets are fractions of the cache
-    (an eviction method keeping 45% of a 4k cache would keep almost every token of a 2k window)."""
+def passkey_cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -> dict[int, int]:
+    """The cache length of each passkey length: its longest prompt plus the answer. Perplexity and speed run on a
+    cache of ``cfg.context`` slots. Each run gets a cache of its own length because budgets are fractions of the
+    cache (an eviction method keeping 45% of a 4k cache would keep almost every token of a 2k window)."""
     need: dict[int, int] = {}
     for c in cells:
         need[c.length] = max(need.get(c.length, 0), c.ids.shape[1] + cfg.passkey_new_tokens)
-    return cfg.context, need
+    return need
 
 
-def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids) -> Record:
-    """One kvpass method; ``captured`` maps a cache length to the model captured with it (see
-    :func:`cache_lengths`)."""
+def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids) -> Record:
+    """One kvpass method; ``captured`` maps a cache length to the model captured with it, ``passkey_len`` a passkey
+    length to its cache length (:func:`passkey_cache_lengths`)."""
     method = get_method(name)
     rec = Record(name, "kvpass", method.description)
     start = time.perf_counter()
@@ -142,7 +142,6 @@ def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model
                                        seq_len=min(cfg.calibration_len, len(calib_ids)))
         rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
     with PeakMemory() as mem:
-        context, passkey_len = cache_lengths(cfg, cells)
         compiled = {}
 
         def compiled_for(n: int):
@@ -150,7 +149,7 @@ def run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model
                 compiled[n] = kvpass.compile(captured[n], method, prefill_chunk=n, calibration=calibration)
             return compiled[n]
 
-        qm = compiled_for(context)
+        qm = compiled_for(cfg.context)
         ppl = kvpass_perplexity(qm, wins, desc=f"{name}: perplexity")
         for length in dict.fromkeys(c.length for c in cells):
             pk = compiled_for(passkey_len[length])
@@ -237,9 +236,9 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     console.print(f"[bold]kvpass eval[/]: {loaded.name}, {len(wins)} window(s) of {cfg.context} tokens, "
                   f"{len(cells)} passkey prompts, methods: {', '.join(names)}")
     start = time.perf_counter()
-    context, passkey_len = cache_lengths(cfg, cells)
+    passkey_len = passkey_cache_lengths(cfg, cells)
     captured = {n: kvpass.capture_model(model, max_cache_len=n, batch_size=1)
-                for n in sorted({context, *passkey_len.values()})}
+                for n in sorted({cfg.context, *passkey_len.values()})}
     console.print(f"captured the model with caches of {', '.join(map(str, captured))} tokens in "
                   f"{time.perf_counter() - start:.0f} s")
     records = []
@@ -248,7 +247,7 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
             if name in PEERS:
                 records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
             else:
-                records.append(run_kvpass(name, captured, cfg, wins, cells, tokenizer, vocab, budget, model,
+                records.append(run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model,
                                           ids[half:]))
         except Exception as err:  # one broken method (often a peer library) must not lose the others' hour
             if name == REFERENCE:
