@@ -106,7 +106,7 @@ def test_passkey_trials_are_separate_prompts_of_each_cell(tiny, tiny_model_dir):
 
 
 def test_each_run_gets_a_cache_of_its_own_length(tiny, tiny_model_dir, monkeypatch):
-    # budgets are fractions of the cache: h2o's 45% of a cache sized for the longest passkey prompt would keep
+    # budgets are fractions of the cache: h2o's 51% of a cache sized for the longest passkey prompt would keep
     # every token of a short perplexity window, so each run compiles a cache of its own length
     from kvpass.eval.runner import EvalConfig, run
 

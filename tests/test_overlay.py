@@ -94,7 +94,7 @@ def test_importance_methods_generate_and_account_bytes(arch, method):
     slots = qm.graph_module.kvpass_cache_0_overlay_slot - 1
     capacity = qm.method.overlay.capacity(64)
     assert slots.shape[-1] == capacity
-    assert ((slots >= 0).sum(-1) == capacity).all()  # 37 cached tokens fill an overlay of 29 (45%) or 13 (20%)
+    assert ((slots >= 0).sum(-1) == capacity).all()  # 37 cached tokens fill an overlay of 33 (51%) or 13 (20%)
     assert (slots == 36).any(-1).all()  # the newest cached token is always held
     if method == "streaming":
         assert ((slots >= 0) & (slots < 4)).sum(-1).eq(4).all()  # the four sinks stay

@@ -122,7 +122,7 @@ def summarise_passkey(rec: Record) -> None:
 def passkey_cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -> dict[int, int]:
     """The cache length of each passkey length: its longest prompt plus the answer. Perplexity and speed run on a
     cache of ``cfg.context`` slots. Each run gets a cache of its own length because budgets are fractions of the
-    cache (an eviction method keeping 45% of a 4k cache would keep almost every token of a 2k window)."""
+    cache (an eviction method keeping 51% of a 4k cache would keep every token of a 2k window)."""
     need: dict[int, int] = {}
     for c in cells:
         need[c.length] = max(need.get(c.length, 0), c.ids.shape[1] + cfg.passkey_new_tokens)
