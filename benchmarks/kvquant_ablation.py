@@ -7,15 +7,15 @@ the bundled text, as ``kvpass eval --calibration-samples 8 --calibration-len 102
 from them, so a variant costs one compile and one perplexity pass (~30 s on 2 cores) instead of a calibration.
 
 Run: ``python benchmarks/kvquant_ablation.py --out benchmarks/RESULTS.md`` (needs the ``eval`` extra and the
-bundled model: ``make demo`` installs both). ``--variants a,b`` runs some; ``--list`` names them all.
+bundled model: ``make demo`` installs both). ``--variant NAME`` (repeatable) runs some; ``--list`` names them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 
-import torch
 from tqdm import tqdm
 
 # name: (key spec, value spec, keys before RoPE, Fisher weights of the LUT fit: "fisher" or "ones")
@@ -47,25 +47,11 @@ DEFAULT = ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid
            "2: keys only, no Q-Norm", "kvquant-2bit-1%"]
 
 
-def fit(method, acts: dict, weights: str) -> dict[str, torch.Tensor]:
-    from kvpass.calibrate import fit_statics
-
-    tensors = {}
-    layers = sorted({int(k.split(".")[0]) for k in acts})
-    for layer in layers:
-        for which in "kv":
-            act, fisher = torch.stack(acts[f"{layer}.{which}"]), torch.stack(acts[f"{layer}.{which}.fisher"])
-            if weights == "ones":
-                fisher = torch.ones_like(fisher)
-            cs = method.key_spec(act.shape[-1]) if which == "k" else method.value_spec(act.shape[-1])
-            for name, x in fit_statics(cs, act, fisher, 0).items():
-                tensors[f"{layer}.{which}.{name}"] = x.contiguous()
-    return tensors
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", help="comma-separated names (default: the keys/values split at 4, 3 and 2 bits)")
+    p.add_argument("--variant", action="append", dest="variants",
+                   help="a variant to run, repeatable (names contain commas; default: the keys/values split at 4, 3 "
+                        "and 2 bits)")
     p.add_argument("--list", action="store_true", help="print every variant's name and specs and exit")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
@@ -75,14 +61,15 @@ def main() -> None:
         for name, (k, v, pre, w) in VARIANTS.items():
             print(f"{name}: keys {k}{'' if pre else ' (after RoPE)'}, values {v}, LUT weights {w}")
         return
-    names = args.variants.split(",") if args.variants else DEFAULT
+    names = args.variants or DEFAULT
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; --list names them")
 
     import kvpass
-    from kvpass.calibrate import Calibration, config_hash, record, token_samples
+    from kvpass.calibrate import Calibration, config_hash, fit_recorded, record, token_samples
     from kvpass.eval.data import adds_bos, load_text, tokenize, windows
+    from kvpass.eval.output import add_results_section
     from kvpass.eval.perplexity import kvpass_perplexity
     from kvpass.eval.runner import environment
     from kvpass.methods import MethodConfig, get_method
@@ -97,13 +84,17 @@ def main() -> None:
     samples = token_samples([ids[half:]], None, 8, 1024, 0)
     acts = {pre: record(loaded.model, samples, get_method("kvquant-4bit-1%" if pre else "int4"))
             for pre in sorted({VARIANTS[n][2] for n in names})}
+    layers = sorted({int(k.split(".")[0]) for k in acts[next(iter(acts))]})
     rows = []
     for name in tqdm(names, desc="variants", unit="variant"):
         k, v, pre, weights = VARIANTS[name]
         start = time.perf_counter()
         m = MethodConfig(name, name, k + "|sink=1" if k != "none" else k, v + "|sink=1" if v != "none" else v,
                          pre_rope_keys=pre)
-        cal = Calibration(name, config_hash(loaded.model), fit(m, acts[pre], weights)) if m.uses_calibration else None
+        cal = None
+        if m.uses_calibration:
+            fitted = fit_recorded(acts[pre], layers, m, fisher_weights=weights == "fisher")
+            cal = Calibration(name, config_hash(loaded.model), fitted)
         qm = kvpass.compile(captured, m, prefill_chunk=args.context, calibration=cal)
         ppl = kvpass_perplexity(qm, wins, desc=name).perplexity
         rows.append((name, k, v, pre, weights, qm.cache_report().bits_per_element, ppl, time.perf_counter() - start))
@@ -112,8 +103,8 @@ def main() -> None:
     lines = [f"## KVQuant ablation, {loaded.name} — {env['date']}", "",
              f"Machine: {env['machine']} ({env['device']}); versions: "
              + ", ".join(f"{a} {b}" for a, b in env["versions"].items()), "",
-             (f"Command: `python benchmarks/kvquant_ablation.py{' --variants ' + repr(args.variants) if args.variants else ''}"
-             f" --out ...`"), "",
+             "Command: `python benchmarks/kvquant_ablation.py"
+             + "".join(f" --variant {shlex.quote(n)}" for n in args.variants or []) + " --out ...`", "",
              (f"Perplexity over {args.windows} window(s) of {args.context} tokens (the windows of `kvpass eval`), one "
              "calibration recording (8 x 1024 tokens) for every variant; the side not named is kept at model "
              "precision (bits/elem then count it at 32)."), "",
@@ -125,12 +116,7 @@ def main() -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out:
-        from pathlib import Path
-
-        path = Path(args.out)
-        old = path.read_text() if path.exists() else "# Results\n"
-        head, sep, rest = old.partition("\n## ")
-        path.write_text(head.rstrip() + "\n\n" + section + (sep + rest if sep else ""))
+        add_results_section(args.out, section)
 
 
 if __name__ == "__main__":

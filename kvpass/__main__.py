@@ -78,18 +78,8 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
         for path in output.write_plots(result, args.plots):
             console.print(f"wrote {path}")
     if args.results_md:
-        from pathlib import Path
-
-        path = Path(args.results_md)
-        header = "" if path.exists() else "# Results\n\nWritten by `kvpass eval --results-md`; newest first.\n\n"
-        old = path.read_text() if path.exists() else ""
-        body = old.split("\n## ", 1)
-        section = output.markdown(result, "kvpass " + shlex.join(argv))
-        if old and len(body) == 2:
-            path.write_text(body[0].rstrip() + "\n\n" + section + "\n## " + body[1])
-        else:
-            path.write_text((old or header) + section)
-        console.print(f"wrote {path}")
+        output.add_results_section(args.results_md, output.markdown(result, "kvpass " + shlex.join(argv)))
+        console.print(f"wrote {args.results_md}")
 
 
 def print_methods() -> None:

@@ -284,20 +284,29 @@ def calibrate(
     samples = token_samples(texts, tokenizer, n_samples, seq_len, seed)
     model.eval()
     acts = record(model, samples, m)
-    tensors: dict[str, torch.Tensor] = {}
     layers = sorted({int(k.split(".")[0]) for k in acts})
     meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     if m.qaq is not None:
         tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq, seed)
         return Calibration(m.name, config_hash(model), tensors, meta)
+    return Calibration(m.name, config_hash(model), fit_recorded(acts, layers, m, seed), meta)
+
+
+def fit_recorded(acts: dict[str, list[torch.Tensor]], layers: list[int], method: MethodConfig, seed: int = 0,
+                 fisher_weights: bool = True) -> dict[str, torch.Tensor]:
+    """Every layer's static key and value tensors (``"{layer}.{k|v}.{name}"``) fitted from :func:`record`'s output.
+    ``fisher_weights=False`` fits the LUTs by plain k-means (every sample weighted 1)."""
+    tensors: dict[str, torch.Tensor] = {}
     for layer in layers:
         for which in ("k", "v"):
             act = torch.stack(acts[f"{layer}.{which}"])  # [N, H, T, D]
             fisher = torch.stack(acts[f"{layer}.{which}.fisher"])
-            cs = m.key_spec(act.shape[-1]) if which == "k" else m.value_spec(act.shape[-1])
+            if not fisher_weights:
+                fisher = torch.ones_like(fisher)
+            cs = method.key_spec(act.shape[-1]) if which == "k" else method.value_spec(act.shape[-1])
             for name, t in fit_statics(cs, act, fisher, seed).items():
                 tensors[f"{layer}.{which}.{name}"] = t.contiguous()
-    return Calibration(m.name, config_hash(model), tensors, meta)
+    return tensors
 
 
 def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0

@@ -121,9 +121,8 @@ def test_each_run_gets_a_cache_of_its_own_length(tiny, tiny_model_dir, monkeypat
     cfg = EvalConfig(model=str(tiny_model_dir), text=[str(tiny_model_dir / "text.txt")], methods=["h2o"], peers=[],
                      context=64, windows=1, passkey_lengths=[200, 300], passkey_depths=[0.5], decode_steps=2)
     result = run(cfg, loaded=tiny)
-    lengths = seen
-    assert lengths[0::3] == [64, 64]  # fp16, then h2o: perplexity and speed at the context
-    assert all(208 <= n <= 209 for n in lengths[1::3]) and all(308 <= n <= 309 for n in lengths[2::3])
+    assert seen[0::3] == [64, 64]  # fp16, then h2o: perplexity and speed at the context
+    assert all(208 <= n <= 209 for n in seen[1::3]) and all(308 <= n <= 309 for n in seen[2::3])
     h2o = result["records"][1]
     assert h2o["method"] == "h2o" and len(h2o["passkey_cells"]) == 4
     assert h2o["cache_bytes"] == real(kvpass.capture_model(tiny.model, max_cache_len=64, batch_size=1),
@@ -137,6 +136,21 @@ def test_passkey_scorer():
     assert not passkey.score(" 12345 and 71432", 71432)
     assert not passkey.score("", 71432)
     assert not passkey.score(" 714320", 71432)
+
+
+def test_results_sections_go_newest_first(tmp_path):
+    from kvpass.eval.output import add_results_section
+
+    md = tmp_path / "RESULTS.md"
+    add_results_section(md, "## one\n\nfirst\n")
+    assert md.read_text() == "# Results\n\nWritten by `kvpass eval --results-md`; newest first.\n\n## one\n\nfirst\n"
+    add_results_section(md, "## two\n\nsecond\n")
+    assert md.read_text() == ("# Results\n\nWritten by `kvpass eval --results-md`; newest first.\n\n## two\n\nsecond\n"
+                              "\n## one\n\nfirst\n")
+    bare = tmp_path / "notes.md"
+    bare.write_text("no sections yet\n")
+    add_results_section(bare, "## one\n")
+    assert bare.read_text() == "no sections yet\n## one\n"
 
 
 def test_cli_end_to_end(tiny_model_dir, tmp_path):

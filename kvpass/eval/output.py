@@ -137,3 +137,16 @@ def markdown(result: dict, command: str) -> str:
     if failed:
         lines += ["", "Failed in this run: " + "; ".join(f"`{r['method']}`: {r['error']}" for r in failed)]
     return "\n".join(lines) + "\n"
+
+
+def add_results_section(path: str | Path, section: str) -> None:
+    """Put ``section`` (starting ``## ``) first among the sections of the RESULTS file at ``path`` (newest first),
+    creating it with its header when missing."""
+    path = Path(path)
+    if not path.exists():
+        path.write_text("# Results\n\nWritten by `kvpass eval --results-md`; newest first.\n\n" + section)
+        return
+    old = path.read_text()
+    head, sep, rest = old.partition("\n## ")
+    path.write_text(head.rstrip() + "\n\n" + section + sep + rest if sep else old + section)
+
