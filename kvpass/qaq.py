@@ -323,15 +323,15 @@ class TierLayout:
 
     def allocate(self, device) -> dict[str, torch.Tensor]:
         """Every buffer by name: the tier stores (per-token buffers, then calibrated tensors with placeholder
-        values), the tier map, the window ring and its attention."""
+        values; empty in a tier of capacity 0), the tier map, the window ring and its attention."""
         b, h, r = self.batch, self.heads, self.config.ring
         out = {}
         for t, layout in enumerate(self.tiers()):
             for name, (shape, dtype) in layout.buffer_specs().items():
                 out[f"t{t}_{name}"] = torch.zeros(shape, dtype=dtype, device=device)
             static = layout.default_static()
-            for name in static_names(layout.spec):
-                out[f"t{t}_{name}"] = static[name].to(device)
+            for name in static_names(layout.spec):  # a tier without entries is never coded: no calibrated tensors
+                out[f"t{t}_{name}"] = static[name].to(device) if layout.max_len else static[name].new_zeros(0, device=device)
         out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
         out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.dtype, device=device)
         if self.config.retain:

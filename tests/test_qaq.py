@@ -288,8 +288,10 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
     for layout in qm.layouts:  # the closed form: per-token bytes per entry, each tier's calibrated tensors once
         kt, vt = layout.tiers
         b, h = kt.batch, kt.heads
-        static = 2 * h * D * 2 + h * D * 2 + 8 + 2 * h * D * 2 + h * D * 2 + h * D * 4 * 2 + h * D * 16 * 2
-        expected = static + b * h * (kt.config.ring * 4 + 3 * 4)
+        # the key tiers' lo, hi, sensitivity and LUT per head and channel (and Q-Norm's 8 bytes), only in a tier
+        # that has entries
+        static = [2 * h * D * 2 + h * D * 2 + h * D * 4 * 2 + 8, 2 * h * D * 2 + h * D * 2 + h * D * 16 * 2]
+        expected = sum(st for st, c in zip(static, kt.capacity) if c) + b * h * (kt.config.ring * 4 + 3 * 4)
         for tl, which in ((kt, "k"), (vt, "v")):
             per_token = [qaq.token_nbytes(s, D, tl.dtype) for s in tl.config.tiers_for(which)]
             expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + tl.max_len + tl.config.ring * D * 4)
@@ -401,3 +403,32 @@ def test_retained_copy_is_counted_and_generates():
     qm.reset()
     moved = qm(ids, attention_mask=mask)
     assert (moved - fp).abs().amax() > 1e-4  # still quantized: the copy is for re-coding, not for reading
+
+
+def test_a_tier_without_entries_holds_no_calibrated_tensors():
+    config = QAQConfig(eps=1e-9, window=3, tiers=("int4:per_token", "none"),
+                       key_tiers=("int4:per_channel:static", "none"))
+    empty = qaq.TierLayout(config, (0, 12), 1, 2, 12, D, torch.float32, keys=True)
+    some = qaq.TierLayout(config, (6, 6), 1, 2, 12, D, torch.float32, keys=True)
+    kb = empty.allocate("cpu")
+    assert kb["t0_lo"].numel() == kb["t0_hi"].numel() == 0
+    full_static = sum(t.numel() * t.element_size() for n, t in some.allocate("cpu").items() if n in some.static_buffers())
+    assert full_static == 2 * 2 * D * 2  # lo and hi, fp16, per head and channel
+    entries = 6 * 2 * (qaq.token_nbytes("none", D, torch.float32) - qaq.token_nbytes("int4:per_channel:static", D,
+                                                                                    torch.float32))
+    assert empty.nbytes - some.nbytes == entries - full_static
+    # the op runs with the empty tensors: every token goes to the model-precision tier, so attention is exact
+    vb = qaq.TierLayout(config, (0, 12), 1, 2, 12, D, torch.float32, holds_score=False, keys=False).allocate("cpu")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 9, D, generator=g), torch.randn(1, 2, 9, D, generator=g),
+               torch.randn(1, 2, 9, D, generator=g))
+    state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 2, 3)]
+    pos = torch.arange(9)
+    out = qaq.kv_qaq_attention_(q, k, v, pos, [t for n, t in kb.items() if n.startswith("t")],
+                                [t for n, t in vb.items() if n.startswith("t")], state,
+                                ";".join(config.tiers), ";".join(config.key_tiers), [0, 12], [0, 12], 1e-9, 3, 0.95,
+                                1, 12, None, pos, D**-0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert (kb["map"][..., :7] == 2).all() and (vb["map"][..., :7] == 2).all()  # decided: the second tier

@@ -131,10 +131,12 @@ def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, c
         fitted = calibration.get((site.index, which), {})
         for name, t in tl.allocate(device).items():
             if name in tl.static_buffers():
-                if name not in fitted:
-                    raise KVPassError(f"layer {site.index}: QAQ tier tensor {which}.{name} is not in the calibration; "
-                                      "calibrate with kvpass.calibrate(model, texts, method=...) for this method")
-                t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
+                if t.numel():  # (a tier of capacity 0 holds none)
+                    if name not in fitted:
+                        raise KVPassError(f"layer {site.index}: QAQ tier tensor {which}.{name} is not in the "
+                                          "calibration; calibrate with kvpass.calibrate(model, texts, method=...) for "
+                                          "this method")
+                    t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
                 # "_static_" in the name keeps KVPassModel.reset() from zeroing calibrated tensors
                 target = f"{prefix}_{which}_static_{name}"
             else:
