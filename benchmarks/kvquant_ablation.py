@@ -14,54 +14,79 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import time
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
-# name: (key spec, value spec, keys before RoPE, Fisher weights of the LUT fit: "fisher" or "ones")
+
+@dataclass(frozen=True)
+class Variant:
+    keys: str
+    values: str
+    pre_rope: bool = True  # keys stored before RoPE
+    weights: str = "fisher"  # the LUT fit's sample weights: "fisher" or "ones"
+    layers: tuple[int, ...] | None = None  # the layers quantized (None: all); the others stay at model precision
+
+
 KEYS = {4: "nuq4:per_channel:static:channel_lut+outliers1%", 3: "nuq3:per_channel:static:channel_lut+outliers1%",
         2: "nuq2:per_channel:static:channel_lut:qnorm+outliers1%"}
 VALUES = {4: "nuq4:per_token+outliers1%", 3: "nuq3:per_token+outliers1%", 2: "nuq2:per_token:qnorm+outliers1%"}
-VARIANTS: dict[str, tuple[str, str, bool, str]] = {"fp16": ("none", "none", True, "fisher")}
+VARIANTS: dict[str, Variant] = {"fp16": Variant("none", "none")}
 for _b in (4, 3, 2):
     VARIANTS |= {
-        f"kvquant-{_b}bit-1%": (KEYS[_b], VALUES[_b], True, "fisher"),
-        f"{_b}: keys only": (KEYS[_b], "none", True, "fisher"),
-        f"{_b}: values only": ("none", VALUES[_b], True, "fisher"),
-        f"{_b}: keys only, uniform grid": (f"int{_b}:per_channel:static+outliers1%", "none", True, "fisher"),
-        f"{_b}: keys only, unweighted LUT": (KEYS[_b], "none", True, "ones"),
-        f"{_b}: values only, uniform grid": ("none", f"int{_b}:per_token+outliers1%", True, "fisher"),
-        f"{_b}: both uniform grid": (f"int{_b}:per_channel:static+outliers1%", f"int{_b}:per_token+outliers1%", True,
-                                     "fisher"),
-        f"{_b}: keys uniform, values LUT": (f"int{_b}:per_channel:static+outliers1%", VALUES[_b], True, "fisher"),
+        f"kvquant-{_b}bit-1%": Variant(KEYS[_b], VALUES[_b]),
+        f"{_b}: keys only": Variant(KEYS[_b], "none"),
+        f"{_b}: values only": Variant("none", VALUES[_b]),
+        f"{_b}: keys only, uniform grid": Variant(f"int{_b}:per_channel:static+outliers1%", "none"),
+        f"{_b}: keys only, unweighted LUT": Variant(KEYS[_b], "none", weights="ones"),
+        f"{_b}: values only, uniform grid": Variant("none", f"int{_b}:per_token+outliers1%"),
+        f"{_b}: both uniform grid": Variant(f"int{_b}:per_channel:static+outliers1%", f"int{_b}:per_token+outliers1%"),
+        f"{_b}: keys uniform, values LUT": Variant(f"int{_b}:per_channel:static+outliers1%", VALUES[_b]),
     }
+    # where the loss comes from along the depth of the bundled model (30 layers): one block of layers coded at a time
+    VARIANTS |= {f"{_b}: layers {a}-{a + 4} only": Variant(KEYS[_b], VALUES[_b], layers=tuple(range(a, a + 5)))
+                 for a in range(0, 30, 5)}
 VARIANTS |= {
-    "4: keys only, after RoPE": (KEYS[4], "none", False, "fisher"),
-    "4: keys only, per token": ("nuq4:per_token+outliers1%", "none", True, "fisher"),
-    "2: keys only, no Q-Norm": (KEYS[2].replace(":qnorm", ""), "none", True, "fisher"),
-    "2: values only, no Q-Norm": ("none", VALUES[2].replace(":qnorm", ""), True, "fisher"),
+    "4: keys only, after RoPE": Variant(KEYS[4], "none", pre_rope=False),
+    "4: keys only, per token": Variant("nuq4:per_token+outliers1%", "none"),
+    "2: keys only, no Q-Norm": Variant(KEYS[2].replace(":qnorm", ""), "none"),
+    "2: values only, no Q-Norm": Variant("none", VALUES[2].replace(":qnorm", "")),
+    "4: layer 0 only": Variant(KEYS[4], VALUES[4], layers=(0,)),
+    "4: layer 1 only": Variant(KEYS[4], VALUES[4], layers=(1,)),
+    "4: layer 1 only, keys": Variant(KEYS[4], "none", layers=(1,)),
+    "4: layer 1 only, values": Variant("none", VALUES[4], layers=(1,)),
+    "4: layer 2 only": Variant(KEYS[4], VALUES[4], layers=(2,)),
+    "4: all but layer 1": Variant(KEYS[4], VALUES[4], layers=(0, *range(2, 30))),
 }
-DEFAULT = ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",
-           "4: both uniform grid", "kvquant-4bit-1%", "3: keys only", "3: values only", "3: keys only, uniform grid",
-           "3: values only, uniform grid", "kvquant-3bit-1%", "2: keys only", "2: values only",
-           "2: keys only, no Q-Norm", "kvquant-2bit-1%"]
+SETS = {
+    "split": ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",
+              "4: both uniform grid", "kvquant-4bit-1%", "3: keys only", "3: values only", "3: keys only, uniform grid",
+              "3: values only, uniform grid", "kvquant-3bit-1%", "2: keys only", "2: values only",
+              "2: keys only, no Q-Norm", "kvquant-2bit-1%"],
+    "layers": ["fp16", *(f"2: layers {a}-{a + 4} only" for a in range(0, 30, 5)), "kvquant-2bit-1%",
+               *(f"4: layers {a}-{a + 4} only" for a in range(0, 30, 5)), "4: layer 0 only", "4: layer 1 only",
+               "4: layer 1 only, keys", "4: layer 1 only, values", "4: layer 2 only", "4: all but layer 1",
+               "kvquant-4bit-1%"],
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", action="append", dest="variants",
-                   help="a variant to run, repeatable (names contain commas; default: the keys/values split at 4, 3 "
-                        "and 2 bits)")
+                   help="a variant to run, repeatable (names contain commas; default: the variants of --set)")
+    p.add_argument("--set", choices=sorted(SETS), default="split",
+                   help="split: keys alone / values alone at 4, 3 and 2 bits with datatype variants; layers: one block "
+                        "of layers quantized at a time")
     p.add_argument("--list", action="store_true", help="print every variant's name and specs and exit")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--out", help="add the Markdown section to this file (newest first)")
     args = p.parse_args()
     if args.list:
-        for name, (k, v, pre, w) in VARIANTS.items():
-            print(f"{name}: keys {k}{'' if pre else ' (after RoPE)'}, values {v}, LUT weights {w}")
+        for name, var in VARIANTS.items():
+            print(f"{name}: {var}")
         return
-    names = args.variants or DEFAULT
+    names = args.variants or SETS[args.set]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; --list names them")
@@ -83,40 +108,56 @@ def main() -> None:
     captured = kvpass.capture_model(loaded.model, max_cache_len=args.context)
     samples = token_samples([ids[half:]], None, 8, 1024, 0)
     acts = {pre: record(loaded.model, samples, get_method("kvquant-4bit-1%" if pre else "int4"))
-            for pre in sorted({VARIANTS[n][2] for n in names})}
+            for pre in sorted({VARIANTS[n].pre_rope for n in names})}
     layers = sorted({int(k.split(".")[0]) for k in acts[next(iter(acts))]})
     rows = []
     for name in tqdm(names, desc="variants", unit="variant"):
-        k, v, pre, weights = VARIANTS[name]
-        start = time.perf_counter()
+        var = VARIANTS[name]
+        k, v, pre = var.keys, var.values, var.pre_rope
+        if var.layers is not None and not set(var.layers) <= set(layers):
+            raise SystemExit(f"variant {name!r} names layers {var.layers}; this model has {len(layers)}")
         m = MethodConfig(name, name, k + "|sink=1" if k != "none" else k, v + "|sink=1" if v != "none" else v,
-                         pre_rope_keys=pre)
+                         pre_rope_keys=pre,
+                         full_precision_layers=() if var.layers is None else tuple(set(layers) - set(var.layers)))
         cal = None
         if m.uses_calibration:
-            fitted = fit_recorded(acts[pre], layers, m, fisher_weights=weights == "fisher")
+            fitted = fit_recorded(acts[pre], layers, m, fisher_weights=var.weights == "fisher")
             cal = Calibration(name, config_hash(loaded.model), fitted)
         qm = kvpass.compile(captured, m, prefill_chunk=args.context, calibration=cal)
         ppl = kvpass_perplexity(qm, wins, desc=name).perplexity
-        rows.append((name, k, v, pre, weights, qm.cache_report().bits_per_element, ppl, time.perf_counter() - start))
-    ref = next((r[6] for r in rows if r[0] == "fp16"), None)
+        rows.append((name, var, qm.cache_report().bits_per_element, ppl))
+        tqdm.write(f"{name}: {rows[-1][2]:.2f} bits/elem, perplexity {ppl:.3f}")
+    ref = next((r[3] for r in rows if r[0] == "fp16"), None)
     env = environment()
     lines = [f"## KVQuant ablation, {loaded.name} — {env['date']}", "",
              f"Machine: {env['machine']} ({env['device']}); versions: "
              + ", ".join(f"{a} {b}" for a, b in env["versions"].items()), "",
              "Command: `python benchmarks/kvquant_ablation.py"
-             + "".join(f" --variant {shlex.quote(n)}" for n in args.variants or []) + " --out ...`", "",
+             + ("".join(f" --variant {shlex.quote(n)}" for n in args.variants) if args.variants else f" --set {args.set}")
+             + " --out ...`", "",
              (f"Perplexity over {args.windows} window(s) of {args.context} tokens (the windows of `kvpass eval`), one "
              "calibration recording (8 x 1024 tokens) for every variant; the side not named is kept at model "
-             "precision (bits/elem then count it at 32)."), "",
-             "| variant | keys | values | bits/elem | perplexity | Δ vs fp16 |", "| --- | --- | --- | ---: | ---: | ---: |"]
-    for name, k, v, pre, weights, bits, ppl, _ in rows:
-        keys = k + ("" if pre or k == "none" else " (after RoPE)") + (", unweighted LUT" if weights == "ones" else "")
+             "precision (bits/elem then count it at 32), as are the layers a variant does not name."), "",
+             "| variant | keys | values | layers | bits/elem | perplexity | Δ vs fp16 |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for name, var, bits, ppl in rows:
+        keys = var.keys + ("" if var.pre_rope or var.keys == "none" else " (after RoPE)")
+        keys += ", unweighted LUT" if var.weights == "ones" else ""
+        span = "all" if var.layers is None else compact(var.layers)
         delta = f"{ppl / ref - 1:+.2%}" if ref else "-"
-        lines.append(f"| {name} | `{keys}` | `{v}` | {bits:.2f} | {ppl:.3f} | {delta} |")
+        lines.append(f"| {name} | `{keys}` | `{var.values}` | {span} | {bits:.2f} | {ppl:.3f} | {delta} |")
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out:
         add_results_section(args.out, section)
+
+
+def compact(layers: tuple[int, ...]) -> str:
+    """``0, 2-29`` for (0, 2, 3, ..., 29)."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        (runs[-1].append(i) if runs and runs[-1][-1] == i - 1 else runs.append([i]))
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def fit_recorded(acts: dict[str, list[torch.Tensor]], layers: list[int], method:
             fisher = torch.stack(acts[f"{layer}.{which}.fisher"])
             if not fisher_weights:
                 fisher = torch.ones_like(fisher)
-            cs = method.key_spec(act.shape[-1]) if which == "k" else method.value_spec(act.shape[-1])
+            cs = method.key_spec(act.shape[-1], layer) if which == "k" else method.value_spec(act.shape[-1], layer)
             for name, t in fit_statics(cs, act, fisher, seed).items():
                 tensors[f"{layer}.{which}.{name}"] = t.contiguous()
     return tensors

@@ -45,8 +45,9 @@ def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[
         shape = (site.batch, site.kv_heads, site.max_len)
         k = v = None
         if method.keeps_low_precision:
-            k = CacheLayout.build(method.key_spec(site.head_dim), (*shape, site.head_dim), site.dtype)
-            v = CacheLayout.build(method.value_spec(site.v_head_dim), (*shape, site.v_head_dim), site.dtype)
+            k = CacheLayout.build(method.key_spec(site.head_dim, site.index), (*shape, site.head_dim), site.dtype)
+            v = CacheLayout.build(method.value_spec(site.v_head_dim, site.index), (*shape, site.v_head_dim),
+                                  site.dtype)
         elements = site.batch * site.kv_heads * site.max_len * (site.head_dim + site.v_head_dim)
         dense = elements * torch.tensor([], dtype=site.dtype).element_size()
         ov = 0 if method.overlay is None else overlay_nbytes(method.overlay, *shape, site.head_dim, site.v_head_dim,

@@ -9,7 +9,7 @@ import kvpass
 from kvpass import ops
 from kvpass.formats import quantize
 from kvpass.kvcache import CacheLayout, parse_cache_spec
-from kvpass.methods import MethodConfig
+from kvpass.methods import MethodConfig, OverlayConfig
 
 B, H, S, D, R = 2, 2, 40, 16, 8
 NO_ROPE = (None, None, "", 0)
@@ -167,3 +167,44 @@ def test_residual_load_of_a_prefix_reads_blocks_not_the_ring():
 
         part = load(cache, static, layout.spec, D, S, torch.float32, upto)
         assert torch.equal(part, full[:, :, :upto])
+
+
+def test_full_precision_layers_keep_their_cache_at_model_precision():
+    model = build("llama")
+    n = model.config.num_hidden_layers
+    ids, mask = prompt(2)
+    seq, ref_prefill, _ = reference(model, ids, mask)
+    every = MethodConfig("int4-all-kept", "int4 keys before RoPE, every layer kept at model precision",
+                         "int4:per_token", "int4:per_token", pre_rope_keys=True, full_precision_layers=tuple(range(n)))
+    qm = kvpass.compile(model, every, max_cache_len=48, batch_size=2)
+    torch.testing.assert_close(qm(ids, attention_mask=mask)[mask.bool()], ref_prefill[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]), seq)
+
+    first = MethodConfig("int4-first-kept", "int4, layer 0 kept", "int4:per_token", "int4:per_token",
+                         full_precision_layers=(0,))
+    qm = kvpass.compile(model, first, max_cache_len=48, batch_size=2)
+    report = qm.cache_report()
+    kept, coded = report.layers[0], report.layers[1]
+    assert (kept.key_spec, kept.value_spec, coded.key_spec) == ("none", "none", "int4:per_token")
+    assert kept.nbytes == kept.dense_nbytes == 2 * 2 * 2 * 48 * D * 4  # K and V, fp32, batch 2, 2 KV heads
+    assert coded.nbytes == 2 * CacheLayout.build("int4:per_token", (2, 2, 48, D), torch.float32).nbytes
+    qm(ids, attention_mask=mask)
+    k0 = qm.graph_module.kvpass_cache_0_k_data
+    assert k0.dtype == torch.float32 and (k0 != 0).any()  # the kept layer's cache is written at full precision
+
+    with pytest.raises(kvpass.KVPassError, match="full_precision_layers applies to one key and one value spec"):
+        MethodConfig("bad", "", "int4", "int4", full_precision_layers=(0,), overlay=OverlayConfig(0.2))
+    with pytest.raises(kvpass.KVPassError, match="layer indices >= 0"):
+        MethodConfig("bad", "", "int4", "int4", full_precision_layers=(-1,))
+
+
+def test_full_precision_layers_are_not_calibrated():
+    model = build("llama")
+    m = MethodConfig("kvquant-3bit-layer0-kept", "", "nuq3:per_channel:static:channel_lut+outliers1%|sink=1",
+                     "nuq3:per_token+outliers1%|sink=1", pre_rope_keys=True, full_precision_layers=(0,))
+    tokens = torch.randint(3, 96, (600,), generator=torch.Generator().manual_seed(0))
+    cal = kvpass.calibrate(model, [tokens], m, n_samples=2, seq_len=48)
+    assert not any(name.startswith("0.") for name in cal.tensors)
+    assert {"1.k.lo", "1.k.lut", "1.v.lut"} <= set(cal.tensors)
+    qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
+    assert qm.cache_report().layers[0].key_spec == "none"

@@ -52,11 +52,26 @@ class MethodConfig:
     max_chunk: int | None = None  # prompts are written at most this many tokens per call
     balance: bool = False  # MiKV's query/key channel balancer (set from the first chunk of each sequence)
     qaq: QAQConfig | None = None  # per-token bits in tiers (kvpass.qaq); ``key``/``value`` are then unused
+    full_precision_layers: tuple[int, ...] = ()  # layers whose cache stays at model precision (counted as such)
 
-    def key_spec(self, head_dim: int) -> CacheSpec:
+    def __post_init__(self) -> None:
+        if self.full_precision_layers and (self.qaq is not None or self.overlay is not None):
+            raise KVPassError(f"method {self.name!r}: full_precision_layers applies to one key and one value spec; "
+                              "QAQ tiers and overlays hold every layer in their own format")
+        if any(i < 0 for i in self.full_precision_layers):
+            raise KVPassError(f"method {self.name!r}: full_precision_layers must be layer indices >= 0, got "
+                              f"{self.full_precision_layers}")
+
+    def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+        """The keys' spec (of ``layer``: model precision when it is one of ``full_precision_layers``)."""
+        if layer in self.full_precision_layers:
+            return parse_cache_spec("none")
         return fit_group(parse_cache_spec(self.key), head_dim)
 
-    def value_spec(self, head_dim: int) -> CacheSpec:
+    def value_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+        """The values' spec (of ``layer``, as :meth:`key_spec`)."""
+        if layer in self.full_precision_layers:
+            return parse_cache_spec("none")
         return fit_group(parse_cache_spec(self.value), head_dim)
 
     @property
