@@ -91,7 +91,8 @@ class MethodConfig:
         return self.qaq is None and (self.overlay is None or not self.overlay.evict)
 
     def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
-        """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included."""
+        """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included (of a
+        quantized layer: ``full_precision_layers`` are not in it)."""
         elements = 2 * tokens * head_dim
         if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
             ring = self.qaq.ring * (2 * head_dim * 2 + 4) + qnorm_stats_nbytes(1, 1)
