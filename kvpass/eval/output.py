@@ -149,4 +149,3 @@ def add_results_section(path: str | Path, section: str) -> None:
     old = path.read_text()
     head, sep, rest = old.partition("\n## ")
     path.write_text(head.rstrip() + "\n\n" + section + sep + rest if sep else old + section)
-

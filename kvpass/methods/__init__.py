@@ -64,15 +64,16 @@ class MethodConfig:
 
     def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
         """The keys' spec (of ``layer``: model precision when it is one of ``full_precision_layers``)."""
-        if layer in self.full_precision_layers:
-            return parse_cache_spec("none")
-        return fit_group(parse_cache_spec(self.key), head_dim)
+        return self._layer_spec(self.key, head_dim, layer)
 
     def value_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
         """The values' spec (of ``layer``, as :meth:`key_spec`)."""
+        return self._layer_spec(self.value, head_dim, layer)
+
+    def _layer_spec(self, text: str, head_dim: int, layer: int | None) -> CacheSpec:
         if layer in self.full_precision_layers:
             return parse_cache_spec("none")
-        return fit_group(parse_cache_spec(self.value), head_dim)
+        return fit_group(parse_cache_spec(text), head_dim)
 
     @property
     def needs_calibration(self) -> bool:
