@@ -26,6 +26,7 @@ class Variant:
     pre_rope: bool = True  # keys stored before RoPE
     weights: str = "fisher"  # the LUT fit's sample weights: "fisher" or "ones"
     layers: tuple[int, ...] | None = None  # the layers quantized (None: all); the others stay at model precision
+    promoted: str | None = None  # layer 1's keys and values in this spec instead (what sensitive_layers would do)
 
 
 KEYS = {4: "nuq4:per_channel:static:channel_lut+outliers1%", 3: "nuq3:per_channel:static:channel_lut+outliers1%",
@@ -34,7 +35,8 @@ VALUES = {4: "nuq4:per_token+outliers1%", 3: "nuq3:per_token+outliers1%", 2: "nu
 VARIANTS: dict[str, Variant] = {"fp16": Variant("none", "none")}
 for _b in (4, 3, 2):
     VARIANTS |= {
-        f"kvquant-{_b}bit-1%": Variant(KEYS[_b], VALUES[_b]),
+        # the codes of the kvquant-B bit-1% presets in every layer (the presets keep their most sensitive layer in int8)
+        f"{_b}: every layer": Variant(KEYS[_b], VALUES[_b]),
         f"{_b}: keys only": Variant(KEYS[_b], "none"),
         f"{_b}: values only": Variant("none", VALUES[_b]),
         f"{_b}: keys only, uniform grid": Variant(f"int{_b}:per_channel:static+outliers1%", "none"),
@@ -58,15 +60,19 @@ VARIANTS |= {
     "4: layer 2 only": Variant(KEYS[4], VALUES[4], layers=(2,)),
     "4: all but layer 1": Variant(KEYS[4], VALUES[4], layers=(0, *range(2, 30))),
 }
+# the format of the layer the -1% presets promote (layer 1 on the bundled model, chosen by calibration loss)
+PROMOTED = ["int8:per_token", "int8:per_token|sink=1", "int8:per_token:g32|sink=1", "int8:per_token+outliers1%|sink=1"]
+VARIANTS |= {f"4: layer 1 in {spec}": Variant(KEYS[4], VALUES[4], promoted=spec) for spec in PROMOTED}
 SETS = {
     "split": ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",
-              "4: both uniform grid", "kvquant-4bit-1%", "3: keys only", "3: values only", "3: keys only, uniform grid",
-              "3: values only, uniform grid", "kvquant-3bit-1%", "2: keys only", "2: values only",
-              "2: keys only, no Q-Norm", "kvquant-2bit-1%"],
-    "layers": ["fp16", *(f"2: layers {a}-{a + 4} only" for a in range(0, 30, 5)), "kvquant-2bit-1%",
+              "4: both uniform grid", "4: every layer", "3: keys only", "3: values only", "3: keys only, uniform grid",
+              "3: values only, uniform grid", "3: every layer", "2: keys only", "2: values only",
+              "2: keys only, no Q-Norm", "2: every layer"],
+    "layers": ["fp16", *(f"2: layers {a}-{a + 4} only" for a in range(0, 30, 5)), "2: every layer",
                *(f"4: layers {a}-{a + 4} only" for a in range(0, 30, 5)), "4: layer 0 only", "4: layer 1 only",
                "4: layer 1 only, keys", "4: layer 1 only, values", "4: layer 2 only", "4: all but layer 1",
-               "kvquant-4bit-1%"],
+               "4: every layer"],
+    "promote": ["fp16", "4: every layer", "4: all but layer 1", *(f"4: layer 1 in {spec}" for spec in PROMOTED)],
 }
 
 
@@ -76,7 +82,7 @@ def main() -> None:
                    help="a variant to run, repeatable (names contain commas; default: the variants of --set)")
     p.add_argument("--set", choices=sorted(SETS), default="split",
                    help="split: keys alone / values alone at 4, 3 and 2 bits with datatype variants; layers: one block "
-                        "of layers quantized at a time")
+                        "of layers quantized at a time; promote: formats for the layer the -1%% presets promote")
     p.add_argument("--list", action="store_true", help="print every variant's name and specs and exit")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
@@ -118,7 +124,8 @@ def main() -> None:
             raise SystemExit(f"variant {name!r} names layers {var.layers}; this model has {len(layers)}")
         m = MethodConfig(name, name, k + "|sink=1" if k != "none" else k, v + "|sink=1" if v != "none" else v,
                          pre_rope_keys=pre,
-                         full_precision_layers=() if var.layers is None else tuple(set(layers) - set(var.layers)))
+                         full_precision_layers=() if var.layers is None else tuple(set(layers) - set(var.layers)),
+                         **({} if var.promoted is None else {"promoted_layers": (1,), "sensitive_spec": var.promoted}))
         cal = None
         if m.uses_calibration:
             fitted = fit_recorded(acts[pre], layers, m, fisher_weights=var.weights == "fisher")
@@ -144,6 +151,7 @@ def main() -> None:
         keys = var.keys + ("" if var.pre_rope or var.keys == "none" else " (after RoPE)")
         keys += ", unweighted LUT" if var.weights == "ones" else ""
         span = "all" if var.layers is None else compact(var.layers)
+        span += "" if var.promoted is None else f" (1: `{var.promoted}`)"
         delta = f"{ppl / ref - 1:+.2%}" if ref else "-"
         lines.append(f"| {name} | `{keys}` | `{var.values}` | {span} | {bits:.2f} | {ppl:.3f} | {delta} |")
     section = "\n".join(lines) + "\n"

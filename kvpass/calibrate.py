@@ -85,10 +85,18 @@ class Calibration:
         meta = json.loads(meta_path.read_text())
         return cls(meta["method"], meta["model_hash"], load_file(str(tensor_path)), meta.get("meta", {}))
 
+    @property
+    def promoted_layers(self) -> tuple[int, ...]:
+        """The layers chosen as the most sensitive (stored in the method's ``sensitive_spec``)."""
+        return tuple(self.meta.get("promoted_layers", ()))
+
     def check(self, model, method: MethodConfig) -> None:
         if self.method != method.name:
             raise KVPassError(f"this calibration is for method {self.method!r}, not {method.name!r}; calibrate with "
                               f"kvpass.calibrate(model, texts, method={method.name!r})")
+        if len(self.promoted_layers) != method.sensitive_layers:
+            raise KVPassError(f"this calibration chose {len(self.promoted_layers)} sensitive layers, method "
+                              f"{method.name!r} keeps {method.sensitive_layers}; calibrate again with this method")
         if model is not None and config_hash(model) != self.model_hash:  # a model or its config
             raise KVPassError(
                 f"this calibration was made for another model (config hash {self.model_hash}, this model "
@@ -289,7 +297,29 @@ def calibrate(
     if m.qaq is not None:
         tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq, seed)
         return Calibration(m.name, config_hash(model), tensors, meta)
-    return Calibration(m.name, config_hash(model), fit_recorded(acts, layers, m, seed), meta)
+    calibration = Calibration(m.name, config_hash(model), fit_recorded(acts, layers, m, seed), meta)
+    if m.sensitive_layers:
+        promote_sensitive(calibration, model, samples, acts, layers, m, seed)
+    return calibration
+
+
+def promote_sensitive(calibration: Calibration, model, samples: list[torch.Tensor], acts: dict, layers: list[int],
+                      method: MethodConfig, seed: int) -> None:
+    """Choose the method's ``sensitive_layers`` by their loss on the calibration samples (:mod:`kvpass.sensitivity`)
+    and refit those layers' static tensors for ``sensitive_spec``; both are recorded in ``calibration``."""
+    from kvpass.sensitivity import layer_losses, most_sensitive
+
+    quantized = [layer for layer in layers if layer not in method.full_precision_layers]
+    if method.sensitive_layers > len(quantized):
+        raise KVPassError(f"method {method.name!r} keeps {method.sensitive_layers} sensitive layers in "
+                          f"{method.sensitive_spec}, but the model has {len(quantized)} quantized layers; lower "
+                          "sensitive_layers")
+    losses = layer_losses(model, samples, method, calibration, quantized)
+    chosen = most_sensitive(losses, method.sensitive_layers)
+    calibration.tensors = {k: v for k, v in calibration.tensors.items() if int(k.split(".")[0]) not in chosen}
+    calibration.tensors |= fit_recorded(acts, list(chosen), replace(method, promoted_layers=chosen), seed)
+    calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
+    calibration.meta["promoted_layers"] = list(chosen)
 
 
 def fit_recorded(acts: dict[str, list[torch.Tensor]], layers: list[int], method: MethodConfig, seed: int = 0,

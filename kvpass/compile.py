@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from kvpass.capture import Captured, capture_hf, capture_module, is_hf_causal_lm
@@ -50,7 +52,8 @@ def resolve_calibration(calibration, model, config: MethodConfig, tokenizer, cap
     if calibration is None:
         if config.needs_calibration:
             raise KVPassError(
-                f"method {config.name!r} codes keys against calibrated ranges and needs calibration: pass "
+                f"method {config.name!r} needs calibration (calibrated ranges, QAQ's tier shares or its sensitive "
+                f"layers come from it): pass "
                 f"calibration=kvpass.calibrate(model, texts, method={config.name!r}) (or the texts themselves)"
             )
         return None
@@ -98,6 +101,8 @@ def compile(
         gm = captured.graph_module
     sites = locate(gm, captured.name)
     calib = resolve_calibration(calibration, model, config, tokenizer, captured)
+    if config.sensitive_layers:
+        config = replace(config, promoted_layers=calib.promoted_layers)
     calib_input = calib.as_rewrite_input() if calib else None
     layouts = plan(sites, config, captured.info.sliding_window, calib_input)
     rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,

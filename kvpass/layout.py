@@ -40,10 +40,11 @@ def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[
          calibration: dict | None = None) -> list[KVLayout]:
     """One :class:`KVLayout` per site: the method's specs at the site's shapes (QAQ's tier capacities from the
     ``calibration`` shares, as :meth:`kvpass.calibrate.Calibration.as_rewrite_input` gives them)."""
-    missing = sorted(set(method.full_precision_layers) - {site.index for site in sites})
-    if missing:
-        raise KVPassError(f"method {method.name!r} keeps layers {missing} at full precision, but the model's attention "
-                          f"layers are 0-{len(sites) - 1}; name existing layers in full_precision_layers")
+    for field_name in ("full_precision_layers", "promoted_layers"):
+        missing = sorted(set(getattr(method, field_name)) - {site.index for site in sites})
+        if missing:
+            raise KVPassError(f"method {method.name!r} names layers {missing} in {field_name}, but the model's "
+                              f"attention layers are 0-{len(sites) - 1}; name existing layers")
     layouts = []
     for site in sites:
         shape = (site.batch, site.kv_heads, site.max_len)

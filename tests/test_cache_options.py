@@ -194,7 +194,7 @@ def test_full_precision_layers_keep_their_cache_at_model_precision():
 
     with pytest.raises(kvpass.KVPassError, match="full_precision_layers applies to one key and one value spec"):
         MethodConfig("bad", "", "int4", "int4", full_precision_layers=(0,), overlay=OverlayConfig(0.2))
-    with pytest.raises(kvpass.KVPassError, match=r"keeps layers \[7\] at full precision, but the model's attention layers are 0-1"):
+    with pytest.raises(kvpass.KVPassError, match=r"names layers \[7\] in full_precision_layers, but the model's attention layers are 0-1"):
         kvpass.compile(model, MethodConfig("late", "", "int4", "int4", full_precision_layers=(1, 7)), max_cache_len=48)
     with pytest.raises(kvpass.KVPassError, match="layer indices >= 0"):
         MethodConfig("bad", "", "int4", "int4", full_precision_layers=(-1,))

@@ -52,19 +52,24 @@ def test_kvquant_keys_are_stored_before_rope_and_sink_is_exact(llama, calibratio
     assert any(n.startswith("kvpass_rope_") for n, _ in qm.graph_module.named_buffers())
     ids, _ = prompt(1)
     qm(ids)
-    layer0_sink = qm.graph_module.kvpass_cache_0_k_sink  # the first token, pre-RoPE, at model precision
+    assert 0 in calibration.promoted_layers or 1 in calibration.promoted_layers  # the -1% presets keep one in int8
+    assert qm.cache_report().layers[calibration.promoted_layers[0]].key_spec == "int8:per_token+outliers1%|sink=1"
+    coded = next(i for i in range(2) if i not in calibration.promoted_layers)
+    sink = getattr(qm.graph_module, f"kvpass_cache_{coded}_k_sink")  # the first token, pre-RoPE, at model precision
     with torch.no_grad():
-        h = llama.model.layers[0].input_layernorm(llama.model.embed_tokens(ids[:, :1]))
-        k = llama.model.layers[0].self_attn.k_proj(h).view(1, 1, 2, 16).transpose(1, 2)
-    torch.testing.assert_close(layer0_sink, k, rtol=1e-5, atol=1e-5)
+        hidden = llama(ids[:, :1], output_hidden_states=True).hidden_states[coded]  # the layer's input
+        h = llama.model.layers[coded].input_layernorm(hidden)
+        k = llama.model.layers[coded].self_attn.k_proj(h).view(1, 1, 2, 16).transpose(1, 2)
+    torch.testing.assert_close(sink, k, rtol=1e-5, atol=1e-5)
 
 
 def test_calibration_round_trip_and_errors(llama, calibration, tmp_path):
     ids, mask = prompt(2)
     a = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=calibration)
-    lo = calibration.tensors["0.k.lo"]
-    assert calibration.tensors["0.k.lut"].shape == (*lo.shape, 8)  # keys: one LUT per head and channel
-    assert calibration.tensors["0.v.lut"].shape == (8,)  # values: one per layer
+    coded = 1 - calibration.promoted_layers[0]  # the other of the two layers is int8 (no calibrated tensors)
+    lo = calibration.tensors[f"{coded}.k.lo"]
+    assert calibration.tensors[f"{coded}.k.lut"].shape == (*lo.shape, 8)  # keys: one LUT per head and channel
+    assert calibration.tensors[f"{coded}.v.lut"].shape == (8,)  # values: one per layer
     calibration.save(tmp_path / "cal")
     b = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=str(tmp_path / "cal"))
     assert torch.equal(a(ids, attention_mask=mask), b(ids, attention_mask=mask))

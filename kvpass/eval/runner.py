@@ -141,6 +141,9 @@ def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, 
         calibration = kvpass.calibrate(model, [calib_ids], method, n_samples=cfg.calibration_samples,
                                        seq_len=min(cfg.calibration_len, len(calib_ids)))
         rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
+        if calibration.promoted_layers:
+            rec.description += (f" [layers {', '.join(map(str, calibration.promoted_layers))} in "
+                                f"{method.sensitive_spec}, chosen by calibration loss]")
     with PeakMemory() as mem:
         compiled = {}
 

@@ -53,17 +53,31 @@ class MethodConfig:
     balance: bool = False  # MiKV's query/key channel balancer (set from the first chunk of each sequence)
     qaq: QAQConfig | None = None  # per-token bits in tiers (kvpass.qaq); ``key``/``value`` are then unused
     full_precision_layers: tuple[int, ...] = ()  # layers whose cache stays at model precision (counted as such)
+    # The ``sensitive_layers`` layers whose quantization alone costs the most language-model loss on the calibration
+    # data store keys and values as ``sensitive_spec`` instead; the calibration chooses them (kvpass.sensitivity) and
+    # compile fills ``promoted_layers`` from it. Plain int8 per token was not enough for SmolLM2's layer 1 (+0.28%
+    # perplexity over a model-precision layer 1 under kvquant-4bit-1%, groups of 32: +0.14%): a few outlier channels
+    # set each token's range; with 1% outliers and the sink it measured as the model-precision layer (+0.23 vs +0.27%)
+    sensitive_layers: int = 0
+    sensitive_spec: str = "int8:per_token+outliers1%|sink=1"
+    promoted_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.full_precision_layers and (self.qaq is not None or self.overlay is not None):
-            raise KVPassError(f"method {self.name!r}: full_precision_layers applies to one key and one value spec; "
-                              "QAQ tiers and overlays hold every layer in their own format")
-        if any(i < 0 for i in self.full_precision_layers):
-            raise KVPassError(f"method {self.name!r}: full_precision_layers must be layer indices >= 0, got "
-                              f"{self.full_precision_layers}")
+        for field_name in ("full_precision_layers", "sensitive_layers", "promoted_layers"):
+            if getattr(self, field_name) and (self.qaq is not None or self.overlay is not None):
+                raise KVPassError(f"method {self.name!r}: {field_name} applies to one key and one value spec; QAQ "
+                                  "tiers and overlays hold every layer in their own format")
+        for field_name in ("full_precision_layers", "promoted_layers"):
+            if any(i < 0 for i in getattr(self, field_name)):
+                raise KVPassError(f"method {self.name!r}: {field_name} must be layer indices >= 0, got "
+                                  f"{getattr(self, field_name)}")
+        if self.sensitive_layers < 0:
+            raise KVPassError(f"method {self.name!r}: sensitive_layers must be >= 0, got {self.sensitive_layers}")
+        parse_cache_spec(self.sensitive_spec)  # a bad spec is an error at definition, not at the first compile
 
     def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
-        """The keys' spec (of ``layer``: model precision when it is one of ``full_precision_layers``)."""
+        """The keys' spec (of ``layer``: model precision for ``full_precision_layers``, ``sensitive_spec`` for
+        ``promoted_layers``)."""
         return self._layer_spec(self.key, head_dim, layer)
 
     def value_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
@@ -73,19 +87,23 @@ class MethodConfig:
     def _layer_spec(self, text: str, head_dim: int, layer: int | None) -> CacheSpec:
         if layer in self.full_precision_layers:
             return parse_cache_spec("none")
+        if layer in self.promoted_layers:
+            text = self.sensitive_spec
         return fit_group(parse_cache_spec(text), head_dim)
 
     @property
     def needs_calibration(self) -> bool:
-        """Keys or values coded against calibrated ranges, or QAQ's tier capacities: compiling without a
-        calibration is an error."""
-        return self.qaq is not None or any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value))
+        """Keys or values coded against calibrated ranges, QAQ's tier capacities or sensitive layers to choose:
+        compiling without a calibration is an error."""
+        return (self.qaq is not None or self.sensitive_layers > 0
+                or any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value)))
 
     @property
     def uses_calibration(self) -> bool:
-        """Anything fitted on calibration data (ranges, nuq LUTs, QAQ's eps and tier shares); without it a nuq
-        LUT falls back to NormalFloat."""
-        return self.qaq is not None or any(static_names(parse_cache_spec(s)) for s in (self.key, self.value))
+        """Anything fitted on calibration data (ranges, nuq LUTs, QAQ's eps and tier shares, sensitive layers);
+        without it a nuq LUT falls back to NormalFloat."""
+        return (self.qaq is not None or self.sensitive_layers > 0
+                or any(static_names(parse_cache_spec(s)) for s in (self.key, self.value)))
 
     @property
     def keeps_low_precision(self) -> bool:
@@ -177,10 +195,12 @@ for _bits in (4, 3, 2):
             f"kvquant-{_bits}bit" + ("-1%" if _out else ""),
             f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges and a LUT per channel, "
             f"nuq{_bits} values per token, Fisher-weighted LUTs, first token at model precision"
-            + (", 1% dense-and-sparse outliers" if _out else "")
-            + (", Q-Norm" if _qn else "") + " (needs calibration)",
+            + (", 1% dense-and-sparse outliers" if _out else "") + (", Q-Norm" if _qn else "")
+            + ("; the one layer whose coding costs the most loss on the calibration data in int8 with 1% outliers "
+               "(not in the bits figure: it adds about (8.6 - bits) / layers)" if _out else "")
+            + " (needs calibration)",
             f"nuq{_bits}:per_channel:static:channel_lut{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
-            pre_rope_keys=True))
+            pre_rope_keys=True, sensitive_layers=1 if _out else 0))
 # MiKV's low tier is int4: with int3 (7.5 bits/elem) MiKV only tied H2O at its memory on SmolLM2 (+0.32% both over
 # 4 x 2k windows); with int4 (8.5 bits/elem) it is +0.07% against H2O's +0.32% at 51% (benchmarks/RESULTS.md)
 register_method(MethodConfig(

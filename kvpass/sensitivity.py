@@ -1,0 +1,60 @@
+"""Which layers' caches the model is most sensitive to: the language-model loss on calibration windows with one
+layer's cache quantized at a time (every other layer at model precision), relative to the unquantized cache.
+
+KVQuant's Fisher-weighted reconstruction error ranks coding error within a layer well, but across layers it did
+not find the layer that costs SmolLM2 most at 4 bits (layer 1: +0.23% perplexity alone, a third of the whole
++0.76%, while Fisher ranked keys of layers 9, 10 and 23 above it, which cost ~0). Measuring the loss itself does:
+on two calibration windows of 1024 tokens with kvquant-3bit-1%, layer 1 costs +0.82%, the next (layer 17) +0.39%.
+It takes one compile and one forward per layer and window, through the same packed cache and fused attention that
+inference uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kvpass.methods import MethodConfig
+
+WINDOWS = 2  # calibration samples the loss is measured on
+TOKENS = 1024  # of each, the first TOKENS (the ranking needs a few thousand scored tokens, not the whole set)
+
+
+@torch.no_grad()
+def _mean_nll(qmodel, windows: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for w in windows:
+        qmodel.reset()
+        logits = qmodel(w[None])[0]
+        total += float(F.cross_entropy(logits[:-1].float(), w[1:].to(logits.device), reduction="sum"))
+        count += len(w) - 1
+    return total / count
+
+
+def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calibration,
+                 layers: list[int]) -> dict[int, float]:
+    """Per layer in ``layers`` (every quantized layer of the model): the relative change of the calibration
+    windows' perplexity when only that layer's cache is coded with ``method`` (its static tensors from
+    ``calibration``), against the model-precision cache."""
+    from kvpass.compile import capture_model, compile
+
+    windows = [s[:TOKENS] for s in samples[:WINDOWS]]
+    n = max(len(w) for w in windows)
+    captured = capture_model(model, max_cache_len=n, batch_size=1)
+    ref = _mean_nll(compile(captured, "fp16", prefill_chunk=n), windows)
+    every = set(layers) | set(method.full_precision_layers)
+    out = {}
+    for layer in tqdm(layers, desc="layer sensitivity", unit="layer"):
+        alone = replace(method, sensitive_layers=0, promoted_layers=(),
+                        full_precision_layers=tuple(sorted(every - {layer})))
+        nll = _mean_nll(compile(captured, alone, prefill_chunk=n, calibration=calibration), windows)
+        out[layer] = float(torch.tensor(nll - ref).exp() - 1)
+    return out
+
+
+def most_sensitive(losses: dict[int, float], count: int) -> tuple[int, ...]:
+    """The ``count`` layers with the largest loss increase, in layer order."""
+    return tuple(sorted(sorted(losses, key=lambda layer: (-losses[layer], layer))[:count]))
