@@ -153,7 +153,9 @@ def main() -> None:
         span = "all" if var.layers is None else compact(var.layers)
         span += "" if var.promoted is None else f" (1: `{var.promoted}`)"
         delta = f"{ppl / ref - 1:+.2%}" if ref else "-"
-        lines.append(f"| {name} | `{keys}` | `{var.values}` | {span} | {bits:.2f} | {ppl:.3f} | {delta} |")
+        cells = [name, f"`{keys}`", f"`{var.values}`", span]
+        cells = [c.replace("|", "\\|") for c in cells]  # a spec's "|sink=1" would split the table's cell
+        lines.append(f"| {' | '.join(cells)} | {bits:.2f} | {ppl:.3f} | {delta} |")
     section = "\n".join(lines) + "\n"
     print(section)
     if args.out:
