@@ -11,6 +11,7 @@ inference uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -56,5 +57,9 @@ def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calib
 
 
 def most_sensitive(losses: dict[int, float], count: int) -> tuple[int, ...]:
-    """The ``count`` layers with the largest loss increase, in layer order."""
-    return tuple(sorted(sorted(losses, key=lambda layer: (-losses[layer], layer))[:count]))
+    """The ``count`` layers with the largest loss increase, in layer order (a NaN loss, a layer whose coding breaks
+    the model, counts as the largest)."""
+    def cost(layer: int) -> float:
+        return math.inf if math.isnan(losses[layer]) else losses[layer]
+
+    return tuple(sorted(sorted(losses, key=lambda layer: (-cost(layer), layer))[:count]))

@@ -107,3 +107,4 @@ def test_most_sensitive_breaks_ties_by_layer_and_returns_layer_order():
     assert most_sensitive({0: 0.1, 1: 0.3, 2: 0.3, 3: -0.2}, 2) == (1, 2)
     assert most_sensitive({0: 0.1, 1: 0.3, 2: 0.3, 3: -0.2}, 3) == (0, 1, 2)
     assert most_sensitive({0: 0.0, 1: 0.0}, 1) == (0,)
+    assert most_sensitive({0: 0.5, 1: float("nan"), 2: 0.1}, 1) == (1,)
