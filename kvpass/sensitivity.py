@@ -15,9 +15,9 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from kvpass.eval.perplexity import kvpass_perplexity
 from kvpass.methods import MethodConfig
 
 WINDOWS = 2  # calibration samples the loss is measured on
@@ -25,16 +25,6 @@ TOKENS = 1024  # of each, the first TOKENS (the ranking needs a few thousand sco
 
 
 @torch.no_grad()
-def _mean_nll(qmodel, windows: list[torch.Tensor]) -> float:
-    total, count = 0.0, 0
-    for w in windows:
-        qmodel.reset()
-        logits = qmodel(w[None])[0]
-        total += float(F.cross_entropy(logits[:-1].float(), w[1:].to(logits.device), reduction="sum"))
-        count += len(w) - 1
-    return total / count
-
-
 def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calibration,
                  layers: list[int]) -> dict[int, float]:
     """Per layer in ``layers`` (every quantized layer of the model): the relative change of the calibration
@@ -45,13 +35,14 @@ def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calib
     windows = [s[:TOKENS] for s in samples[:WINDOWS]]
     n = max(len(w) for w in windows)
     captured = capture_model(model, max_cache_len=n, batch_size=1)
-    ref = _mean_nll(compile(captured, "fp16", prefill_chunk=n), windows)
+    ref = kvpass_perplexity(compile(captured, "fp16", prefill_chunk=n), windows, desc="fp16").nll
     every = set(layers) | set(method.full_precision_layers)
     out = {}
     for layer in tqdm(layers, desc="layer sensitivity", unit="layer"):
         alone = replace(method, sensitive_layers=0, promoted_layers=(),
                         full_precision_layers=tuple(sorted(every - {layer})))
-        nll = _mean_nll(compile(captured, alone, prefill_chunk=n, calibration=calibration), windows)
+        nll = kvpass_perplexity(compile(captured, alone, prefill_chunk=n, calibration=calibration), windows,
+                                desc=f"layer {layer}").nll
         out[layer] = float(torch.tensor(nll - ref).exp() - 1)
     return out
 
