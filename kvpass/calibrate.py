@@ -145,15 +145,16 @@ class Recorder(torch.fx.Interpreter):
         return out
 
 
-def record(model, samples: list[torch.Tensor], method: MethodConfig) -> dict[str, list[torch.Tensor]]:
+def record(model, samples: list[torch.Tensor], method: MethodConfig, captured=None) -> dict[str, list[torch.Tensor]]:
     """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
     queries, keys and values (after RoPE), gradients only where tiers have calibrated tensors to fit; and each
-    layer's softmax scale."""
+    layer's softmax scale. ``captured``: the model exported with a cache of the samples' length (else exported
+    here)."""
     from kvpass.capture import example_hf_inputs
     from kvpass.compile import capture_model
 
     seq_len = len(samples[0])
-    captured = capture_model(model, max_cache_len=seq_len, batch_size=1)
+    captured = captured or capture_model(model, max_cache_len=seq_len, batch_size=1)
     gm = captured.instantiate()
     sites = locate(gm, captured.name)
     wanted = {}
@@ -288,10 +289,13 @@ def calibrate(
     seed: int = 0,
 ) -> Calibration:
     """Fit ``method``'s static tensors on ``texts`` (strings, with ``tokenizer``, or token-id tensors)."""
+    from kvpass.compile import capture_model
+
     m = get_method(method)
     samples = token_samples(texts, tokenizer, n_samples, seq_len, seed)
     model.eval()
-    acts = record(model, samples, m)
+    captured = capture_model(model, max_cache_len=seq_len, batch_size=1)  # one export for recording and ranking
+    acts = record(model, samples, m, captured)
     layers = sorted({int(k.split(".")[0]) for k in acts})
     meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     if m.qaq is not None:
@@ -299,12 +303,12 @@ def calibrate(
         return Calibration(m.name, config_hash(model), tensors, meta)
     calibration = Calibration(m.name, config_hash(model), fit_recorded(acts, layers, m, seed), meta)
     if m.sensitive_layers:
-        promote_sensitive(calibration, model, samples, acts, layers, m, seed)
+        promote_sensitive(calibration, model, samples, acts, layers, m, seed, captured)
     return calibration
 
 
 def promote_sensitive(calibration: Calibration, model, samples: list[torch.Tensor], acts: dict, layers: list[int],
-                      method: MethodConfig, seed: int) -> None:
+                      method: MethodConfig, seed: int, captured=None) -> None:
     """Choose the method's ``sensitive_layers`` by their loss on the calibration samples (:mod:`kvpass.sensitivity`)
     and refit those layers' static tensors for ``sensitive_spec``; both are recorded in ``calibration``."""
     from kvpass.sensitivity import layer_losses, most_sensitive
@@ -314,7 +318,7 @@ def promote_sensitive(calibration: Calibration, model, samples: list[torch.Tenso
         raise KVPassError(f"method {method.name!r} keeps {method.sensitive_layers} sensitive layers in "
                           f"{method.sensitive_spec}, but the model has {len(quantized)} quantized layers; lower "
                           "sensitive_layers")
-    losses = layer_losses(model, samples, method, calibration, quantized)
+    losses = layer_losses(model, samples, method, calibration, quantized, captured)
     chosen = most_sensitive(losses, method.sensitive_layers)
     calibration.tensors = {k: v for k, v in calibration.tensors.items() if int(k.split(".")[0]) not in chosen}
     calibration.tensors |= fit_recorded(acts, list(chosen), replace(method, promoted_layers=chosen), seed)

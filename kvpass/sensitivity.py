@@ -26,15 +26,17 @@ TOKENS = 1024  # of each, the first TOKENS (the ranking needs a few thousand sco
 
 @torch.no_grad()
 def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calibration,
-                 layers: list[int]) -> dict[int, float]:
+                 layers: list[int], captured=None) -> dict[int, float]:
     """Per layer in ``layers`` (every quantized layer of the model): the relative change of the calibration
     windows' perplexity when only that layer's cache is coded with ``method`` (its static tensors from
-    ``calibration``), against the model-precision cache."""
+    ``calibration``), against the model-precision cache. ``captured`` is reused when its cache is as long as the
+    windows (an export of SmolLM2 takes ~30 s on 2 cores)."""
     from kvpass.compile import capture_model, compile
 
     windows = [s[:TOKENS] for s in samples[:WINDOWS]]
     n = max(len(w) for w in windows)
-    captured = capture_model(model, max_cache_len=n, batch_size=1)
+    if captured is None or captured.info.max_cache_len != n:
+        captured = capture_model(model, max_cache_len=n, batch_size=1)
     ref = kvpass_perplexity(compile(captured, "fp16", prefill_chunk=n), windows, desc="fp16").nll
     every = set(layers) | set(method.full_precision_layers)
     out = {}
