@@ -1,12 +1,15 @@
 """Static storage layout of one quantized K or V cache ``[batch, kv_heads, max_len, head_dim]``.
 
-A cache spec is a format spec plus cache options, written ``"<format>|residual=R|sink=S"``:
+A cache spec is a format spec plus cache options, written ``"<format>|residual=R|sink=S|recent=W"``:
 
 * the format (``kvpass.formats``) codes the tokens. Per-token formats, and per-channel formats with
   calibrated (``static``) ranges, code each token on its own as it arrives.
 * ``residual=R`` (KIVI) keeps the most recent tokens at model precision in a ring of R slots and codes them a
   block of R tokens at a time once the block is complete, which is what per-channel groups along tokens need.
 * ``sink=S`` (KVQuant's attention sink) keeps the first S tokens at model precision as well.
+* ``recent=W`` keeps the newest W tokens at model precision as well, in a ring next to their codes: the query at
+  position p reads token j from the ring iff ``p - j < W``, in a prompt chunk as in decoding
+  (``kvpass.recent.kv_recent_attention_`` attends and writes the ring; ``kv_store_`` codes every token).
 
 The buffers are *per-token* tensors, written as tokens arrive (token axis at dim 2, or blocks of R tokens at
 dim 2 with a residual), and *static* tensors shared by every token (a nuq LUT and its Q-Norm, calibrated
@@ -34,6 +37,7 @@ class CacheSpec:
     format: QuantSpec
     residual: int = 0
     sink: int = 0
+    recent: int = 0
 
     def __str__(self) -> str:
         text = str(self.format)
@@ -41,12 +45,14 @@ class CacheSpec:
             text += f"|residual={self.residual}"
         if self.sink:
             text += f"|sink={self.sink}"
+        if self.recent:
+            text += f"|recent={self.recent}"
         return text
 
 
 @functools.cache
 def parse_cache_spec(text: str | CacheSpec | QuantSpec) -> CacheSpec:
-    """Parse ``"<format>[|residual=R][|sink=S]"``."""
+    """Parse ``"<format>[|residual=R][|sink=S][|recent=W]"``."""
     if isinstance(text, CacheSpec):
         return text
     if isinstance(text, QuantSpec):
@@ -55,8 +61,8 @@ def parse_cache_spec(text: str | CacheSpec | QuantSpec) -> CacheSpec:
     fields: dict[str, int] = {}
     for opt in options:
         key, _, value = opt.partition("=")
-        if key not in ("residual", "sink") or not value.isdigit():
-            raise SpecError(f"unknown cache option {opt!r} in {text!r}; use residual=N and sink=N")
+        if key not in ("residual", "sink", "recent") or not value.isdigit():
+            raise SpecError(f"unknown cache option {opt!r} in {text!r}; use residual=N, sink=N and recent=N")
         fields[key] = int(value)
     spec = CacheSpec(parse_spec(fmt), **fields)
     check_cache_spec(spec)
@@ -70,6 +76,9 @@ def check_cache_spec(cs: CacheSpec) -> None:
             f"'{spec}' cannot be stored token by token: a per-channel scale changes as tokens arrive; keep recent "
             "tokens in a residual window ('|residual=128', as KIVI does) or calibrate the ranges (':static')"
         )
+    if cs.residual and cs.recent:
+        raise SpecError(f"'{cs}' keeps recent tokens at model precision twice: residual=R already holds the newest "
+                        "tokens until their block is coded; use one of residual and recent")
     if cs.residual and spec.granularity == "per_channel" and spec.group and cs.residual % spec.group:
         raise SpecError(f"residual={cs.residual} must be a multiple of the token group size {spec.group}")
 
@@ -91,6 +100,8 @@ def cache_names(cs: CacheSpec) -> list[str]:
         names += ["residual", "state"]
     if cs.sink:
         names += ["sink"]
+    if cs.recent:
+        names += ["recent"]
     return names
 
 
@@ -173,6 +184,8 @@ class CacheLayout:
                 out[name] = ((1,), torch.int64)
             elif name == "sink":
                 out[name] = ((b, h, self.spec.sink, self.head_dim), self.dtype)
+            elif name == "recent":
+                out[name] = ((b, h, self.spec.recent, self.head_dim), self.dtype)
             elif self.spec.residual:
                 t = coded[name]
                 out[name] = ((b, h, self.blocks, *t.shape[2:]), t.dtype)
@@ -210,6 +223,9 @@ class CacheLayout:
         return 8.0 * self.nbytes / (self.batch * self.heads * self.max_len * self.head_dim)
 
 
+UNCODED = ("residual", "state", "sink", "recent")  # per-token buffers at model precision (or bookkeeping)
+
+
 def _params(cs: CacheSpec, static: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(static_names(cs), static))
 
@@ -224,7 +240,7 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
     """Write ``new`` ``[B, H, T, D]`` at token ``positions`` ``[T]`` of every per-token buffer."""
     names = cache_names(cs)
     bufs = dict(zip(names, cache))
-    coded_names = [n for n in names if n not in ("residual", "state", "sink")]
+    coded_names = [n for n in names if n not in UNCODED]
     params = _params(cs, static)
     if cs.sink:
         keep = positions < cs.sink
@@ -259,7 +275,7 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
     or stale values; attention masks them). ``upto`` skips the slots past the last one any query can see."""
     names = cache_names(cs)
     bufs = dict(zip(names, cache))
-    coded_names = [n for n in names if n not in ("residual", "state", "sink")]
+    coded_names = [n for n in names if n not in UNCODED]
     params = _params(cs, static)
     max_len = max_len if upto is None else min(upto, max_len)
     if not cs.residual:

@@ -7,6 +7,9 @@
   optionally the attention mass every cached token received (summed over queries and the heads of its
   GQA group), which importance-driven methods (MiKV, QAQ, H2O) accumulate.
 
+Caches with a ``recent=W`` window are attended by ``kvpass::kv_recent_attention_`` (:mod:`kvpass.recent`), which
+also needs the new tokens at model precision.
+
 A cache is passed as two tensor lists (per-token buffers, static tensors) plus its cache spec string
 (:mod:`kvpass.kvcache`); the order of each list is :func:`kvpass.kvcache.cache_names` /
 :func:`kvpass.kvcache.static_names`.

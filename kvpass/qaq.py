@@ -75,9 +75,9 @@ class QAQConfig:
             raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
         for cs in (parse_cache_spec(t) for t in (*self.tiers, *(self.key_tiers or ()))):
             f = cs.format
-            if cs.residual or cs.sink or not (f.static or f.granularity == "per_token" or f.kind == "float"):
+            if cs.residual or cs.sink or cs.recent or not (f.static or f.granularity == "per_token" or f.kind == "float"):
                 raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format, or a ':static' "
-                                  "per-channel format with calibrated ranges; no residual or sink)")
+                                  "per-channel format with calibrated ranges; no residual, sink or recent)")
         bits = self.tier_bits
         if list(bits) != sorted(set(bits)):
             raise KVPassError(f"QAQ tiers must have increasing bits, got {bits}")

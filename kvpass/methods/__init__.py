@@ -74,6 +74,9 @@ class MethodConfig:
         if self.sensitive_layers < 0:
             raise KVPassError(f"method {self.name!r}: sensitive_layers must be >= 0, got {self.sensitive_layers}")
         parse_cache_spec(self.sensitive_spec)  # a bad spec is an error at definition, not at the first compile
+        if self.overlay is not None and any(parse_cache_spec(s).recent for s in (self.key, self.value)):
+            raise KVPassError(f"method {self.name!r}: a recent=W window is read by kv_recent_attention_, which an "
+                              "overlay does not use; give the overlay its `recent` tokens instead")
 
     def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
         """The keys' spec (of ``layer``: model precision for ``full_precision_layers``, ``sensitive_spec`` for
@@ -188,18 +191,26 @@ register_method(MethodConfig("int4", "int4 keys and values, per-token groups of 
                              "int4:per_token:g64", "int4:per_token:g64"))
 register_method(MethodConfig("int2", "int2 keys and values, per-token groups of 64 (naive baseline)",
                              "int2:per_token:g64", "int2:per_token:g64"))
+# The -1% presets also read each query's 16 newest tokens at model precision (|recent=16, not in the paper): on
+# SmolLM2 over 4 x 2k windows that took 2bit-1% from +13.9% to +2.2% perplexity and 3bit-1% from +1.85% to -0.2%,
+# for 16 tokens in the model's dtype per head (0.125 bits/elem at 2k tokens in fp16). Attention is mostly local: with
+# a window of 4 tokens 2bit-1% is +4.3% (benchmarks/RESULTS.md).
+RECENT = 16
 for _bits in (4, 3, 2):
     _qn = ":qnorm" if _bits == 2 else ""
     for _out in ("", "+outliers1%"):
+        _win = f"|recent={RECENT}" if _out else ""
         register_method(MethodConfig(
             f"kvquant-{_bits}bit" + ("-1%" if _out else ""),
             f"KVQuant: nuq{_bits} keys per channel before RoPE with calibrated ranges and a LUT per channel, "
             f"nuq{_bits} values per token, Fisher-weighted LUTs, first token at model precision"
             + (", 1% dense-and-sparse outliers" if _out else "") + (", Q-Norm" if _qn else "")
-            + ("; the one layer whose coding costs the most loss on the calibration data in int8 with 1% outliers "
-               "(not in the bits figure: it adds about (8.6 - bits) / layers)" if _out else "")
+            + (f", each query's {RECENT} newest tokens at model precision; the one layer whose coding costs the most "
+               "loss on the calibration data in int8 with 1% outliers (not in the bits figure: it adds about "
+               "(8.6 - bits) / layers)" if _out else "")
             + " (needs calibration)",
-            f"nuq{_bits}:per_channel:static:channel_lut{_qn}{_out}|sink=1", f"nuq{_bits}:per_token{_qn}{_out}|sink=1",
+            f"nuq{_bits}:per_channel:static:channel_lut{_qn}{_out}|sink=1{_win}",
+            f"nuq{_bits}:per_token{_qn}{_out}|sink=1{_win}",
             pre_rope_keys=True, sensitive_layers=1 if _out else 0))
 # MiKV's low tier is int4: with int3 (7.5 bits/elem) MiKV only tied H2O at its memory on SmolLM2 (+0.32% both over
 # 4 x 2k windows); with int4 (8.5 bits/elem) it is +0.07% against H2O's +0.32% at 51% (benchmarks/RESULTS.md)

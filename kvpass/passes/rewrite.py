@@ -71,6 +71,19 @@ def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, lay
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     rope = rope_args(gm, site, tables)
+    if layout.key.spec.recent or layout.value.spec.recent:
+        if mode != "fused":
+            raise KVPassError(f"attention={mode!r} reads the coded cache only and would ignore the recent window of "
+                              f"'{kspec}' / '{vspec}'; use attention='fused'")
+        import kvpass.recent  # noqa: F401  (registers kv_recent_attention_)
+
+        positions_node(gm, site.key)
+        return g.call_function(
+            torch.ops.kvpass.kv_recent_attention_.default,
+            (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
+             get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec, vspec, site.head_dim, site.v_head_dim, site.max_len,
+             site.mask, q_positions, site.scale, *rope),
+        )
     if mode == "fused":
         call = g.call_function(
             torch.ops.kvpass.kv_attention.default,
