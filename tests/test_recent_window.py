@@ -143,3 +143,26 @@ def test_recent_window_errors():
         pos = torch.tensor([6, 8])
         kv_recent_attention_(q[:, :, :2], k[:, :, :2], v[:, :, :2], pos, kc, ks, vc, vs, spec, spec, D, D, S, None, pos,
                              0.25, *NO_ROPE)
+
+
+def test_rewritten_module_with_a_window_reexports_and_compiles():
+    spec = "int2:per_token|recent=4"
+    qm = kvpass.compile(build("llama"), MethodConfig("w", "", spec, spec, pre_rope_keys=True), max_cache_len=32,
+                        batch_size=2)
+    ids, mask = prompt(2, length=6)
+    expected = qm(ids, attention_mask=mask)
+    full_mask = torch.ones(2, 32, dtype=torch.long)
+    full_mask[:, :6] = mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    args = (ids, torch.arange(6), full_mask, positions)
+    qm.reset()
+    tokens = torch.export.Dim("tokens", min=1, max=32)
+    ep = torch.export.export(qm.graph_module, args, dynamic_shapes=({1: tokens}, {0: tokens}, None, {1: tokens}),
+                             strict=False)
+    assert torch.ops.kvpass.kv_recent_attention_.default in {n.target for n in ep.graph.nodes}
+    qm.reset()
+    torch.testing.assert_close(ep.module()(*args), expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(qm.graph_module, backend="inductor")
+    qm.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), expected, rtol=1e-4, atol=1e-4)
