@@ -27,6 +27,7 @@ class Variant:
     weights: str = "fisher"  # the LUT fit's sample weights: "fisher" or "ones"
     layers: tuple[int, ...] | None = None  # the layers quantized (None: all); the others stay at model precision
     promoted: str | None = None  # layer 1's keys and values in this spec instead (what sensitive_layers would do)
+    recent: int = 0  # each query's newest tokens read at model precision (cache option recent=W)
 
 
 KEYS = {4: "nuq4:per_channel:static:channel_lut+outliers1%", 3: "nuq3:per_channel:static:channel_lut+outliers1%",
@@ -63,6 +64,13 @@ VARIANTS |= {
 # the format of the layer the -1% presets promote (layer 1 on the bundled model, chosen by calibration loss)
 PROMOTED = ["int8:per_token", "int8:per_token|sink=1", "int8:per_token:g32|sink=1", "int8:per_token+outliers1%|sink=1"]
 VARIANTS |= {f"4: layer 1 in {spec}": Variant(KEYS[4], VALUES[4], promoted=spec) for spec in PROMOTED}
+# the recent window of the -1% presets (recent=16), with layer 1 promoted as the presets do on the bundled model
+PROMOTED_SPEC = PROMOTED[-1]
+for _b in (4, 3, 2):
+    VARIANTS |= {f"{_b}: layer 1 promoted, recent={w}": Variant(KEYS[_b], VALUES[_b], promoted=PROMOTED_SPEC, recent=w)
+                 for w in (0, 4, 8, 16, 32)}
+VARIANTS |= {f"2: no outliers, recent={w}": Variant(KEYS[2].replace("+outliers1%", ""),
+                                                    VALUES[2].replace("+outliers1%", ""), recent=w) for w in (0, 16)}
 SETS = {
     "split": ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",
               "4: both uniform grid", "4: every layer", "3: keys only", "3: values only", "3: keys only, uniform grid",
@@ -73,6 +81,9 @@ SETS = {
                "4: layer 1 only, keys", "4: layer 1 only, values", "4: layer 2 only", "4: all but layer 1",
                "4: every layer"],
     "promote": ["fp16", "4: every layer", "4: all but layer 1", *(f"4: layer 1 in {spec}" for spec in PROMOTED)],
+    "recent": ["fp16", *(f"2: layer 1 promoted, recent={w}" for w in (0, 4, 8, 16, 32)),
+               *(f"{b}: layer 1 promoted, recent={w}" for b in (3, 4) for w in (0, 16)),
+               "2: no outliers, recent=0", "2: no outliers, recent=16"],
 }
 
 
@@ -82,7 +93,8 @@ def main() -> None:
                    help="a variant to run, repeatable (names contain commas; default: the variants of --set)")
     p.add_argument("--set", choices=sorted(SETS), default="split",
                    help="split: keys alone / values alone at 4, 3 and 2 bits with datatype variants; layers: one block "
-                        "of layers quantized at a time; promote: formats for the layer the -1%% presets promote")
+                        "of layers quantized at a time; promote: formats for the layer the -1%% presets promote; "
+                        "recent: the window of newest tokens read at model precision")
     p.add_argument("--list", action="store_true", help="print every variant's name and specs and exit")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--windows", type=int, default=4)
@@ -122,7 +134,8 @@ def main() -> None:
         k, v, pre = var.keys, var.values, var.pre_rope
         if var.layers is not None and not set(var.layers) <= set(layers):
             raise SystemExit(f"variant {name!r} names layers {var.layers}; this model has {len(layers)}")
-        m = MethodConfig(name, name, k + "|sink=1" if k != "none" else k, v + "|sink=1" if v != "none" else v,
+        opts = "|sink=1" + (f"|recent={var.recent}" if var.recent else "")
+        m = MethodConfig(name, name, k + opts if k != "none" else k, v + opts if v != "none" else v,
                          pre_rope_keys=pre,
                          full_precision_layers=() if var.layers is None else tuple(set(layers) - set(var.layers)),
                          **({} if var.promoted is None else {"promoted_layers": (1,), "sensitive_spec": var.promoted}))
@@ -153,7 +166,8 @@ def main() -> None:
         span = "all" if var.layers is None else compact(var.layers)
         span += "" if var.promoted is None else f" (1: `{var.promoted}`)"
         delta = f"{ppl / ref - 1:+.2%}" if ref else "-"
-        cells = [name, f"`{keys}`", f"`{var.values}`", span]
+        window = f"|recent={var.recent}" if var.recent else ""
+        cells = [name, f"`{keys}{window}`", f"`{var.values}{window}`", span]
         cells = [c.replace("|", "\\|") for c in cells]  # a spec's "|sink=1" would split the table's cell
         lines.append(f"| {' | '.join(cells)} | {bits:.2f} | {ppl:.3f} | {delta} |")
     section = "\n".join(lines) + "\n"
