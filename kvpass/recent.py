@@ -1,14 +1,21 @@
-"""Attention over a coded cache whose newest tokens are also kept at model precision (cache option ``recent=W``).
+"""Attention that reads each query's newest tokens at model precision, per query, in a prompt chunk as in decoding.
 
-The query at position p reads token j from the model-precision ring iff ``p - j < W`` and from the codes
-otherwise: a sliding window, the same in a prompt chunk of many queries as in decoding one token at a time, so
-that a one-call perplexity measures what generation sees. Attention is mostly local, so a few exact neighbours
-take most of a 2-bit cache's error away (SmolLM2, kvquant-2bit-1%, 2k tokens: +13.9% perplexity without a
-window, +2.2% with 16 tokens, +4.3% with 4, for W x 16 / 2048 bits per element in fp16).
+Two cache options keep recent tokens at model precision next to the codes:
 
-``kv_recent_attention_`` gets the chunk's new keys and values at model precision, reads the W - 1 tokens before
-the chunk from the ring, attends, and only then writes the chunk's newest W tokens into the ring (slot
-``position % W``), so the ring never has to hold more than W tokens however long the chunk.
+* ``recent=W``: the query at position p reads token j from a ring of the W newest tokens iff ``p - j < W``;
+* ``residual=R`` (KIVI): tokens stay in a ring until their block of R is complete and coded, so the query at p
+  reads token j exact iff j is in p's block and writing p did not complete it.
+
+``kv_attention`` reads a cache as it stands after the whole chunk is stored, so in a prompt every query would see
+its neighbours coded (every residual block of the prompt complete, the recent ring holding only the chunk's last
+W tokens), while decoding sees them exact. ``kv_recent_attention_`` gives every query of a chunk exactly what it
+would see if the tokens had been decoded one at a time, so a one-call perplexity measures what generation sees.
+It reads the tokens before the chunk that the chunk's queries still read exact (from the rings, before the chunk
+overwrites a residual ring), stores the chunk (codes, residual ring, sink), attends, and only then writes the chunk's
+newest W tokens into the recent ring (slot ``position % W``), so no ring holds more than W (or R) tokens however
+long the chunk. Attention is mostly local, so a few exact neighbours take most of a 2-bit cache's error away
+(SmolLM2, kvquant-2bit-1%, 2k tokens: +13.9% perplexity without a window, +2.2% with 16 tokens, +4.3% with 4, for
+W x 16 / 2048 bits per element in fp16).
 """
 
 from __future__ import annotations
@@ -26,14 +33,39 @@ def ring_of(cache: list[torch.Tensor], cs: CacheSpec) -> torch.Tensor | None:
     return dict(zip(kvcache.cache_names(cs), cache))["recent"] if cs.recent else None
 
 
-def band(ring: torch.Tensor, new: torch.Tensor, start: int) -> torch.Tensor:
-    """``[B, H, T, W, D]``: for the t-th new token (position ``start + t``) the W tokens ending at it, oldest
-    first, from the ring (positions before ``start``) and ``new`` ``[B, H, T, D]``. Positions below 0 hold
-    whatever the ring holds; the caller masks them."""
-    w = ring.shape[2]
-    before = torch.arange(start - w, start, device=new.device) % w
-    ext = torch.cat([ring[:, :, before].to(new.dtype), new], dim=2)  # positions start - W .. start + T - 1
-    return ext.unfold(2, w, 1)[:, :, 1:].transpose(-1, -2)  # window t ends at ext index W + t
+def reads_exact(cs: CacheSpec) -> bool:
+    """Whether queries read some recent tokens of this cache at model precision (a recent window or a residual)."""
+    return bool(cs.recent or cs.residual)
+
+
+def span(cs: CacheSpec) -> int:
+    """The most tokens before and including its own that a query reads exact: W, or R - 1 in a residual."""
+    return cs.recent or max(cs.residual - 1, 0)
+
+
+def first_exact(cs: CacheSpec, positions: torch.Tensor) -> torch.Tensor:
+    """The first position each query reads exact: its window's start, or the start of its residual block unless
+    writing the query's token completed the block (then the block is coded, as in decoding)."""
+    if cs.recent:
+        return positions - cs.recent + 1
+    if cs.residual:
+        return (positions + 1) // cs.residual * cs.residual
+    return positions + 1
+
+
+def before_chunk(cache: list[torch.Tensor], cs: CacheSpec, start: int, w: int) -> torch.Tensor:
+    """``[B, H, w, D]``: positions ``start - w .. start - 1`` as this cache holds them at model precision (valid where
+    :func:`first_exact` lets a query read them; a residual ring must be read before the chunk is stored)."""
+    bufs = dict(zip(kvcache.cache_names(cs), cache))
+    ring = bufs["recent"] if cs.recent else bufs["residual"]
+    return ring[:, :, torch.arange(start - w, start, device=ring.device) % ring.shape[2]]
+
+
+def bands(pre: torch.Tensor, new: torch.Tensor, w: int) -> torch.Tensor:
+    """``[B, H, T, w, D]``: for the t-th new token the w tokens ending at it, oldest first, from ``pre`` (the w
+    before the chunk) and ``new`` ``[B, H, T, D]``."""
+    ext = torch.cat([pre.to(new.dtype), new], dim=2)
+    return ext.unfold(2, w, 1)[:, :, 1:].transpose(-1, -2)  # window t ends at ext index w + t
 
 
 def write_ring(ring: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
@@ -77,40 +109,45 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add: torc
 
 def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim,
                      v_head_dim, max_len, mask, q_positions, scale, rope_cos, rope_sin, rope, rotary_dim) -> torch.Tensor:
-    """Two attentions merged by their log-sum-exp (as flash-decoding merges splits): the fused kernel over the coded
-    tokens older than every query's band, and a small one over each query's band of W tokens, each token there
-    exact on the side whose window covers it and coded on the other."""
+    """Store the chunk, then two attentions merged by their log-sum-exp (as flash-decoding merges splits): the
+    fused kernel over the coded tokens older than every query's band of w tokens, and a small one over each band,
+    each token there exact on the side that holds it exact for that query and coded on the other."""
     ks, vs = parse_cache_spec(k_spec), parse_cache_spec(v_spec)
     b, hq, t, _ = q.shape
     if new_k.shape[2] != t:
-        raise KVPassError(f"a recent window needs one query per new token, got {t} queries for {new_k.shape[2]} tokens")
+        raise KVPassError(f"recent tokens read exact need one query per new token, got {t} queries for "
+                          f"{new_k.shape[2]} tokens")
     start = int(positions[0])
     if not torch.equal(positions, torch.arange(start, start + t, device=positions.device)):
-        raise KVPassError(f"a recent window needs consecutive positions, got {positions[:8].tolist()}...")
+        raise KVPassError(f"recent tokens read exact need consecutive positions, got {positions[:8].tolist()}...")
+    w = max(span(ks), span(vs), 1)
+    pre = [before_chunk(c, cs, start, w) if reads_exact(cs) else None for c, cs in ((k_cache, ks), (v_cache, vs))]
+    kvcache.store(k_cache, k_static, new_k, positions, ks)
+    kvcache.store(v_cache, v_static, new_v, positions, vs)
+
     n = visible_length(mask, q_positions, max_len)
     k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim, n)
     v = kvcache.load(v_cache, v_static, vs, v_head_dim, max_len, q.dtype, n)
-    hkv, w = k.shape[1], max(ks.recent, vs.recent)
+    hkv = k.shape[1]
     groups = hq // hkv
     add, allowed = additive_mask(mask, q_positions, t, n, q.device)
-    cols = positions[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [T, W]: each query's band, oldest first
+    cols = positions[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [T, w]: each query's band, oldest first
     in_band = torch.arange(n, device=q.device)[None, :] > positions[:, None] - w  # [T, n]
 
-    far_allowed = allowed & ~in_band
     out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                       add.masked_fill(in_band, float("-inf")), far_allowed, scale)
+                                       add.masked_fill(in_band, float("-inf")), allowed & ~in_band, scale)
 
     real = (cols >= 0) & (cols < n)
     idx = cols.clamp(0, n - 1)
-    kb, vb = k[:, :, idx], v[:, :, idx]  # [B, Hkv, T, W, D]: the coded band
-    if ks.recent:
-        exact = band(ring_of(k_cache, ks), new_k, start)
+    kb, vb = k[:, :, idx], v[:, :, idx]  # [B, Hkv, T, w, D]: the band as coded
+    if reads_exact(ks):
+        exact = bands(pre[0], new_k, w)
         if rope:
-            ridx = idx[:, w - ks.recent:]
-            exact = apply_rope(exact, rope_cos[:, :, ridx], rope_sin[:, :, ridx], rope, rotary_dim)
-        kb = torch.cat([kb[:, :, :, :w - ks.recent], exact.to(kb.dtype)], 3)
-    if vs.recent:
-        vb = torch.cat([vb[:, :, :, :w - vs.recent], band(ring_of(v_cache, vs), new_v, start).to(vb.dtype)], 3)
+            exact = apply_rope(exact, rope_cos[:, :, idx], rope_sin[:, :, idx], rope, rotary_dim)
+        kb = torch.where((cols >= first_exact(ks, positions)[:, None])[..., None], exact.to(kb.dtype), kb)
+    if reads_exact(vs):
+        exact = bands(pre[1], new_v, w)
+        vb = torch.where((cols >= first_exact(vs, positions)[:, None])[..., None], exact.to(vb.dtype), vb)
     qg = q.float().reshape(b, hkv, groups, t, -1)
     band_add = add.gather(-1, idx.expand(*add.shape[:2], t, w)).masked_fill(~real, float("-inf"))
     heads = (1, 1) if band_add.shape[1] == 1 else (hkv, groups)
@@ -153,10 +190,10 @@ def kv_recent_attention_(
     rope: str,
     rotary_dim: int,
 ) -> torch.Tensor:
-    """Attention of ``q`` ``[B, Hq, T, D]`` (the queries of the new tokens ``new_k``/``new_v`` ``[B, Hkv, T, D]``
-    at consecutive ``positions``, already coded into the caches by ``kv_store_``) over packed caches with a
-    ``recent=W`` window on either side; then the window rings take the new tokens. Arguments as ``kv_attention``
-    (``new_k`` is stored before RoPE when ``rope`` names the variant)."""
+    """Write the new tokens ``new_k``/``new_v`` ``[B, Hkv, T, D]`` at consecutive ``positions`` into the caches
+    (as ``kv_store_`` would) and attend their queries ``q`` ``[B, Hq, T, D]`` over them, each query reading the recent
+    tokens its caches' ``recent=W`` or ``residual=R`` option keeps exact for it; then the recent rings take the new
+    tokens. Arguments as ``kv_attention`` (``new_k`` is stored before RoPE when ``rope`` names the variant)."""
     return recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim,
                             v_head_dim, max_len, mask, q_positions, scale, rope_cos, rope_sin, rope, rotary_dim)
 

@@ -1,4 +1,5 @@
-"""The ``recent=W`` cache option: the newest W tokens read at model precision, per query, in prompts as in decoding."""
+"""Recent tokens read at model precision per query, in prompts as in decoding: the ``recent=W`` cache option and
+KIVI's ``residual=R`` through ``kv_recent_attention_``."""
 
 import pytest
 import torch
@@ -30,8 +31,6 @@ def run(k_spec, v_spec, chunks, seed=0):
     outs, start = [], 0
     for n in chunks:
         pos = torch.arange(start, start + n)
-        ops.kv_store_(kc, ks, k[:, :, pos], pos, k_spec)
-        ops.kv_store_(vc, vs, v[:, :, pos], pos, v_spec)
         outs.append(kv_recent_attention_(q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, kc, ks, vc, vs, k_spec, v_spec,
                                          D, D, S, None, pos, 0.25, *NO_ROPE))
         start += n
@@ -39,22 +38,26 @@ def run(k_spec, v_spec, chunks, seed=0):
 
 
 def per_query_reference(k_spec, v_spec, q, k, v):
-    """Each query on its own: the coded cache with its own last W slots (per side) replaced by the exact tokens."""
+    """Each query on its own, as decoding sees the cache: the tokens up to it stored one at a time and read back, with
+    those its window (the last W) or its incomplete residual block (KIVI) holds replaced by the exact tokens."""
     t = q.shape[2]
     kc, ks = CacheLayout.build(k_spec, (B, HKV, S, D), torch.float32).allocate()
     vc, vs = CacheLayout.build(v_spec, (B, HKV, S, D), torch.float32).allocate()
-    ops.kv_store_(kc, ks, k, torch.arange(t), k_spec)
-    ops.kv_store_(vc, vs, v, torch.arange(t), v_spec)
-    kd = ops.kv_load(kc, ks, k_spec, D, S, torch.float32, *NO_ROPE)[:, :, :t]
-    vd = ops.kv_load(vc, vs, v_spec, D, S, torch.float32, *NO_ROPE)[:, :, :t]
     out = []
     for i in range(t):
-        ki, vi = kd[:, :, :i + 1].clone(), vd[:, :, :i + 1].clone()
+        pos = torch.tensor([i])
+        ops.kv_store_(kc, ks, k[:, :, pos], pos, k_spec)
+        ops.kv_store_(vc, vs, v[:, :, pos], pos, v_spec)
+        ki = ops.kv_load(kc, ks, k_spec, D, S, torch.float32, *NO_ROPE)[:, :, :i + 1]
+        vi = ops.kv_load(vc, vs, v_spec, D, S, torch.float32, *NO_ROPE)[:, :, :i + 1]
         for x, exact, spec in ((ki, k, k_spec), (vi, v, v_spec)):
-            w = parse_cache_spec(spec).recent
-            if w:
-                lo = max(0, i + 1 - w)
+            cs = parse_cache_spec(spec)
+            if cs.recent:
+                lo = max(0, i + 1 - cs.recent)
                 x[:, :, lo:i + 1] = exact[:, :, lo:i + 1]
+            elif cs.residual:  # kv_load already reads the incomplete block from the ring
+                lo = (i + 1) // cs.residual * cs.residual
+                assert torch.equal(x[:, :, lo:i + 1], exact[:, :, lo:i + 1])
         out.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], ki, vi, scale=0.25, enable_gqa=True))
     return torch.cat(out, 2)
 
@@ -63,17 +66,22 @@ def per_query_reference(k_spec, v_spec, q, k, v):
     (f"int2:per_token|recent={W}", f"int2:per_token|recent={W}"),
     (f"int2:per_token|recent={W}", "int2:per_token"),  # a window on one side only
     ("int3:per_token|sink=1", "int2:per_token|recent=3|sink=1"),
+    ("int2:per_channel:g4|residual=8", "int2:per_token|residual=8"),  # KIVI
+    ("int2:per_channel:g4|residual=8", "int2:per_token|recent=3"),
 ])
 def test_each_query_reads_its_own_window_exactly(k_spec, v_spec):
     out, (q, k, v), _ = run(k_spec, v_spec, [17])
     torch.testing.assert_close(out, per_query_reference(k_spec, v_spec, q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_prompt_chunks_and_decoding_give_the_same_outputs():
-    spec = f"int2:per_token|recent={W}"
-    one, _, (kc, _, vc, _) = run(spec, spec, [23])
-    for chunks in ([1] * 23, [3, 9, 1, 10], [W, W, 13]):
-        other, _, (kc2, _, vc2, _) = run(spec, spec, chunks)
+@pytest.mark.parametrize("k_spec,v_spec", [(f"int2:per_token|recent={W}", f"int2:per_token|recent={W}"),
+                                            ("int2:per_channel:g4|residual=8", "int2:per_token:g4|residual=8")])
+def test_prompt_chunks_and_decoding_give_the_same_outputs(k_spec, v_spec):
+    one, _, (kc, _, vc, _) = run(k_spec, v_spec, [23])
+    # chunks that start inside a residual block and run past the next one must read the block's older tokens
+    # before the chunk overwrites them in the ring
+    for chunks in ([1] * 23, [3, 9, 1, 10], [W, W, 13], [2, 21]):
+        other, _, (kc2, _, vc2, _) = run(k_spec, v_spec, chunks)
         torch.testing.assert_close(other, one, rtol=1e-5, atol=1e-5)
         for a, b in zip(kc + vc, kc2 + vc2):
             assert torch.equal(a, b)  # the codes and the ring end the same
@@ -101,11 +109,14 @@ def test_ring_bytes_and_opcheck():
                                                  D, D, S, None, pos, 0.25, *NO_ROPE))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_model_prompt_equals_token_by_token_decoding(arch):
+@pytest.mark.parametrize("arch,k_spec,v_spec", [
+    ("llama", "int2:per_token|recent=4", "int2:per_token|recent=4"),
+    ("gpt2", "int2:per_token|recent=4", "int2:per_token|recent=4"),
+    ("qwen2", "int2:per_channel:g4|residual=8", "int2:per_token:g4|residual=8"),  # KIVI with small blocks
+])
+def test_model_prompt_equals_token_by_token_decoding(arch, k_spec, v_spec):
     model = build(arch)
-    spec = "int2:per_token|recent=4"
-    m = MethodConfig("int2-recent4", "", spec, spec, pre_rope_keys=arch == "llama")
+    m = MethodConfig("recent-exact", "", k_spec, v_spec, pre_rope_keys=arch == "llama")
     qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2)
     ids, mask = prompt(2, length=20)
     whole = qm(ids, attention_mask=mask)
@@ -113,9 +124,11 @@ def test_model_prompt_equals_token_by_token_decoding(arch):
     steps = torch.cat([qm(ids[:, i:i + 1], attention_mask=mask[:, :i + 1]) for i in range(20)], 1)
     real = mask.bool()
     torch.testing.assert_close(steps[real], whole[real], rtol=1e-4, atol=1e-4)
-    no_window = kvpass.compile(model, MethodConfig("int2", "", "int2:per_token", "int2:per_token",
-                                                   pre_rope_keys=arch == "llama"), max_cache_len=48, batch_size=2)
-    assert not torch.allclose(no_window(ids, attention_mask=mask)[real], whole[real], atol=1e-3)
+    # reading the cache as it stands after the whole prompt (kv_attention) differs
+    as_stored = kvpass.compile(model, m, max_cache_len=48, batch_size=2, attention="load") if "residual" in k_spec else \
+        kvpass.compile(model, MethodConfig("int2", "", "int2:per_token", "int2:per_token", pre_rope_keys=arch == "llama"),
+                       max_cache_len=48, batch_size=2)
+    assert not torch.allclose(as_stored(ids, attention_mask=mask)[real], whole[real], atol=1e-3)
 
 
 def test_window_longer_than_the_text_is_exact_with_pre_rope_keys():

@@ -64,6 +64,21 @@ def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[Node | str, No
     return cos, sin, site.rope.variant, site.rope.rotary_dim
 
 
+def reads_recent_exact(layout: KVLayout, mode: str) -> bool:
+    """Whether a site's queries read recent tokens exact per query (``kv_recent_attention_``, which also writes the
+    new tokens): caches with ``recent=W``, and KIVI's ``residual=R`` in the fused mode (``attention="load"`` reads a
+    residual cache as it stands after the whole chunk is stored)."""
+    from kvpass.recent import reads_exact
+
+    if layout.key is None or layout.tiers is not None:
+        return False
+    specs = (layout.key.spec, layout.value.spec)
+    if any(cs.recent for cs in specs) and mode != "fused":
+        raise KVPassError(f"attention={mode!r} reads the coded cache only and would ignore the recent window of "
+                          f"'{specs[0]}' / '{specs[1]}'; use attention='fused'")
+    return mode == "fused" and any(reads_exact(cs) for cs in specs)
+
+
 def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
                    tables: tuple[Node | str, Node | str] | None) -> Node:
     g = gm.graph
@@ -71,10 +86,7 @@ def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, lay
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     rope = rope_args(gm, site, tables)
-    if layout.key.spec.recent or layout.value.spec.recent:
-        if mode != "fused":
-            raise KVPassError(f"attention={mode!r} reads the coded cache only and would ignore the recent window of "
-                              f"'{kspec}' / '{vspec}'; use attention='fused'")
+    if reads_recent_exact(layout, mode):
         import kvpass.recent  # noqa: F401  (registers kv_recent_attention_)
 
         positions_node(gm, site.key)
@@ -253,7 +265,7 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
         if pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
             site.key.new = site.rope.pre
-        if layout.key is not None:
+        if layout.key is not None and (overlay is not None or not reads_recent_exact(layout, attention)):
             replace_write(gm, site.key, *k, str(layout.key.spec))
             replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
