@@ -8,8 +8,10 @@ A cache spec is a format spec plus cache options, written ``"<format>|residual=R
   block of R tokens at a time once the block is complete, which is what per-channel groups along tokens need.
 * ``sink=S`` (KVQuant's attention sink) keeps the first S tokens at model precision as well.
 * ``recent=W`` keeps the newest W tokens at model precision as well, in a ring next to their codes: the query at
-  position p reads token j from the ring iff ``p - j < W``, in a prompt chunk as in decoding
-  (``kvpass.recent.kv_recent_attention_`` attends and writes the ring; ``kv_store_`` codes every token).
+  position p reads token j from the ring iff ``p - j < W``.
+
+Caches with a residual or a recent window are written and attended by ``kvpass.recent.kv_recent_attention_``, which
+gives each query of a prompt chunk the tokens it would read exact if the chunk had been decoded token by token.
 
 The buffers are *per-token* tensors, written as tokens arrive (token axis at dim 2, or blocks of R tokens at
 dim 2 with a residual), and *static* tensors shared by every token (a nuq LUT and its Q-Norm, calibrated

@@ -7,8 +7,8 @@
   optionally the attention mass every cached token received (summed over queries and the heads of its
   GQA group), which importance-driven methods (MiKV, QAQ, H2O) accumulate.
 
-Caches with a ``recent=W`` window are attended by ``kvpass::kv_recent_attention_`` (:mod:`kvpass.recent`), which
-also needs the new tokens at model precision.
+The graph pass writes and attends caches with a ``recent=W`` window or a residual (in the fused mode) with
+``kvpass::kv_recent_attention_`` instead (:mod:`kvpass.recent`): each query reads its own recent tokens exact.
 
 A cache is passed as two tensor lists (per-token buffers, static tensors) plus its cache spec string
 (:mod:`kvpass.kvcache`); the order of each list is :func:`kvpass.kvcache.cache_names` /

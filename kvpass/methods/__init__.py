@@ -192,7 +192,7 @@ register_method(MethodConfig("int4", "int4 keys and values, per-token groups of 
 register_method(MethodConfig("int2", "int2 keys and values, per-token groups of 64 (naive baseline)",
                              "int2:per_token:g64", "int2:per_token:g64"))
 # The -1% presets also read each query's 16 newest tokens at model precision (|recent=16, not in the paper): on
-# SmolLM2 over 4 x 2k windows that took 2bit-1% from +13.9% to +2.2% perplexity and 3bit-1% from +1.85% to -0.2%,
+# SmolLM2 over 4 x 2k windows that took 2bit-1% from +13.9% to +2.2% perplexity and 3bit-1% from +1.85% to -0.1%,
 # for 16 tokens in the model's dtype per head (0.125 bits/elem at 2k tokens in fp16). Attention is mostly local: with
 # a window of 4 tokens 2bit-1% is +4.3% (benchmarks/RESULTS.md).
 RECENT = 16
