@@ -25,12 +25,12 @@ import torch
 from kvpass import kvcache
 from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheSpec, parse_cache_spec
-from kvpass.ops import apply_rope, load_keys, visible_length
+from kvpass.ops import apply_rope, causal_mask, load_keys, visible_length
 
 
-def ring_of(cache: list[torch.Tensor], cs: CacheSpec) -> torch.Tensor | None:
-    """The ``[B, H, W, D]`` model-precision ring of a cache with ``recent=W`` (None without one)."""
-    return dict(zip(kvcache.cache_names(cs), cache))["recent"] if cs.recent else None
+def ring_of(cache: list[torch.Tensor], cs: CacheSpec) -> torch.Tensor:
+    """The ``[B, H, W or R, D]`` model-precision ring of a cache with ``recent=W`` or ``residual=R``."""
+    return dict(zip(kvcache.cache_names(cs), cache))["recent" if cs.recent else "residual"]
 
 
 def reads_exact(cs: CacheSpec) -> bool:
@@ -56,8 +56,7 @@ def first_exact(cs: CacheSpec, positions: torch.Tensor) -> torch.Tensor:
 def before_chunk(cache: list[torch.Tensor], cs: CacheSpec, start: int, w: int) -> torch.Tensor:
     """``[B, H, w, D]``: positions ``start - w .. start - 1`` as this cache holds them at model precision (valid where
     :func:`first_exact` lets a query read them; a residual ring must be read before the chunk is stored)."""
-    bufs = dict(zip(kvcache.cache_names(cs), cache))
-    ring = bufs["recent"] if cs.recent else bufs["residual"]
+    ring = ring_of(cache, cs)
     return ring[:, :, torch.arange(start - w, start, device=ring.device) % ring.shape[2]]
 
 
@@ -78,8 +77,7 @@ def additive_mask(mask: torch.Tensor | None, q_positions: torch.Tensor | None, t
                   device) -> tuple[torch.Tensor, torch.Tensor]:
     """The mask as float32 to add to scores ``[Bm, Hm, T, n]`` and which entries it lets through (bool)."""
     if mask is None:
-        cols = torch.arange(n, device=device)
-        allowed = (cols[None, :] <= q_positions[:, None]) if q_positions is not None else torch.ones(t, n, dtype=torch.bool, device=device)
+        allowed = causal_mask(q_positions, n) if q_positions is not None else torch.ones(t, n, dtype=torch.bool, device=device)
         allowed = allowed[None, None]
         return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf")), allowed
     mask = mask[..., :n]

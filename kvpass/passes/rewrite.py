@@ -79,6 +79,21 @@ def reads_recent_exact(layout: KVLayout, mode: str) -> bool:
     return mode == "fused" and any(reads_exact(cs) for cs in specs)
 
 
+def recent_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
+                          tables: tuple[Node | str, Node | str] | None) -> Node:
+    """``kv_recent_attention_``: writes the new tokens and attends, each query reading its own recent tokens exact."""
+    import kvpass.recent  # noqa: F401  (registers kv_recent_attention_)
+
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    positions_node(gm, site.key)
+    return gm.graph.call_function(
+        torch.ops.kvpass.kv_recent_attention_.default,
+        (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
+         get_attrs(gm, v[0]), get_attrs(gm, v[1]), str(layout.key.spec), str(layout.value.spec), site.head_dim,
+         site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, *rope_args(gm, site, tables)),
+    )
+
+
 def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
                    tables: tuple[Node | str, Node | str] | None) -> Node:
     g = gm.graph
@@ -86,16 +101,6 @@ def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, lay
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     rope = rope_args(gm, site, tables)
-    if reads_recent_exact(layout, mode):
-        import kvpass.recent  # noqa: F401  (registers kv_recent_attention_)
-
-        positions_node(gm, site.key)
-        return g.call_function(
-            torch.ops.kvpass.kv_recent_attention_.default,
-            (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
-             get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec, vspec, site.head_dim, site.v_head_dim, site.max_len,
-             site.mask, q_positions, site.scale, *rope),
-        )
     if mode == "fused":
         call = g.call_function(
             torch.ops.kvpass.kv_attention.default,
@@ -265,7 +270,8 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
         if pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
             site.key.new = site.rope.pre
-        if layout.key is not None and (overlay is not None or not reads_recent_exact(layout, attention)):
+        windowed = overlay is None and reads_recent_exact(layout, attention)  # the op writes the tokens itself
+        if layout.key is not None and not windowed:
             replace_write(gm, site.key, *k, str(layout.key.spec))
             replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
@@ -273,6 +279,8 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
                 out = qaq_attention_node(gm, site, layout, calibration, device)
             elif overlay is not None:
                 out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
+            elif windowed:
+                out = recent_attention_node(gm, site, k, v, layout, tables)
             else:
                 out = attention_node(gm, site, k, v, layout, attention, tables)
         site.output.replace_all_uses_with(out)
