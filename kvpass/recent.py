@@ -60,11 +60,10 @@ def before_chunk(cache: list[torch.Tensor], cs: CacheSpec, start: int, w: int) -
     return ring[:, :, torch.arange(start - w, start, device=ring.device) % ring.shape[2]]
 
 
-def bands(pre: torch.Tensor, new: torch.Tensor, w: int) -> torch.Tensor:
-    """``[B, H, T, w, D]``: for the t-th new token the w tokens ending at it, oldest first, from ``pre`` (the w
-    before the chunk) and ``new`` ``[B, H, T, D]``."""
-    ext = torch.cat([pre.to(new.dtype), new], dim=2)
-    return ext.unfold(2, w, 1)[:, :, 1:].transpose(-1, -2)  # window t ends at ext index w + t
+def blocks(x: torch.Tensor, c: int, w: int) -> torch.Tensor:
+    """``[B, H, nb, c + w, D]``: the keys or values that query block ``j`` (queries ``j*c .. j*c + c - 1`` of the
+    chunk) may read in its band, from ``x`` ``[B, H, w + nb*c, D]`` (the w positions before the chunk first)."""
+    return x.unfold(2, c + w, c).transpose(-1, -2)
 
 
 def write_ring(ring: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
@@ -129,30 +128,13 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     hkv = k.shape[1]
     groups = hq // hkv
     add, allowed = additive_mask(mask, q_positions, t, n, q.device)
-    cols = positions[:, None] - (w - 1) + torch.arange(w, device=q.device)  # [T, w]: each query's band, oldest first
     in_band = torch.arange(n, device=q.device)[None, :] > positions[:, None] - w  # [T, n]
 
     out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                        add.masked_fill(in_band, float("-inf")), allowed & ~in_band, scale)
 
-    real = (cols >= 0) & (cols < n)
-    idx = cols.clamp(0, n - 1)
-    kb, vb = k[:, :, idx], v[:, :, idx]  # [B, Hkv, T, w, D]: the band as coded
-    if reads_exact(ks):
-        exact = bands(pre[0], new_k, w)
-        if rope:
-            exact = apply_rope(exact, rope_cos[:, :, idx], rope_sin[:, :, idx], rope, rotary_dim)
-        kb = torch.where((cols >= first_exact(ks, positions)[:, None])[..., None], exact.to(kb.dtype), kb)
-    if reads_exact(vs):
-        exact = bands(pre[1], new_v, w)
-        vb = torch.where((cols >= first_exact(vs, positions)[:, None])[..., None], exact.to(vb.dtype), vb)
-    qg = q.float().reshape(b, hkv, groups, t, -1)
-    band_add = add.gather(-1, idx.expand(*add.shape[:2], t, w)).masked_fill(~real, float("-inf"))
-    heads = (1, 1) if band_add.shape[1] == 1 else (hkv, groups)
-    band_add = band_add.reshape(band_add.shape[0], *heads, t, w)
-    s = torch.einsum("bhgtd,bhtwd->bhgtw", qg, kb.float()) * scale + band_add
-    lse_near = torch.logsumexp(s, -1)
-    out_near = torch.einsum("bhgtw,bhtwd->bhgtd", torch.softmax(s, -1).nan_to_num(0.0), vb.float())
+    out_near, lse_near = near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, scale, rope_cos,
+                                        rope_sin, rope, rotary_dim)
 
     lse_far = lse_far.reshape(b, hkv, groups, t)
     # a row that sees nothing at all (a padding token) comes out as zeros, as SDPA gives it
@@ -163,6 +145,60 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
         if cs.recent:
             write_ring(ring_of(cache, cs), new, positions)
     return out.reshape(b, hq, t, -1).to(q.dtype)
+
+
+def near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, scale, rope_cos, rope_sin, rope,
+                   rotary_dim) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query over its band of w tokens ``p - w < j <= p``, token j exact on a side where the query reads it
+    exact and coded elsewhere: ``[B, Hkv, G, T, Dv]`` and the log-sum-exp ``[B, Hkv, G, T]``. The chunk's queries go
+    in blocks of c = max(w, 32), each block against the c + w positions its bands cover (a strided view, not a
+    per-query gather of [T, w, D]: a KIVI band is 127 tokens), the scores outside each query's band masked."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    c = max(w, 32)  # at least 32 queries a block: fewer, larger matmuls for a short window
+    nb = -(-t // c)
+    start = int(positions[0])
+    dev = q.device
+    idx = (start - w + torch.arange(w + nb * c, device=dev)).clamp(0, n - 1)  # the positions the blocks cover
+    qi = torch.arange(nb * c, device=dev).reshape(nb, c, 1)  # query index in the chunk
+    col = (start - w + qi // c * c + torch.arange(c + w, device=dev)).reshape(nb, c, c + w)  # each score's position
+    pos = start + qi
+    ok = (col > pos - w) & (col <= pos) & (col >= 0) & (col < n) & (qi < t)
+    rows = qi.clamp_max(t - 1).expand(nb, c, c + w)  # padding queries borrow the last one's mask row
+    band_add = add[..., rows, col.clamp(0, n - 1)]  # [Bm, Hm, nb, c, c + w]
+    band_add = band_add.masked_fill(~ok, float("-inf"))
+    heads = (1, 1) if band_add.shape[1] == 1 else (hkv, groups)
+    band_add = band_add.reshape(band_add.shape[0], *heads, nb, c, c + w)
+
+    def sides(coded: torch.Tensor, cs: CacheSpec, new: torch.Tensor, before: torch.Tensor | None, keys: bool):
+        coded_b = blocks(coded[:, :, idx].float(), c, w)
+        if not reads_exact(cs):
+            return coded_b, None, None
+        pad = new.new_zeros(*new.shape[:2], nb * c - t, new.shape[-1])
+        exact = torch.cat([before.to(new.dtype), new, pad], 2)
+        if keys and rope:
+            exact = apply_rope(exact, rope_cos[:, :, idx], rope_sin[:, :, idx], rope, rotary_dim)
+        use = col >= first_exact(cs, pos)  # [nb, c, c + w]
+        return coded_b, blocks(exact.float(), c, w), use
+
+    kc, ke, k_use = sides(k, ks, new_k, pre[0], True)
+    vc, ve, v_use = sides(v, vs, new_v, pre[1], False)
+    qb = torch.cat([q.float(), q.new_zeros(b, hq, nb * c - t, d, dtype=torch.float32)], 2)
+    qb = qb.reshape(b, hkv, groups, nb, c, d)
+    s = torch.einsum("bhgncd,bhnkd->bhgnck", qb, kc)
+    if ke is not None:
+        s = torch.where(k_use, torch.einsum("bhgncd,bhnkd->bhgnck", qb, ke), s)
+    s = s * scale + band_add
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    if ve is None:
+        out = torch.einsum("bhgnck,bhnkd->bhgncd", p, vc)
+    else:
+        out = (torch.einsum("bhgnck,bhnkd->bhgncd", p * ~v_use, vc)
+               + torch.einsum("bhgnck,bhnkd->bhgncd", p * v_use, ve))
+    out = out.reshape(b, hkv, groups, nb * c, -1)[..., :t, :]
+    return out, lse.reshape(b, hkv, groups, nb * c)[..., :t]
 
 
 @torch.library.custom_op("kvpass::kv_recent_attention_", mutates_args=("k_cache", "v_cache"))

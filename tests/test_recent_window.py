@@ -23,33 +23,34 @@ def data(t, seed=0):
             torch.randn(B, HKV, t, D, generator=g))
 
 
-def run(k_spec, v_spec, chunks, seed=0):
-    """Store and attend ``sum(chunks)`` tokens chunk by chunk; the outputs of every query, in order."""
+def run(k_spec, v_spec, chunks, seed=0, s=S):
+    """Store and attend ``sum(chunks)`` tokens chunk by chunk in a cache of ``s`` slots; the outputs of every query,
+    in order."""
     q, k, v = data(sum(chunks), seed)
-    kc, ks = CacheLayout.build(k_spec, (B, HKV, S, D), torch.float32).allocate()
-    vc, vs = CacheLayout.build(v_spec, (B, HKV, S, D), torch.float32).allocate()
+    kc, ks = CacheLayout.build(k_spec, (B, HKV, s, D), torch.float32).allocate()
+    vc, vs = CacheLayout.build(v_spec, (B, HKV, s, D), torch.float32).allocate()
     outs, start = [], 0
     for n in chunks:
         pos = torch.arange(start, start + n)
         outs.append(kv_recent_attention_(q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, kc, ks, vc, vs, k_spec, v_spec,
-                                         D, D, S, None, pos, 0.25, *NO_ROPE))
+                                         D, D, s, None, pos, 0.25, *NO_ROPE))
         start += n
     return torch.cat(outs, 2), (q, k, v), (kc, ks, vc, vs)
 
 
-def per_query_reference(k_spec, v_spec, q, k, v):
+def per_query_reference(k_spec, v_spec, q, k, v, s=S):
     """Each query on its own, as decoding sees the cache: the tokens up to it stored one at a time and read back, with
     those its window (the last W) or its incomplete residual block (KIVI) holds replaced by the exact tokens."""
     t = q.shape[2]
-    kc, ks = CacheLayout.build(k_spec, (B, HKV, S, D), torch.float32).allocate()
-    vc, vs = CacheLayout.build(v_spec, (B, HKV, S, D), torch.float32).allocate()
+    kc, ks = CacheLayout.build(k_spec, (B, HKV, s, D), torch.float32).allocate()
+    vc, vs = CacheLayout.build(v_spec, (B, HKV, s, D), torch.float32).allocate()
     out = []
     for i in range(t):
         pos = torch.tensor([i])
         ops.kv_store_(kc, ks, k[:, :, pos], pos, k_spec)
         ops.kv_store_(vc, vs, v[:, :, pos], pos, v_spec)
-        ki = ops.kv_load(kc, ks, k_spec, D, S, torch.float32, *NO_ROPE)[:, :, :i + 1]
-        vi = ops.kv_load(vc, vs, v_spec, D, S, torch.float32, *NO_ROPE)[:, :, :i + 1]
+        ki = ops.kv_load(kc, ks, k_spec, D, s, torch.float32, *NO_ROPE)[:, :, :i + 1]
+        vi = ops.kv_load(vc, vs, v_spec, D, s, torch.float32, *NO_ROPE)[:, :, :i + 1]
         for x, exact, spec in ((ki, k, k_spec), (vi, v, v_spec)):
             cs = parse_cache_spec(spec)
             if cs.recent:
@@ -85,6 +86,19 @@ def test_prompt_chunks_and_decoding_give_the_same_outputs(k_spec, v_spec):
         torch.testing.assert_close(other, one, rtol=1e-5, atol=1e-5)
         for a, b in zip(kc + vc, kc2 + vc2):
             assert torch.equal(a, b)  # the codes and the ring end the same
+
+
+@pytest.mark.parametrize("k_spec,v_spec", [
+    (f"int2:per_token|recent={W}", f"int2:per_token|recent={W}"),
+    ("int2:per_channel:g4|residual=8", "int2:per_token|recent=3"),
+    ("int2:per_token|recent=40", "int2:per_token|recent=40"),  # a band longer than the 32-query blocks
+])
+def test_long_prompts_read_as_decoding_across_query_blocks(k_spec, v_spec):
+    # the near part goes in blocks of max(w, 32) queries: 100 queries span several, the last one padded
+    out, (q, k, v), _ = run(k_spec, v_spec, [100], s=112)
+    torch.testing.assert_close(out, per_query_reference(k_spec, v_spec, q, k, v, s=112), rtol=1e-5, atol=1e-5)
+    split, _, _ = run(k_spec, v_spec, [37, 1, 62], s=112)
+    torch.testing.assert_close(split, out, rtol=1e-5, atol=1e-5)
 
 
 def test_window_changes_the_output_and_a_window_over_everything_is_exact():
