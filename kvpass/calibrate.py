@@ -299,7 +299,7 @@ def calibrate(
     layers = sorted({int(k.split(".")[0]) for k in acts})
     meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     if m.qaq is not None:
-        tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq, seed)
+        tensors, meta["eps"] = fit_qaq(acts, layers, m.qaq, seed, next(model.parameters()).dtype)
         return Calibration(m.name, config_hash(model), tensors, meta)
     calibration = Calibration(m.name, config_hash(model), fit_recorded(acts, layers, m, seed), meta)
     if m.sensitive_layers:
@@ -343,8 +343,8 @@ def fit_recorded(acts: dict[str, list[torch.Tensor]], layers: list[int], method:
     return tensors
 
 
-def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0
-            ) -> tuple[dict[str, torch.Tensor], float]:
+def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0,
+            dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], float]:
     """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
     for keys and values, and the calibrated tensors (ranges, LUTs) of the key and value tiers that have them."""
     from kvpass import qaq
@@ -356,7 +356,7 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
                  for q, k, v in zip(*(acts[f"{layer}.{w}"] for w in "qkv"))]
         nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
     dk, dv = acts[f"{layers[0]}.k"][0].shape[-1], acts[f"{layers[0]}.v"][0].shape[-1]
-    eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv)
+    eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype)
     tensors = {}
     for layer, (nk, nv) in nums.items():
         for which, num in (("k", nk), ("v", nv)):

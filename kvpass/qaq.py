@@ -1,7 +1,8 @@
 """QAQ: per-token key and value bits from attention, in tiers of static capacity (DESIGN section 4).
 
-Each token of each KV head is first held at model precision in a small ring for ``window`` steps (the attention
-window). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
+Each token of each KV head is first held in a small ring for ``window`` steps (the attention window), at the
+precision of the highest tier (fp16 for an fp32 model whose top tier is fp16: a prompt reads it rounded as decoding
+does). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
 * keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
@@ -61,6 +62,10 @@ class QAQConfig:
     key_tiers: tuple[str, ...] | None = None  # None: the same as ``tiers``
     sink: int = 1  # the first tokens always go to the highest tier (KVQuant's attention sink)
     retain: bool = False  # keep a model-precision copy so that tokens can move up a tier later
+    # the cache length at which ``target_bits`` counts everything the cache holds (the window ring, its attention,
+    # the query statistics and each tier's calibrated tensors, which do not grow with the cache); None: ``target_bits``
+    # is the per-token storage (tiers and map) alone
+    target_context: int | None = None
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.eps is None):
@@ -71,6 +76,8 @@ class QAQConfig:
             raise KVPassError(f"QAQ window must be >= 1 step, got {self.window}")
         if self.sink < 0:
             raise KVPassError(f"QAQ sink must be >= 0 tokens, got {self.sink}")
+        if self.target_context is not None and (self.target_bits is None or self.target_context < 1):
+            raise KVPassError(f"QAQ target_context={self.target_context} needs target_bits and a length >= 1 token")
         if not 0.5 <= self.quantile < 1:
             raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
         for cs in (parse_cache_spec(t) for t in (*self.tiers, *(self.key_tiers or ()))):
@@ -99,8 +106,17 @@ class QAQConfig:
 
     @property
     def ring(self) -> int:
-        """Slots (at model precision) of the tokens still inside the window after a step."""
+        """Slots of the tokens still inside the window after a step."""
         return self.window - 1
+
+    def ring_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The window's tokens are held at the precision of the highest tier (fp16 or bf16: what the most important
+        tokens get anyway; an fp32 model does not pay twice for them), at the model's when that tier is not a
+        16-bit float."""
+        top = parse_cache_spec(self.tiers[-1]).format
+        if top.kind == "float" and top.float_dtype in ("fp16", "bf16"):
+            return torch.float16 if top.float_dtype == "fp16" else torch.bfloat16
+        return model_dtype
 
 
 def tier_bits(spec: QuantSpec) -> int:
@@ -118,6 +134,18 @@ def token_nbytes(tier: str, head_dim: int, dtype: torch.dtype) -> int:
 def tier_cost(config: QAQConfig, head_dim: int, dtype: torch.dtype = torch.float16, which: str = "v") -> torch.Tensor:
     """Stored bits per element of one token in each tier of keys or values, its per-token metadata included."""
     return torch.tensor([8.0 * token_nbytes(t, head_dim, dtype) / head_dim for t in config.tiers_for(which)])
+
+
+def fixed_nbytes(config: QAQConfig, head_dim: int, which: str, dtype: torch.dtype) -> int:
+    """Bytes of one head's K or V cache that do not grow with its length: the window ring (and, with the keys, its
+    fp32 attention and the query statistics) and each tier's calibrated tensors (the per-layer ones counted per
+    head: an upper bound)."""
+    ring = config.ring * head_dim * torch.tensor([], dtype=config.ring_dtype(dtype)).element_size()
+    if which == "k":
+        ring += config.ring * 4 + qnorm_stats_nbytes(1, 1)
+    static = sum(t.numel() * t.element_size() for tier in config.tiers_for(which)
+                 for t in CacheLayout.build(tier, (1, 1, 1, head_dim), dtype).default_static().values())
+    return ring + static
 
 
 def map_bits(head_dim: int) -> float:
@@ -333,7 +361,7 @@ class TierLayout:
             for name in static_names(layout.spec):  # a tier without entries is never coded: no calibrated tensors
                 out[f"t{t}_{name}"] = static[name].to(device) if layout.max_len else static[name].new_zeros(0, device=device)
         out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
-        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.dtype, device=device)
+        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.config.ring_dtype(self.dtype), device=device)
         if self.config.retain:
             out["retained"] = torch.zeros(b, h, self.max_len, self.head_dim, dtype=self.dtype, device=device)
         if self.holds_score:
@@ -416,8 +444,9 @@ def kv_qaq_attention_(
         retained[1][:, :, positions] = new_v.to(retained[1].dtype)
     ring_pos = torch.arange(max(0, p0 - r), p0, device=positions.device)
     pend_pos = torch.cat([ring_pos, positions])
-    pend_k = torch.cat([k_ring[:, :, ring_pos % max(r, 1)].to(new_k.dtype), new_k], 2)
-    pend_v = torch.cat([v_ring[:, :, ring_pos % max(r, 1)].to(new_v.dtype), new_v], 2)
+    # the chunk's tokens as the ring will hold them, so that a prompt reads its window as decoding does
+    pend_k = torch.cat([k_ring[:, :, ring_pos % max(r, 1)], new_k.to(k_ring.dtype)], 2).to(new_k.dtype)
+    pend_v = torch.cat([v_ring[:, :, ring_pos % max(r, 1)], new_v.to(v_ring.dtype)], 2).to(new_v.dtype)
     score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
 
     n = visible_length(mask, q_positions, max_len)
@@ -523,9 +552,11 @@ def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tens
     return to_tier(bits_for(num, eps), tiers)
 
 
-def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int) -> float:
+def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
+          dtype: torch.dtype = torch.float16) -> float:
     """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
-    eps; the average falls as eps grows)."""
+    eps; the average falls as eps grows); with ``target_context`` the fixed bytes of a head's cache (at the model's
+    ``dtype``) are taken off the target first."""
     ck, cv = tier_cost(config, dk, which="k"), tier_cost(config, dv, which="v")
     nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
     bits = config.tier_bits
@@ -534,12 +565,16 @@ def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfi
         return float((ck[tier_of(nk, eps, bits)].mean() * dk + cv[tier_of(nv, eps, bits)].mean() * dv) / (dk + dv))
 
     target = config.target_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
+    if config.target_context:
+        fixed = fixed_nbytes(config, dk, "k", dtype) + fixed_nbytes(config, dv, "v", dtype)
+        target -= 8.0 * fixed / (config.target_context * (dk + dv))
     lowest, highest = average(1e30), average(1e-30)
     if not lowest <= target <= highest:
         raise KVPassError(
             f"QAQ target_bits={config.target_bits} is outside what these tiers can average: "
             f"{lowest + config.target_bits - target:.2f} to {highest + config.target_bits - target:.2f} bits per element "
-            "(tier map included); choose a target in that range or other tiers")
+            f"(tier map included{', window and calibrated tensors at target_context' if config.target_context else ''}"
+            "); choose a target in that range or other tiers")
     lo, hi = -30.0, 30.0  # log10 eps
     for _ in range(60):
         mid = (lo + hi) / 2

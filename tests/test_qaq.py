@@ -101,12 +101,32 @@ def test_knob_moves_average_bits_monotonically():
         report = qm.cache_report()
         bits.append(report.bits_per_element)
         eps.append(cal.meta["eps"])
-        # the window ring, its scores and the query statistics do not scale with the cache (1 bit/elem here at 128
-        # tokens, head_dim 16); the tiers and their map land near the target
-        window = sum(8 * (4 * 2 * D * 4 + 4 * 4 + 3 * 4) * 2 for _ in qm.layouts)  # 2 heads per layer
+        # the window ring (fp16, the highest tier's precision), its scores and the query statistics do not scale with
+        # the cache (0.6 bits/elem here at 128 tokens, head_dim 16); the tiers and their map land near the target
+        window = sum(8 * (4 * 2 * D * 2 + 4 * 4 + 3 * 4) * 2 for _ in qm.layouts)  # 2 heads per layer
         elements = sum(layer.elements for layer in report.layers)
         assert abs(bits[-1] - window / elements - target) < 0.3
     assert bits == sorted(bits) and eps == sorted(eps, reverse=True)
+
+
+def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_takes_the_top_tiers_precision():
+    model = build("llama")
+    config = QAQConfig(target_bits=9.0, target_context=128)
+    m = MethodConfig("qaq-test-context", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=128)
+    qm = kvpass.compile(model, m, max_cache_len=128, calibration=cal)
+    # everything included (the ring is 0.6 bits/elem of it here), the cache lands near the target at that length
+    assert abs(qm.cache_report().bits_per_element - 9.0) < 0.3
+    assert abs(m.nominal_bits(head_dim=D, tokens=128) - 9.0) < 1e-9 and m.nominal_bits(head_dim=D, tokens=1024) < 8.6
+    plain = method(target=9.0)
+    assert cal.meta["eps"] > kvpass.calibrate(model, calibration_ids(), plain, n_samples=2, seq_len=128).meta["eps"]
+    assert qm.graph_module.kvpass_cache_0_qaq_k_ring.dtype == torch.float16  # the highest tier is fp16
+    exact = kvpass.compile(model, method(eps=1.0, tiers=("int4:per_token", "none")), max_cache_len=32,
+                           calibration=kvpass.calibrate(model, calibration_ids(), method(eps=1.0, tiers=(
+                               "int4:per_token", "none")), n_samples=1, seq_len=64))
+    assert exact.graph_module.kvpass_cache_0_qaq_k_ring.dtype == torch.float32  # the model's, as that tier
+    with pytest.raises(KVPassError, match="target_context"):
+        QAQConfig(eps=1.0, target_context=128)
 
 
 def test_more_attention_gets_at_least_as_many_bits():
@@ -176,8 +196,8 @@ def test_qaq_generates_and_accounts_bytes(arch):
     report = qm.cache_report()
     real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
     assert report.nbytes == real == sum(layout.nbytes for layout in qm.layouts)
-    # the closed form: each tier's entries at that tier's bytes per token, the uint8 map, the window ring and its
-    # fp32 attention, and the query-norm statistics
+    # the closed form: each tier's entries at that tier's bytes per token, the uint8 map, the window ring (fp16, the
+    # highest tier's precision, in this fp32 model) and its fp32 attention, and the query-norm statistics
     for layout in qm.layouts:
         kt, vt = layout.tiers
         b, h = kt.batch, kt.heads
@@ -185,7 +205,7 @@ def test_qaq_generates_and_accounts_bytes(arch):
         for tl in (kt, vt):
             per_token = [CacheLayout.build(s, (1, 1, 1, tl.head_dim), tl.dtype).nbytes for s in tl.config.tiers]
             expected += b * h * sum(c * p for c, p in zip(tl.capacity, per_token))
-            expected += b * h * tl.max_len + b * h * tl.config.ring * tl.head_dim * 4
+            expected += b * h * tl.max_len + b * h * tl.config.ring * tl.head_dim * 2
             assert sum(tl.capacity) == tl.max_len
         expected += b * h * kt.config.ring * 4 + b * h * 3 * 4
         assert layout.nbytes == expected
@@ -294,7 +314,7 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
         expected = sum(st for st, c in zip(static, kt.capacity) if c) + b * h * (kt.config.ring * 4 + 3 * 4)
         for tl, which in ((kt, "k"), (vt, "v")):
             per_token = [qaq.token_nbytes(s, D, tl.dtype) for s in tl.config.tiers_for(which)]
-            expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + tl.max_len + tl.config.ring * D * 4)
+            expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + tl.max_len + tl.config.ring * D * 2)
         assert layout.nbytes == expected
     # a calibration without the key tiers' tensors is a clear error
     del cal.tensors["0.k.t0_lo"]

@@ -11,7 +11,7 @@ import torch
 from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec
 from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
-from kvpass.qaq import QAQConfig, qnorm_stats_nbytes
+from kvpass.qaq import QAQConfig, fixed_nbytes
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,12 @@ class MethodConfig:
         quantized layer: ``full_precision_layers`` are not in it)."""
         elements = 2 * tokens * head_dim
         if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
-            ring = self.qaq.ring * (2 * head_dim * 2 + 4) + qnorm_stats_nbytes(1, 1)
+            fixed = sum(fixed_nbytes(self.qaq, head_dim, w, torch.float16) for w in "kv")
+            per_token = self.qaq.target_bits or float("nan")
+            if self.qaq.target_context:
+                per_token -= 8.0 * fixed / (2 * self.qaq.target_context * head_dim)
             retained = 16.0 if self.qaq.retain else 0.0  # the model-precision copy of every token (fp16 here)
-            return (self.qaq.target_bits or float("nan")) + retained + 8.0 * ring / elements
+            return per_token + retained + 8.0 * fixed / elements
         total = 0.0
         if self.keeps_low_precision:
             total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
