@@ -46,7 +46,8 @@ from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
 from kvpass.ops import attention_probs, masked_softmax, visible_length
 
-MAP_DTYPE = torch.uint8  # tier of each slot, 0 = not decided yet
+MAP_DTYPE = torch.uint8  # tier of each slot (0 = not decided yet) in 4 bits, two slots a byte
+MAX_TIERS = 15
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class QAQConfig:
                 raise KVPassError(f"QAQ tier '{cs}' must code each token alone (a per-token format, or a ':static' "
                                   "per-channel format with calibrated ranges; no residual, sink or recent)")
         bits = self.tier_bits
+        if len(bits) > MAX_TIERS:
+            raise KVPassError(f"QAQ takes at most {MAX_TIERS} tiers (the map holds a slot's tier in 4 bits), got "
+                              f"{len(bits)}")
         if list(bits) != sorted(set(bits)):
             raise KVPassError(f"QAQ tiers must have increasing bits, got {bits}")
         if self.key_tiers is not None and self.bits_of(self.key_tiers) != bits:
@@ -149,8 +153,19 @@ def fixed_nbytes(config: QAQConfig, head_dim: int, which: str, dtype: torch.dtyp
 
 
 def map_bits(head_dim: int) -> float:
-    """Bits per element the tier map adds (one byte per token and head)."""
-    return 8.0 * MAP_DTYPE.itemsize / head_dim
+    """Bits per element the tier map adds (4 bits per token and head)."""
+    return 4.0 / head_dim
+
+
+def unpack_map(packed: torch.Tensor) -> torch.Tensor:
+    """The tier of every slot ``[B, H, 2 * bytes]`` (0 = not decided) from the packed map (slot 2i in the low
+    half of byte i)."""
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
+
+
+def pack_map(slots: torch.Tensor) -> torch.Tensor:
+    pairs = slots.reshape(*slots.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def capacities(shares: torch.Tensor, max_len: int, sink: int = 0) -> list[int]:
@@ -360,7 +375,7 @@ class TierLayout:
             static = layout.default_static()
             for name in static_names(layout.spec):  # a tier without entries is never coded: no calibrated tensors
                 out[f"t{t}_{name}"] = static[name].to(device) if layout.max_len else static[name].new_zeros(0, device=device)
-        out["map"] = torch.zeros(b, h, self.max_len, dtype=MAP_DTYPE, device=device)
+        out["map"] = torch.zeros(b, h, (self.max_len + 1) // 2, dtype=MAP_DTYPE, device=device)
         out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.config.ring_dtype(self.dtype), device=device)
         if self.config.retain:
             out["retained"] = torch.zeros(b, h, self.max_len, self.head_dim, dtype=self.dtype, device=device)
@@ -421,10 +436,11 @@ def kv_qaq_attention_(
     scale: float,
 ) -> torch.Tensor:
     """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
-    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]``, then
+    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]`` (the maps packed), then
     ``k_retained, v_retained`` when the method retains model-precision copies (decided tokens may then move up a
     tier); ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``."""
-    k_map, v_map, k_ring, v_ring, ring_score, q_stats, *retained = state
+    k_packed, v_packed, k_ring, v_ring, ring_score, q_stats, *retained = state
+    k_map, v_map = unpack_map(k_packed), unpack_map(v_packed)
     kspecs, vspecs = _tier_specs(key_tiers), _tier_specs(tiers)
     kb, vb = split_buffers(k_bufs, kspecs), split_buffers(v_bufs, vspecs)
     b, hkv, t, dk = new_k.shape
@@ -499,6 +515,8 @@ def kv_qaq_attention_(
         k_ring[:, :, slots] = pend_k[:, :, keep].to(k_ring.dtype)
         v_ring[:, :, slots] = pend_v[:, :, keep].to(v_ring.dtype)
         ring_score[..., slots] = score[..., keep]
+    k_packed.copy_(pack_map(k_map))
+    v_packed.copy_(pack_map(v_map))
     return out.contiguous()
 
 

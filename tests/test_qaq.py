@@ -81,10 +81,11 @@ def test_tiers_store_and_read_back_each_token():
     tensors = qaq.split_buffers([bufs[n] for n in bufs if n.startswith("t")], specs)
     x = torch.randn(1, 2, 12, D)
     wanted = torch.tensor([0, 1, 2] * 4).expand(1, 2, 12)
-    tiers, entries = qaq.assign(bufs["map"], 0, wanted, [4, 4, 4])
+    tier_map = qaq.unpack_map(bufs["map"])
+    tiers, entries = qaq.assign(tier_map, 0, wanted, [4, 4, 4])
     qaq.write(tensors, specs, x, tiers, entries)
-    bufs["map"][...] = (tiers + 1).to(torch.uint8)
-    back = qaq.read(tensors, specs, bufs["map"], 12, D, torch.float32)
+    tier_map[...] = (tiers + 1).to(torch.uint8)
+    back = qaq.read(tensors, specs, tier_map, 12, D, torch.float32)
     err = (back - x).abs().amax(-1) / (x.amax(-1) - x.amin(-1))
     assert torch.equal(back[..., 2::3, :], x[..., 2::3, :])  # the model-precision tier is exact
     assert (err[..., 1::3] <= 0.5 / 255 + 1e-3).all() and (err[..., 0::3] <= 0.5 / 15 + 1e-3).all()
@@ -149,7 +150,7 @@ def test_more_attention_gets_at_least_as_many_bits():
     # the window's attention, computed here from scratch: the largest weight a token got from itself and the next r
     probs = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~torch.ones(t, t).tril().bool(), -torch.inf), -1)
     alpha = torch.stack([probs[0, :, i:i + r + 1, i].amax() for i in range(t - r)])
-    for tier_map in (kbufs["map"], vbufs["map"]):
+    for tier_map in (qaq.unpack_map(kbufs["map"]), qaq.unpack_map(vbufs["map"])):
         decided = tier_map[0, 0, :t - r].long()
         assert (decided > 0).all() and (tier_map[0, 0, t - r:] == 0).all()  # the last r are still in the window
         order = alpha.argsort()
@@ -205,12 +206,12 @@ def test_qaq_generates_and_accounts_bytes(arch):
         for tl in (kt, vt):
             per_token = [CacheLayout.build(s, (1, 1, 1, tl.head_dim), tl.dtype).nbytes for s in tl.config.tiers]
             expected += b * h * sum(c * p for c, p in zip(tl.capacity, per_token))
-            expected += b * h * tl.max_len + b * h * tl.config.ring * tl.head_dim * 2
+            expected += b * h * ((tl.max_len + 1) // 2) + b * h * tl.config.ring * tl.head_dim * 2
             assert sum(tl.capacity) == tl.max_len
         expected += b * h * kt.config.ring * 4 + b * h * 3 * 4
         assert layout.nbytes == expected
     # tokens past the window are in tiers, the newest window - 1 are not yet
-    tier_map = qm.graph_module.kvpass_cache_0_qaq_k_map
+    tier_map = qaq.unpack_map(qm.graph_module.kvpass_cache_0_qaq_k_map)
     assert (tier_map[:, :, :37 - 4] > 0).all() and (tier_map[:, :, 37 - 4:] == 0).all()
 
 
@@ -243,7 +244,7 @@ def test_qaq_op_opcheck(retain):
     state = [kb["map"], vb["map"], kb["ring"], vb["ring"], kb["ring_score"], torch.zeros(1, 1, 3)]
     if retain:
         state += [kb["retained"], vb["retained"]]
-        kb["map"][..., :4] = vb["map"][..., :4] = 1  # decided slots, so that the promotion path runs
+        kb["map"][..., :2] = vb["map"][..., :2] = 0x11  # decided slots 0-3, so that the promotion path runs
     q, k, v = torch.randn(1, 2, 4, D), torch.randn(1, 1, 4, D), torch.randn(1, 1, 4, D)
     pos = torch.arange(6, 10) if retain else torch.arange(4)
     torch.library.opcheck(qaq.kv_qaq_attention_, (q, k, v, pos, [kb[n] for n in names],
@@ -263,10 +264,11 @@ def test_static_key_tier_codes_each_channel_against_its_calibrated_range():
     specs = layout.specs
     tensors = qaq.split_buffers([bufs[n] for n in bufs if n.startswith("t")], specs)
     wanted = torch.tensor([0, 0, 1] * 4).expand(1, 2, 12)
-    tiers, entries = qaq.assign(bufs["map"], 0, wanted, [8, 4])
+    tier_map = qaq.unpack_map(bufs["map"])
+    tiers, entries = qaq.assign(tier_map, 0, wanted, [8, 4])
     qaq.write(tensors, specs, x, tiers, entries)
-    bufs["map"][...] = (tiers + 1).to(torch.uint8)
-    back = qaq.read(tensors, specs, bufs["map"], 12, D, torch.float32)
+    tier_map[...] = (tiers + 1).to(torch.uint8)
+    back = qaq.read(tensors, specs, tier_map, 12, D, torch.float32)
     step = (bufs["t0_hi"] - bufs["t0_lo"]).float() / 15  # the fp16-rounded range each channel was coded in
     low = wanted[0, 0] == 0
     assert ((back - x).abs()[:, :, low] <= step / 2 + 1e-3).all()  # per channel, not per token
@@ -277,14 +279,14 @@ def test_static_key_tier_codes_each_channel_against_its_calibrated_range():
     pb = per_token.allocate("cpu")
     pt = qaq.split_buffers([pb[n] for n in pb if n.startswith("t")], per_token.specs)
     qaq.write(pt, per_token.specs, x, tiers, entries)
-    back_pt = qaq.read(pt, per_token.specs, bufs["map"], 12, D, torch.float32)
+    back_pt = qaq.read(pt, per_token.specs, tier_map, 12, D, torch.float32)
     assert (back - x)[..., :4].abs().amax() * 5 < (back_pt - x)[..., :4].abs().amax()
 
 
 def test_static_key_tiers_calibrate_compile_and_account_bytes():
     keys = ("nuq2:per_channel:static:channel_lut:qnorm+outliers1%", "nuq4:per_channel:static:channel_lut+outliers1%",
             "int8:per_token", "fp16")
-    config = QAQConfig(target_bits=8.0, key_tiers=keys)
+    config = QAQConfig(target_bits=7.5, key_tiers=keys)
     m = MethodConfig("qaq-test-static-keys", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
     model = build("llama")
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
@@ -304,7 +306,7 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
     real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
     assert report.nbytes == real
     for which in "kv":  # the first slot (the attention sink) is always in the highest tier
-        assert (getattr(qm.graph_module, f"kvpass_cache_0_qaq_{which}_map")[:, :, 0] == 4).all()
+        assert (qaq.unpack_map(getattr(qm.graph_module, f"kvpass_cache_0_qaq_{which}_map"))[:, :, 0] == 4).all()
     for layout in qm.layouts:  # the closed form: per-token bytes per entry, each tier's calibrated tensors once
         kt, vt = layout.tiers
         b, h = kt.batch, kt.heads
@@ -314,7 +316,7 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
         expected = sum(st for st, c in zip(static, kt.capacity) if c) + b * h * (kt.config.ring * 4 + 3 * 4)
         for tl, which in ((kt, "k"), (vt, "v")):
             per_token = [qaq.token_nbytes(s, D, tl.dtype) for s in tl.config.tiers_for(which)]
-            expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + tl.max_len + tl.config.ring * D * 2)
+            expected += b * h * (sum(c * p for c, p in zip(tl.capacity, per_token)) + (tl.max_len + 1) // 2 + tl.config.ring * D * 2)
         assert layout.nbytes == expected
     # a calibration without the key tiers' tensors is a clear error
     del cal.tensors["0.k.t0_lo"]
@@ -335,7 +337,7 @@ def test_key_tier_errors():
 
 def test_value_tiers_with_a_calibrated_lut_per_layer():
     values = ("nuq2:per_token:qnorm+outliers1%", "nuq4:per_token", "int8:per_token", "fp16")
-    config = QAQConfig(target_bits=8.0, tiers=values)
+    config = QAQConfig(target_bits=6.5, tiers=values)
     m = MethodConfig("qaq-test-nuq-values", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
     model = build("llama")
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
@@ -384,24 +386,24 @@ def test_retained_copy_moves_a_token_up_when_its_attention_rises():
     for retain in (False, True):
         config = QAQConfig(eps=0.5, window=3, tiers=tiers, sink=0, retain=retain)
         _, vb, names = _run_op(config, (t + 1, t + 1), calls[:1])
-        assert vb["map"][0, 0, 8] == 1  # int2 after the prompt
+        assert qaq.unpack_map(vb["map"])[0, 0, 8] == 1  # int2 after the prompt
         _, vb, names = _run_op(config, (t + 1, t + 1), calls)
         specs = [qaq.parse_cache_spec(s) for s in tiers]
-        back = qaq.read(qaq.split_buffers([vb[n] for n in names], specs), specs, vb["map"], t - 1, D, torch.float32)
+        back = qaq.read(qaq.split_buffers([vb[n] for n in names], specs), specs, qaq.unpack_map(vb["map"]), t - 1, D, torch.float32)
         if not retain:
-            assert vb["map"][0, 0, 8] == 1 and not torch.equal(back[0, 0, 8], v[0, 0, 8])
+            assert qaq.unpack_map(vb["map"])[0, 0, 8] == 1 and not torch.equal(back[0, 0, 8], v[0, 0, 8])
             continue
-        assert vb["map"][0, 0, 8] == 2 and torch.equal(back[0, 0, 8], v[0, 0, 8].half().float())
+        assert qaq.unpack_map(vb["map"])[0, 0, 8] == 2 and torch.equal(back[0, 0, 8], v[0, 0, 8].half().float())
         assert torch.equal(vb["retained"][..., :t + 1, :], v)
         # every decided slot reads back as its own copy coded in the tier the map gives it
         for tier, spec in enumerate(specs):
-            sel = vb["map"][0, 0, :t - 1] == tier + 1
+            sel = qaq.unpack_map(vb["map"])[0, 0, :t - 1] == tier + 1
             x = v[:, :, :t - 1][:, :, sel]
             ref = kvpass.formats.dequantize(kvpass.formats.quantize(x, spec.format))
             torch.testing.assert_close(back[:, :, :t - 1][:, :, sel], ref, rtol=0, atol=0)
         # no room in the fp16 tier: nothing moves, nothing breaks
         _, vb, names = _run_op(config, (2 * t, 1), calls)
-        assert vb["map"][0, 0, 8] == 1
+        assert qaq.unpack_map(vb["map"])[0, 0, 8] == 1
 
 
 def test_retained_copy_is_counted_and_generates():
@@ -451,4 +453,4 @@ def test_a_tier_without_entries_holds_no_calibrated_tensors():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                                 is_causal=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert (kb["map"][..., :7] == 2).all() and (vb["map"][..., :7] == 2).all()  # decided: the second tier
+    assert (qaq.unpack_map(kb["map"])[..., :7] == 2).all() and (qaq.unpack_map(vb["map"])[..., :7] == 2).all()  # decided: the second tier
