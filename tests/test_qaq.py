@@ -13,7 +13,7 @@ from kvpass import qaq
 from kvpass.errors import KVPassError
 from kvpass.formats.nuq import normal_float_grid
 from kvpass.kvcache import CacheLayout
-from kvpass.methods import MethodConfig
+from kvpass.methods import MethodConfig, get_method
 from kvpass.qaq import QAQConfig
 
 D = 16  # the tiny models' head dim: metadata costs more per element than at 64 or 128
@@ -128,6 +128,23 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
     assert exact.graph_module.kvpass_cache_0_qaq_k_ring.dtype == torch.float32  # the model's, as that tier
     with pytest.raises(KVPassError, match="target_context"):
         QAQConfig(eps=1.0, target_context=128)
+
+
+def test_qaq_6x_codes_its_lowest_value_tier_per_channel_against_calibrated_ranges():
+    preset = get_method("qaq-6x")
+    assert abs(preset.nominal_bits(head_dim=64, tokens=2048) - 16 / 6) < 1e-9  # 6x at 2k tokens, all counted
+    # its tiers with a target the tiny head dim (16: metadata and outliers cost 4x what they do at 64) can reach
+    m = dataclasses.replace(preset, qaq=dataclasses.replace(preset.qaq, target_bits=6.0, target_context=None, window=5))
+    model = build("llama")
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=2, seq_len=96)
+    assert cal.tensors["0.v.t0_lo"].shape == (1, 2, 1, D) and cal.tensors["0.v.t0_lut"].shape == (1, 2, 1, D, 4)
+    qm = kvpass.compile(model, m, max_cache_len=64, batch_size=2, calibration=cal)
+    ids, mask = prompt(2, length=30)
+    assert qm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]).shape == (2, 38)
+    levels = qaq.unpack_map(qm.graph_module.kvpass_cache_0_qaq_v_map)[:, :, :33]
+    assert (levels == 1).sum() > 0  # tokens in the per-channel tier
+    real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
+    assert qm.cache_report().nbytes == real
 
 
 def test_more_attention_gets_at_least_as_many_bits():

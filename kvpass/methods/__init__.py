@@ -238,11 +238,17 @@ register_method(MethodConfig(
     "outliers; keys nuq per channel with calibrated ranges, values int per token), int8, fp16; eps solved on "
     "calibration data for 4 bits/elem, 4x smaller than fp16 (needs calibration)",
     "none", "none", max_chunk=32, qaq=QAQConfig(target_bits=4.0, key_tiers=_QAQ_KEYS)))
+# qaq-6x's 2-bit value tier is nuq per channel against calibrated ranges, as its keys are: int2 per token spends 0.5
+# of its 2.5 bits/elem on an fp16 scale and zero at head_dim 64, which at 2.67 bits left no room for the tiers above
+# it or a longer window. SmolLM2, 4 x 2k windows: int2 values and a 5-step window +14.8% at 2.83 bits; these values
+# with a 17-step window +6.8% at 2.66, with 33 steps +4.7% at 2.64 (benchmarks/RESULTS.md)
 register_method(MethodConfig(
-    "qaq-6x", "QAQ solved for 2.67 bits/elem of per-token storage (6x smaller than fp16; the calibrated per-layer "
-    "tensors add ~0.17 at 2k tokens): as qaq, the int2 value tier without outliers so that it fits (needs calibration)", "none", "none", max_chunk=32,
-    qaq=QAQConfig(target_bits=16 / 6, key_tiers=_QAQ_KEYS,
-                  tiers=("int2:per_token", "int4:per_token+outliers1%", "int8:per_token", "fp16"))))
+    "qaq-6x", "QAQ solved for 2.67 bits/elem at 2k tokens with everything counted (6x smaller than fp16): a 33-step "
+    "attention window (its 32 newest tokens in fp16), tiers of 2 bits (nuq per channel with calibrated ranges for keys "
+    "and values; 1% fp16 key outliers), 4 (1% outliers), 8 and 16 (needs calibration)", "none", "none", max_chunk=32,
+    qaq=QAQConfig(target_bits=16 / 6, target_context=2048, window=33, key_tiers=_QAQ_KEYS,
+                  tiers=("nuq2:per_channel:static:channel_lut:qnorm", "int4:per_token+outliers1%", "int8:per_token",
+                         "fp16"))))
 for _bits in (2, 4):
     register_method(MethodConfig(
         f"kivi-{_bits}bit",
