@@ -113,11 +113,11 @@ class QAQConfig:
         """Slots of the tokens still inside the window after a step."""
         return self.window - 1
 
-    def ring_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The window's tokens are held at the precision of the highest tier (fp16 or bf16: what the most important
-        tokens get anyway; an fp32 model does not pay twice for them), at the model's when that tier is not a
-        16-bit float."""
-        top = parse_cache_spec(self.tiers[-1]).format
+    def ring_dtype(self, model_dtype: torch.dtype, which: str = "v") -> torch.dtype:
+        """The window's keys (``"k"``) or values (``"v"``) are held at the precision of their highest tier (fp16 or
+        bf16: what the most important tokens get anyway; an fp32 model does not pay twice for them), at the model's
+        when that tier is not a 16-bit float."""
+        top = parse_cache_spec(self.tiers_for(which)[-1]).format
         if top.kind == "float" and top.float_dtype in ("fp16", "bf16"):
             return torch.float16 if top.float_dtype == "fp16" else torch.bfloat16
         return model_dtype
@@ -144,7 +144,7 @@ def fixed_nbytes(config: QAQConfig, head_dim: int, which: str, dtype: torch.dtyp
     """Bytes of one head's K or V cache that do not grow with its length: the window ring (and, with the keys, its
     fp32 attention and the query statistics) and each tier's calibrated tensors (the per-layer ones counted per
     head: an upper bound)."""
-    ring = config.ring * head_dim * torch.tensor([], dtype=config.ring_dtype(dtype)).element_size()
+    ring = config.ring * head_dim * torch.tensor([], dtype=config.ring_dtype(dtype, which)).element_size()
     if which == "k":
         ring += config.ring * 4 + qnorm_stats_nbytes(1, 1)
     static = sum(t.numel() * t.element_size() for tier in config.tiers_for(which)
@@ -376,7 +376,8 @@ class TierLayout:
             for name in static_names(layout.spec):  # a tier without entries is never coded: no calibrated tensors
                 out[f"t{t}_{name}"] = static[name].to(device) if layout.max_len else static[name].new_zeros(0, device=device)
         out["map"] = torch.zeros(b, h, (self.max_len + 1) // 2, dtype=MAP_DTYPE, device=device)
-        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=self.config.ring_dtype(self.dtype), device=device)
+        ring_dtype = self.config.ring_dtype(self.dtype, "k" if self.keys else "v")
+        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=ring_dtype, device=device)
         if self.config.retain:
             out["retained"] = torch.zeros(b, h, self.max_len, self.head_dim, dtype=self.dtype, device=device)
         if self.holds_score:

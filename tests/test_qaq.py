@@ -126,6 +126,9 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
                            calibration=kvpass.calibrate(model, calibration_ids(), method(eps=1.0, tiers=(
                                "int4:per_token", "none")), n_samples=1, seq_len=64))
     assert exact.graph_module.kvpass_cache_0_qaq_k_ring.dtype == torch.float32  # the model's, as that tier
+    mixed = QAQConfig(eps=1.0, tiers=("int4:per_token", "fp16"), key_tiers=("int4:per_token", "none"))
+    rings = [qaq.TierLayout(mixed, (4, 4), 1, 1, 8, D, torch.float32, keys=k).allocate("cpu")["ring"] for k in (1, 0)]
+    assert [r.dtype for r in rings] == [torch.float32, torch.float16]  # each side by its own highest tier
     with pytest.raises(KVPassError, match="target_context"):
         QAQConfig(eps=1.0, target_context=128)
 
