@@ -145,6 +145,19 @@ def test_model_prompt_equals_token_by_token_decoding(arch, k_spec, v_spec):
     assert not torch.allclose(as_stored(ids, attention_mask=mask)[real], whole[real], atol=1e-3)
 
 
+def test_model_prompt_across_query_blocks_equals_decoding_with_pre_rope_keys():
+    # 80 tokens: the near part's blocks of 32 queries, the window's keys rotated at their own positions in each
+    model = build("llama")
+    m = MethodConfig("recent-exact", "", "int2:per_token|recent=4", "int2:per_token|recent=4", pre_rope_keys=True)
+    qm = kvpass.compile(model, m, max_cache_len=96, batch_size=2)
+    ids, mask = prompt(2, length=80)
+    whole = qm(ids, attention_mask=mask)
+    qm.reset()
+    steps = torch.cat([qm(ids[:, i:i + 1], attention_mask=mask[:, :i + 1]) for i in range(80)], 1)
+    real = mask.bool()
+    torch.testing.assert_close(steps[real], whole[real], rtol=1e-4, atol=1e-4)
+
+
 def test_window_longer_than_the_text_is_exact_with_pre_rope_keys():
     model = build("llama")
     ids, mask = prompt(2)
