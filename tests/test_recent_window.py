@@ -123,39 +123,29 @@ def test_ring_bytes_and_opcheck():
                                                  D, D, S, None, pos, 0.25, *NO_ROPE))
 
 
-@pytest.mark.parametrize("arch,k_spec,v_spec", [
-    ("llama", "int2:per_token|recent=4", "int2:per_token|recent=4"),
-    ("gpt2", "int2:per_token|recent=4", "int2:per_token|recent=4"),
-    ("qwen2", "int2:per_channel:g4|residual=8", "int2:per_token:g4|residual=8"),  # KIVI with small blocks
+@pytest.mark.parametrize("arch,k_spec,v_spec,length", [
+    ("llama", "int2:per_token|recent=4", "int2:per_token|recent=4", 20),
+    # 80 tokens: the near part's blocks of 32 queries, the window's pre-RoPE keys rotated at their own positions in each
+    ("llama", "int2:per_token|recent=4", "int2:per_token|recent=4", 80),
+    ("gpt2", "int2:per_token|recent=4", "int2:per_token|recent=4", 20),
+    ("qwen2", "int2:per_channel:g4|residual=8", "int2:per_token:g4|residual=8", 20),  # KIVI with small blocks
 ])
-def test_model_prompt_equals_token_by_token_decoding(arch, k_spec, v_spec):
+def test_model_prompt_equals_token_by_token_decoding(arch, k_spec, v_spec, length):
     model = build(arch)
     m = MethodConfig("recent-exact", "", k_spec, v_spec, pre_rope_keys=arch == "llama")
-    qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2)
-    ids, mask = prompt(2, length=20)
+    cache = max(48, length + 16)
+    qm = kvpass.compile(model, m, max_cache_len=cache, batch_size=2)
+    ids, mask = prompt(2, length=length)
     whole = qm(ids, attention_mask=mask)
     qm.reset()
-    steps = torch.cat([qm(ids[:, i:i + 1], attention_mask=mask[:, :i + 1]) for i in range(20)], 1)
+    steps = torch.cat([qm(ids[:, i:i + 1], attention_mask=mask[:, :i + 1]) for i in range(length)], 1)
     real = mask.bool()
     torch.testing.assert_close(steps[real], whole[real], rtol=1e-4, atol=1e-4)
     # reading the cache as it stands after the whole prompt (kv_attention) differs
-    as_stored = kvpass.compile(model, m, max_cache_len=48, batch_size=2, attention="load") if "residual" in k_spec else \
-        kvpass.compile(model, MethodConfig("int2", "", "int2:per_token", "int2:per_token", pre_rope_keys=arch == "llama"),
-                       max_cache_len=48, batch_size=2)
+    as_stored = kvpass.compile(model, m, max_cache_len=cache, batch_size=2, attention="load") if "residual" in k_spec \
+        else kvpass.compile(model, MethodConfig("int2", "", "int2:per_token", "int2:per_token",
+                                                pre_rope_keys=arch == "llama"), max_cache_len=cache, batch_size=2)
     assert not torch.allclose(as_stored(ids, attention_mask=mask)[real], whole[real], atol=1e-3)
-
-
-def test_model_prompt_across_query_blocks_equals_decoding_with_pre_rope_keys():
-    # 80 tokens: the near part's blocks of 32 queries, the window's keys rotated at their own positions in each
-    model = build("llama")
-    m = MethodConfig("recent-exact", "", "int2:per_token|recent=4", "int2:per_token|recent=4", pre_rope_keys=True)
-    qm = kvpass.compile(model, m, max_cache_len=96, batch_size=2)
-    ids, mask = prompt(2, length=80)
-    whole = qm(ids, attention_mask=mask)
-    qm.reset()
-    steps = torch.cat([qm(ids[:, i:i + 1], attention_mask=mask[:, :i + 1]) for i in range(80)], 1)
-    real = mask.bool()
-    torch.testing.assert_close(steps[real], whole[real], rtol=1e-4, atol=1e-4)
 
 
 def test_window_longer_than_the_text_is_exact_with_pre_rope_keys():
