@@ -71,6 +71,17 @@ for _b in (4, 3, 2):
                  for w in (0, 4, 8, 16, 32)}
 VARIANTS |= {f"2: no outliers, recent={w}": Variant(KEYS[2].replace("+outliers1%", ""),
                                                     VALUES[2].replace("+outliers1%", ""), recent=w) for w in (0, 16)}
+# static stand-ins for qaq-6x's lowest tiers (which hold nearly every token at 2.67 bits/elem): what a better floor
+# would give, before or after RoPE, with the window of 32 newest tokens that qaq-6x reads at fp16
+FLOOR_V = "nuq2:per_channel:static:channel_lut:qnorm"
+VARIANTS |= {
+    "floor: qaq-6x's codes, after RoPE": Variant(KEYS[2], FLOOR_V, pre_rope=False, recent=32),
+    "floor: qaq-6x's codes": Variant(KEYS[2], FLOOR_V, recent=32),
+    "floor: keys without outliers": Variant(KEYS[2].replace("+outliers1%", ""), FLOOR_V, recent=32),
+    "floor: values per token": Variant(KEYS[2], "nuq2:per_token:qnorm", recent=32),
+    "floor: layer 1 promoted": Variant(KEYS[2], FLOOR_V, promoted=PROMOTED[-1], recent=32),
+    "floor: recent=64": Variant(KEYS[2], FLOOR_V, recent=64),
+}
 SETS = {
     "split": ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",
               "4: both uniform grid", "4: every layer", "3: keys only", "3: values only", "3: keys only, uniform grid",
@@ -84,6 +95,7 @@ SETS = {
     "recent": ["fp16", *(f"2: layer 1 promoted, recent={w}" for w in (0, 4, 8, 16, 32)),
                *(f"{b}: layer 1 promoted, recent={w}" for b in (3, 4) for w in (0, 16)),
                "2: no outliers, recent=0", "2: no outliers, recent=16"],
+    "floor": ["fp16", *(n for n in VARIANTS if n.startswith("floor: "))],
 }
 
 

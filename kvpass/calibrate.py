@@ -147,7 +147,8 @@ class Recorder(torch.fx.Interpreter):
 
 def record(model, samples: list[torch.Tensor], method: MethodConfig, captured=None) -> dict[str, list[torch.Tensor]]:
     """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
-    queries, keys and values (after RoPE), gradients only where tiers have calibrated tensors to fit; and each
+    queries, keys and values (keys also after RoPE, as ``k_rope``, when the method stores them before it),
+    gradients only where tiers have calibrated tensors to fit; and each
     layer's softmax scale. ``captured``: the model exported with a cache of the samples' length (else exported
     here)."""
     from kvpass.capture import example_hf_inputs
@@ -165,6 +166,8 @@ def record(model, samples: list[torch.Tensor], method: MethodConfig, captured=No
         wanted[key], wanted[s.value.new] = f"{s.index}.k", f"{s.index}.v"
         if method.qaq is not None:
             wanted[s.query] = f"{s.index}.q"
+            if key is not s.key.new:  # keys stored before RoPE: QAQ's attention needs them rotated too
+                wanted[s.key.new] = f"{s.index}.k_rope"
     out: dict[str, list[torch.Tensor]] = {f"{s.index}.scale": [torch.tensor(s.scale)] for s in sites}
     _, _, mask, _ = example_hf_inputs(1, seq_len, model.device, seq_len)
     for ids in tqdm(samples, desc="calibrating", unit="sample"):
@@ -352,8 +355,9 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
     nums = {}
     for layer in layers:
         scale = float(acts[f"{layer}.scale"][0])
-        pairs = [qaq.sensitivities(q, k, v, scale, config)
-                 for q, k, v in zip(*(acts[f"{layer}.{w}"] for w in "qkv"))]
+        rotated = acts.get(f"{layer}.k_rope", acts[f"{layer}.k"])  # what attends (keys may be stored before RoPE)
+        pairs = [qaq.sensitivities(q, k_rope, v, scale, config, stored_k=k)
+                 for q, k_rope, k, v in zip(acts[f"{layer}.q"], rotated, acts[f"{layer}.k"], acts[f"{layer}.v"])]
         nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
     dk, dv = acts[f"{layers[0]}.k"][0].shape[-1], acts[f"{layers[0]}.v"][0].shape[-1]
     eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype)

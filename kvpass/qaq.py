@@ -44,7 +44,7 @@ from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
-from kvpass.ops import attention_probs, masked_softmax, visible_length
+from kvpass.ops import apply_rope, attention_probs, masked_softmax, visible_length
 
 MAP_DTYPE = torch.uint8  # tier of each slot (0 = not decided yet) in 4 bits, two slots a byte
 MAX_TIERS = 15
@@ -267,8 +267,16 @@ def assign(tier_map: torch.Tensor, start: int, wanted: torch.Tensor, capacity: l
     fill = (tier_map[..., :start, None] == levels).sum(2)  # [B, H, tiers]
     cap = torch.tensor(capacity, device=fill.device)
     idx = torch.arange(ntiers, device=fill.device)
-    tiers, entries = [], []
-    for j in range(wanted.shape[-1]):
+    # every token up to the first that finds its tier full (in any row) gets the tier it wants, at the entry after
+    # the earlier ones there: those in one go, the rest one by one
+    counts = torch.nn.functional.one_hot(wanted.long(), ntiers).cumsum(2) + fill[..., None, :]  # [B, H, T, tiers]
+    used = counts.gather(-1, wanted.long()[..., None])[..., 0]  # entries of its tier taken once it is written
+    over = (used > cap[wanted.long()]).flatten(0, 1).any(0)
+    j0 = int(over.nonzero()[0]) if bool(over.any()) else wanted.shape[-1]
+    tiers, entries = [wanted[..., :j0].long()], [used[..., :j0] - 1]
+    if j0:
+        fill = counts[..., j0 - 1, :].clone()
+    for j in range(j0, wanted.shape[-1]):
         d = wanted[..., j:j + 1]
         cost = torch.where(idx <= d, d - idx, ntiers + idx - d).float()
         cost = cost.masked_fill(fill >= cap, float("inf"))
@@ -406,12 +414,20 @@ def _tier_specs(text: str) -> list[CacheSpec]:
 
 def _window_max(probs: torch.Tensor, q_pos: torch.Tensor, cols: torch.Tensor, window: int, kv_heads: int) -> torch.Tensor:
     """Largest attention each of the tokens at ``cols`` received from queries at most ``window - 1`` steps later,
-    over the heads of its GQA group: ``[B, Hkv, len(cols)]``."""
-    b, hq, t, _ = probs.shape
-    p = probs[..., cols]  # [B, Hq, T, P]
-    age = q_pos[:, None] - cols[None, :]
-    p = p.masked_fill(~((age >= 0) & (age < window)), 0.0)
-    return p.reshape(b, kv_heads, hq // kv_heads, t, -1).amax(dim=(2, 3))
+    over the heads of its GQA group: ``[B, Hkv, len(cols)]``. Queries and columns are consecutive positions, so the
+    query ``o`` steps after a token sits on one diagonal of ``probs`` (a view): one diagonal per age, not a copy
+    of every query's row."""
+    b, hq = probs.shape[:2]
+    p0, c0 = int(q_pos[0]), int(cols[0])
+    out = probs.new_zeros(b, hq, len(cols))
+    for age in range(window):
+        diag = torch.diagonal(probs, p0 - age, -2, -1)  # query i against slot p0 + i - age
+        first = max(p0 - age, 0)  # the diagonal's first slot
+        if not diag.shape[-1] or first < c0:
+            continue
+        seg = out[..., first - c0:first - c0 + diag.shape[-1]]
+        torch.maximum(seg, diag[..., :seg.shape[-1]], out=seg)
+    return out.reshape(b, kv_heads, hq // kv_heads, -1).amax(2)
 
 
 @torch.library.custom_op("kvpass::kv_qaq_attention_", mutates_args=("k_bufs", "v_bufs", "state"))
@@ -435,11 +451,17 @@ def kv_qaq_attention_(
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
     scale: float,
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+    rope: str = "",
+    rotary_dim: int = 0,
 ) -> torch.Tensor:
     """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
     left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]`` (the maps packed), then
     ``k_retained, v_retained`` when the method retains model-precision copies (decided tokens may then move up a
-    tier); ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``."""
+    tier); ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``. When ``rope`` names the
+    variant, ``new_k`` is before its rotary embedding, keys are stored (and ranked by range) that way and rotated
+    by the cached ``rope_cos``/``rope_sin`` ``[B or 1, 1, max_len, rotary_dim]`` of their slots at read time."""
     k_packed, v_packed, k_ring, v_ring, ring_score, q_stats, *retained = state
     k_map, v_map = unpack_map(k_packed), unpack_map(v_packed)
     kspecs, vspecs = _tier_specs(key_tiers), _tier_specs(tiers)
@@ -467,13 +489,21 @@ def kv_qaq_attention_(
     score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
 
     n = visible_length(mask, q_positions, max_len)
+    slots = torch.arange(n, device=q.device)
+
+    def rotated(keys: torch.Tensor) -> torch.Tensor:  # [B, H, n, D] as attention reads them
+        return keys if not rope else apply_rope(keys, rope_cos[:, :, :n], rope_sin[:, :, :n], rope, rotary_dim)
+
     k = read(kb, kspecs, k_map, n, dk, q.dtype)
     v = read(vb, vspecs, v_map, n, dv, q.dtype)
     k[:, :, pend_pos] = pend_k.to(q.dtype)
     v[:, :, pend_pos] = pend_v.to(q.dtype)
+    k = rotated(k)
 
     # the window's attention (what decides tiers) sees every pending token at model precision
-    probs = attention_probs(q, k, None if mask is None else mask[..., :n], q_positions, scale)
+    groups = q.shape[1] // hkv
+    exact_scores = (q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    probs = masked_softmax(exact_scores, None if mask is None else mask[..., :n], q_positions)
     score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
 
     done = pend_pos <= last - r  # seen by the whole window
@@ -505,38 +535,39 @@ def kv_qaq_attention_(
         stored_k, stored_v = read(kb, kspecs, k_map, n, dk, q.dtype), read(vb, vspecs, v_map, n, dv, q.dtype)
         stored_k[:, :, pend_pos[~done]] = pend_k[:, :, ~done].to(q.dtype)
         stored_v[:, :, pend_pos[~done]] = pend_v[:, :, ~done].to(q.dtype)
-        recent = torch.arange(n, device=q.device) >= (positions[:, None] - r)  # [T, n]: still in its window
-        out = _attend_mixed(q, (k, v), (stored_k, stored_v), recent, None if mask is None else mask[..., :n],
-                            q_positions, scale)
+        recent = slots >= (positions[:, None] - r)  # [T, n]: still in its window
+        out = _attend_mixed(q, exact_scores, v, (rotated(stored_k), stored_v), recent,
+                            None if mask is None else mask[..., :n], q_positions, scale)
     else:  # decoding: the pending tokens are exactly the query's window
         out = (probs @ v.float().repeat_interleave(q.shape[1] // hkv, 1)).to(q.dtype)
     if r:
         keep = ~done
-        slots = pend_pos[keep] % r
-        k_ring[:, :, slots] = pend_k[:, :, keep].to(k_ring.dtype)
-        v_ring[:, :, slots] = pend_v[:, :, keep].to(v_ring.dtype)
-        ring_score[..., slots] = score[..., keep]
+        ring_slots = pend_pos[keep] % r
+        k_ring[:, :, ring_slots] = pend_k[:, :, keep].to(k_ring.dtype)
+        v_ring[:, :, ring_slots] = pend_v[:, :, keep].to(v_ring.dtype)
+        ring_score[..., ring_slots] = score[..., keep]
     k_packed.copy_(pack_map(k_map))
     v_packed.copy_(pack_map(v_map))
     return out.contiguous()
 
 
-def _attend_mixed(q: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor], stored: tuple[torch.Tensor, torch.Tensor],
-                  recent: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None,
-                  scale: float) -> torch.Tensor:
-    """Attention ``[B, Hq, T, Dv]`` where query ``i`` reads slot ``s`` from ``exact`` if ``recent[i, s]`` and from
-    ``stored`` otherwise (keys and values ``[B, Hkv, n, D]``)."""
-    groups = q.shape[1] // exact[0].shape[1]
-    k_e, v_e, k_s, v_s = (x.float().repeat_interleave(groups, 1) for x in (*exact, *stored))
-    qf = q.float()
-    scores = torch.where(recent, qf @ k_e.transpose(-1, -2), qf @ k_s.transpose(-1, -2)) * scale
+def _attend_mixed(q: torch.Tensor, exact_scores: torch.Tensor, exact_v: torch.Tensor,
+                  stored: tuple[torch.Tensor, torch.Tensor], recent: torch.Tensor, mask: torch.Tensor | None,
+                  q_positions: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention ``[B, Hq, T, Dv]`` where query ``i`` reads slot ``s`` exact if ``recent[i, s]`` (its scaled fp32
+    scores ``exact_scores`` ``[B, Hq, T, n]``, values ``exact_v``) and as ``stored`` otherwise (keys and values
+    ``[B, Hkv, n, D]``)."""
+    groups = q.shape[1] // exact_v.shape[1]
+    k_s, v_s, v_e = (x.float().repeat_interleave(groups, 1) for x in (*stored, exact_v))
+    scores = torch.where(recent, exact_scores, (q.float() @ k_s.transpose(-1, -2)) * scale)
     probs = masked_softmax(scores, mask, q_positions)
-    return ((probs * recent) @ v_e + (probs * ~recent) @ v_s).to(q.dtype)
+    # the values differ only where a query reads them exact
+    return (probs @ v_s + (probs * recent) @ (v_e - v_s)).to(q.dtype)
 
 
 @kv_qaq_attention_.register_fake
 def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, key_tiers, k_capacity, v_capacity, eps, window, quantile, sink,
-      max_len, mask, q_positions, scale):
+      max_len, mask, q_positions, scale, rope_cos=None, rope_sin=None, rope="", rotary_dim=0):
     b, hq, t, _ = q.shape
     return q.new_empty((b, hq, t, new_v.shape[-1]))
 
@@ -544,11 +575,12 @@ def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, key_tiers, k_cap
 # --- calibration ----------------------------------------------------------------------------------------------
 
 
-def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: QAQConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: QAQConfig,
+                  stored_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For one sequence of one layer (``q`` ``[Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]``, after RoPE): the
     numerators ``a`` of the key and value formulas (``bits = ceil(log2(1 + a / eps))``) of every token ``[Hkv, T]``,
-    as the op computes them when the token leaves the window."""
+    as the op computes them when the token leaves the window. ``stored_k``: the keys as stored (before RoPE), whose
+    ranges the key formula takes; ``k`` by default."""
     hq, t, d = q.shape
     hkv = k.shape[0]
     groups = hq // hkv
@@ -564,7 +596,8 @@ def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     stats = torch.stack([cum(torch.ones_like(logn)), cum(logn), cum(logn**2)], -1)  # [Hkv, T, 3]
     at = torch.clamp(torch.arange(t) + config.window - 1, max=t - 1)
     qn = quantile_norm(stats[:, at], config.quantile)
-    return key_numerator(alpha, token_range(k), qn, d), value_numerator(alpha, token_range(v))
+    stored_k = k if stored_k is None else stored_k
+    return key_numerator(alpha, token_range(stored_k), qn, d), value_numerator(alpha, token_range(v))
 
 
 def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:

@@ -19,10 +19,11 @@ from kvpass.qaq import QAQConfig
 D = 16  # the tiny models' head dim: metadata costs more per element than at 64 or 128
 
 
-def method(target=None, eps=None, tiers=None, window=5) -> MethodConfig:
+def method(target=None, eps=None, tiers=None, window=5, pre_rope=False) -> MethodConfig:
     kw = {} if tiers is None else {"tiers": tiers}
     config = QAQConfig(target_bits=target, eps=eps, window=window, **kw)
-    return MethodConfig(f"qaq-test-{target}-{eps}", "QAQ test preset", "none", "none", max_chunk=8, qaq=config)
+    return MethodConfig(f"qaq-test-{target}-{eps}", "QAQ test preset", "none", "none", max_chunk=8, qaq=config,
+                        pre_rope_keys=pre_rope)
 
 
 def calibration_ids(n=600, seed=0):
@@ -190,11 +191,35 @@ def test_model_precision_tier_is_exact_and_generates_the_same_tokens():
                        fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
 
 
-def test_prompt_in_chunks_reads_the_cache_as_decoding_does():
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_keys_stored_before_rope_in_model_precision_tiers_are_exact(arch):
+    # gpt_neox rotates a part of each head (partial rotary): the tiers hold the keys before RoPE, the op rotates
+    # every slot by its own cached position, left padding included
+    model = build(arch)
+    m = method(eps=1.0, tiers=("none",), pre_rope=True)
+    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
+    assert cal.tensors and "0.k.tier_share" in cal.tensors
+    ids, mask = prompt(2, length=20)
+    fp = kvpass.compile(model, "fp16", max_cache_len=48, batch_size=2)
+    qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2, calibration=cal)
+    torch.testing.assert_close(qm(ids, attention_mask=mask), fp(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]),
+                       fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
+    # what the tiers hold is the key before RoPE: it differs from the rotated key the model writes
+    post = kvpass.compile(model, method(eps=1.0, tiers=("none",)), max_cache_len=48, batch_size=2, calibration=cal)
+    post(ids, attention_mask=mask)
+    qm.reset()
+    qm(ids, attention_mask=mask)
+    held = [x.graph_module.kvpass_cache_0_qaq_k_t0_data for x in (qm, post)]
+    assert (held[0] - held[1]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_prompt_in_chunks_reads_the_cache_as_decoding_does(pre_rope):
     # eps so large that every token but the sink goes to int4: the tiers cannot differ between the two runs, so
     # the logits can only match if each query in a chunk reads the tokens that left its window as stored
     model = build("llama")
-    m = method(eps=1e9, tiers=("int4:per_token", "fp16"))
+    m = method(eps=1e9, tiers=("int4:per_token", "fp16"), pre_rope=pre_rope)
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
     qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
     ids, _ = prompt(1, length=30)
@@ -204,6 +229,23 @@ def test_prompt_in_chunks_reads_the_cache_as_decoding_does():
     torch.testing.assert_close(chunked, stepped, rtol=1e-4, atol=1e-4)
     fp = kvpass.compile(model, "fp16", max_cache_len=48)(ids)
     assert (chunked - fp).abs().amax() > 1e-3  # the int4 tier really is read
+
+
+def test_calibration_ranks_keys_stored_before_rope_by_their_stored_range_and_rotated_attention():
+    # the key formula's range is of the keys as stored (before RoPE); the attention that weighs it is the rotated
+    # keys' (the model's): the recording holds both
+    model = build("llama")
+    m = method(target=8.0, pre_rope=True)
+    from kvpass.calibrate import record, token_samples
+    acts = record(model, token_samples(calibration_ids(), None, 1, 64, 0), m)
+    q, k, k_rope, v = (acts[f"0.{w}"][0] for w in ("q", "k", "k_rope", "v"))
+    assert (k - k_rope).abs().amax() > 1e-2 and torch.allclose(k[:, 0], k_rope[:, 0], atol=1e-6)  # position 0: no turn
+    scale = float(acts["0.scale"][0])
+    nk, nv = qaq.sensitivities(q, k_rope, v, scale, m.qaq, stored_k=k)
+    ref_k, ref_v = qaq.sensitivities(q, k_rope, v, scale, m.qaq)
+    torch.testing.assert_close(nv, ref_v)  # the values' numerators see only the rotated keys' attention
+    ratio = qaq.token_range(k) / qaq.token_range(k_rope)
+    torch.testing.assert_close(nk, ref_k * ratio, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3"])

@@ -150,9 +150,10 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     )
 
 
-def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, calibration: dict, device) -> Node:
+def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, calibration: dict, device,
+                       tables: tuple[Node | str, Node | str] | None) -> Node:
     """QAQ's buffers (calibrated tier tensors from ``calibration``) and its one op: write the new tokens, attend,
-    code the tokens that left the window."""
+    code the tokens that left the window (keys before RoPE with ``tables``)."""
     import kvpass.qaq  # noqa: F401  (registers kv_qaq_attention_)
 
     g, prefix = gm.graph, f"kvpass_cache_{site.index}_qaq"
@@ -187,7 +188,8 @@ def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, c
         (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k_bufs), get_attrs(gm, v_bufs),
          get_attrs(gm, state), ";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")),
          list(kt.capacity), list(vt.capacity), float(calibration[(site.index, "k")]["eps"]),
-         kt.config.window, kt.config.quantile, kt.config.sink, site.max_len, site.mask, q_positions, site.scale),
+         kt.config.window, kt.config.quantile, kt.config.sink, site.max_len, site.mask, q_positions, site.scale,
+         *rope_args(gm, site, tables)),
     )
 
 
@@ -276,7 +278,7 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
             replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
             if layout.tiers is not None:
-                out = qaq_attention_node(gm, site, layout, calibration, device)
+                out = qaq_attention_node(gm, site, layout, calibration, device, tables)
             elif overlay is not None:
                 out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
             elif windowed:

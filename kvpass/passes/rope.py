@@ -91,8 +91,9 @@ class RopeTables:
         self.gm, self.device, self.tables = gm, device, {}
         self.positions: dict[Node, str] = {}  # position input -> its cached [B, 1, max_len, 1] int32 buffer
 
-    def get(self, site: AttentionSite, layout: CacheLayout) -> tuple[Node | str, Node | str]:
-        """cos and sin as graph nodes (recomputed) or buffer names (cached)."""
+    def get(self, site: AttentionSite, layout: CacheLayout | None) -> tuple[Node | str, Node | str]:
+        """cos and sin as graph nodes (recomputed) or buffer names (cached); ``layout`` is the key cache's (None
+        for QAQ's tiers, which quantize keys)."""
         rope: Rope = site.rope
         key = (base_of(rope.cos), base_of(rope.sin))
         if key not in self.tables:
@@ -136,9 +137,9 @@ class RopeTables:
             node = g.call_function(aten.unsqueeze.default, (node, 1))
         return node
 
-    def _cached(self, site: AttentionSite, layout: CacheLayout, index: int) -> tuple[str, str]:
+    def _cached(self, site: AttentionSite, layout: CacheLayout | None, index: int) -> tuple[str, str]:
         rope, g = site.rope, self.gm.graph
-        dtype = site.dtype if layout.format.kind == "float" else torch.float16
+        dtype = site.dtype if layout is not None and layout.format.kind == "float" else torch.float16
         names = []
         for which, node in (("cos", rope.cos), ("sin", rope.sin)):
             name = f"kvpass_rope_{index}_{which}"
