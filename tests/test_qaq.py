@@ -179,39 +179,27 @@ def test_more_attention_gets_at_least_as_many_bits():
         assert decided.unique().numel() > 1  # the test sees more than one tier
 
 
-def test_model_precision_tier_is_exact_and_generates_the_same_tokens():
-    model = build("llama")
-    m = method(eps=1.0, tiers=("none",))
-    cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
-    ids, mask = prompt(2, length=20)
-    fp = kvpass.compile(model, "fp16", max_cache_len=48, batch_size=2)
-    qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2, calibration=cal)
-    torch.testing.assert_close(qm(ids, attention_mask=mask), fp(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
-    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]),
-                       fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
-
-
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
-def test_keys_stored_before_rope_in_model_precision_tiers_are_exact(arch):
-    # gpt_neox rotates a part of each head (partial rotary): the tiers hold the keys before RoPE, the op rotates
-    # every slot by its own cached position, left padding included
+# keys stored before RoPE: the op rotates every slot by its own cached position, left padding included (gpt_neox
+# rotates a part of each head)
+@pytest.mark.parametrize("arch,pre_rope", [("llama", False), ("llama", True), ("gpt_neox", True)])
+def test_model_precision_tier_is_exact_and_generates_the_same_tokens(arch, pre_rope):
     model = build(arch)
-    m = method(eps=1.0, tiers=("none",), pre_rope=True)
+    m = method(eps=1.0, tiers=("none",), pre_rope=pre_rope)
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
-    assert cal.tensors and "0.k.tier_share" in cal.tensors
     ids, mask = prompt(2, length=20)
     fp = kvpass.compile(model, "fp16", max_cache_len=48, batch_size=2)
     qm = kvpass.compile(model, m, max_cache_len=48, batch_size=2, calibration=cal)
     torch.testing.assert_close(qm(ids, attention_mask=mask), fp(ids, attention_mask=mask), rtol=1e-5, atol=1e-5)
     assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]),
                        fp.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[]))
-    # what the tiers hold is the key before RoPE: it differs from the rotated key the model writes
-    post = kvpass.compile(model, method(eps=1.0, tiers=("none",)), max_cache_len=48, batch_size=2, calibration=cal)
-    post(ids, attention_mask=mask)
-    qm.reset()
-    qm(ids, attention_mask=mask)
-    held = [x.graph_module.kvpass_cache_0_qaq_k_t0_data for x in (qm, post)]
-    assert (held[0] - held[1]).abs().amax() > 1e-2
+    if pre_rope:  # what the tiers hold is the key before RoPE, not the rotated key the model writes
+        post = kvpass.compile(model, method(eps=1.0, tiers=("none",)), max_cache_len=48, batch_size=2,
+                              calibration=cal)
+        post(ids, attention_mask=mask)
+        qm.reset()
+        qm(ids, attention_mask=mask)
+        held = [x.graph_module.kvpass_cache_0_qaq_k_t0_data for x in (qm, post)]
+        assert (held[0] - held[1]).abs().amax() > 1e-2
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
