@@ -48,6 +48,7 @@ from kvpass.ops import apply_rope, attention_probs, masked_softmax, visible_leng
 
 MAP_DTYPE = torch.uint8  # tier of each slot (0 = not decided yet) in 4 bits, two slots a byte
 MAX_TIERS = 15
+WINDOW_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class QAQConfig:
     # the query statistics and each tier's calibrated tensors, which do not grow with the cache); None: ``target_bits``
     # is the per-token storage (tiers and map) alone
     target_context: int | None = None
+    # "fp8_e4m3": the window's tokens wait in fp8 (no scale; 8 bits an element, a window twice as long for the bytes
+    # of an fp16 one); the tokens then decided into the top tier carry that rounding too. None: the top tier's precision
+    window_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if (self.target_bits is None) == (self.eps is None):
@@ -79,6 +83,9 @@ class QAQConfig:
             raise KVPassError(f"QAQ sink must be >= 0 tokens, got {self.sink}")
         if self.target_context is not None and (self.target_bits is None or self.target_context < 1):
             raise KVPassError(f"QAQ target_context={self.target_context} needs target_bits and a length >= 1 token")
+        if self.window_dtype not in (None, *WINDOW_DTYPES):
+            raise KVPassError(f"QAQ window_dtype must be one of {sorted(WINDOW_DTYPES)} or None (the top tier's "
+                              f"precision), got {self.window_dtype!r}")
         if not 0.5 <= self.quantile < 1:
             raise KVPassError(f"QAQ quantile must be in [0.5, 1), got {self.quantile}")
         for cs in (parse_cache_spec(t) for t in (*self.tiers, *(self.key_tiers or ()))):
@@ -116,7 +123,9 @@ class QAQConfig:
     def ring_dtype(self, model_dtype: torch.dtype, which: str = "v") -> torch.dtype:
         """The window's keys (``"k"``) or values (``"v"``) are held at the precision of their highest tier (fp16 or
         bf16: what the most important tokens get anyway; an fp32 model does not pay twice for them), at the model's
-        when that tier is not a 16-bit float."""
+        when that tier is not a 16-bit float; or ``window_dtype``."""
+        if self.window_dtype is not None:
+            return WINDOW_DTYPES[self.window_dtype]
         top = parse_cache_spec(self.tiers_for(which)[-1]).format
         if top.kind == "float" and top.float_dtype in ("fp16", "bf16"):
             return torch.float16 if top.float_dtype == "fp16" else torch.bfloat16

@@ -19,9 +19,9 @@ from kvpass.qaq import QAQConfig
 D = 16  # the tiny models' head dim: metadata costs more per element than at 64 or 128
 
 
-def method(target=None, eps=None, tiers=None, window=5, pre_rope=False) -> MethodConfig:
+def method(target=None, eps=None, tiers=None, window=5, pre_rope=False, window_dtype=None) -> MethodConfig:
     kw = {} if tiers is None else {"tiers": tiers}
-    config = QAQConfig(target_bits=target, eps=eps, window=window, **kw)
+    config = QAQConfig(target_bits=target, eps=eps, window=window, window_dtype=window_dtype, **kw)
     return MethodConfig(f"qaq-test-{target}-{eps}", "QAQ test preset", "none", "none", max_chunk=8, qaq=config,
                         pre_rope_keys=pre_rope)
 
@@ -132,6 +132,13 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
     assert [r.dtype for r in rings] == [torch.float32, torch.float16]  # each side by its own highest tier
     with pytest.raises(KVPassError, match="target_context"):
         QAQConfig(eps=1.0, target_context=128)
+    # a window in fp8 costs one byte an element of its ring instead of the top tier's two
+    fp8 = dataclasses.replace(config, window_dtype="fp8_e4m3")
+    for which in "kv":
+        saved = qaq.fixed_nbytes(config, D, which, torch.float32) - qaq.fixed_nbytes(fp8, D, which, torch.float32)
+        assert saved == config.ring * D
+    with pytest.raises(KVPassError, match="window_dtype must be one of"):
+        QAQConfig(eps=1.0, window_dtype="int8")
 
 
 def test_qaq_6x_codes_its_lowest_value_tier_per_channel_against_calibrated_ranges():
@@ -202,14 +209,17 @@ def test_model_precision_tier_is_exact_and_generates_the_same_tokens(arch, pre_r
         assert (held[0] - held[1]).abs().amax() > 1e-2
 
 
-@pytest.mark.parametrize("pre_rope", [False, True])
-def test_prompt_in_chunks_reads_the_cache_as_decoding_does(pre_rope):
+@pytest.mark.parametrize("pre_rope,window_dtype", [(False, None), (True, None), (False, "fp8_e4m3")])
+def test_prompt_in_chunks_reads_the_cache_as_decoding_does(pre_rope, window_dtype):
     # eps so large that every token but the sink goes to int4: the tiers cannot differ between the two runs, so
-    # the logits can only match if each query in a chunk reads the tokens that left its window as stored
+    # the logits can only match if each query in a chunk reads the tokens that left its window as stored (and
+    # its window as the ring holds it, in fp8 with window_dtype)
     model = build("llama")
-    m = method(eps=1e9, tiers=("int4:per_token", "fp16"), pre_rope=pre_rope)
+    m = method(eps=1e9, tiers=("int4:per_token", "fp16"), pre_rope=pre_rope, window_dtype=window_dtype)
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
     qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
+    ring = qm.graph_module.kvpass_cache_0_qaq_v_ring
+    assert ring.dtype == (torch.float16 if window_dtype is None else torch.float8_e4m3fn)
     ids, _ = prompt(1, length=30)
     chunked = qm(ids)
     qm.reset()
