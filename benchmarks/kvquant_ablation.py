@@ -81,6 +81,9 @@ VARIANTS |= {
     "floor: values per token": Variant(KEYS[2], "nuq2:per_token:qnorm", recent=32),
     "floor: layer 1 promoted": Variant(KEYS[2], FLOOR_V, promoted=PROMOTED[-1], recent=32),
     "floor: recent=64": Variant(KEYS[2], FLOOR_V, recent=64),
+    "floor: recent=64, keys without Q-Norm": Variant(KEYS[2].replace(":qnorm", ""), FLOOR_V, recent=64),
+    "floor: recent=64, values without Q-Norm": Variant(KEYS[2], FLOOR_V.replace(":qnorm", ""), recent=64),
+    "floor: recent=64, no Q-Norm": Variant(KEYS[2].replace(":qnorm", ""), FLOOR_V.replace(":qnorm", ""), recent=64),
 }
 SETS = {
     "split": ["fp16", "4: keys only", "4: values only", "4: keys only, uniform grid", "4: values only, uniform grid",

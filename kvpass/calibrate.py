@@ -359,8 +359,12 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
         pairs = [qaq.sensitivities(q, k_rope, v, scale, config, stored_k=k)
                  for q, k_rope, k, v in zip(acts[f"{layer}.q"], rotated, acts[f"{layer}.k"], acts[f"{layer}.v"])]
         nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
-    dk, dv = acts[f"{layers[0]}.k"][0].shape[-1], acts[f"{layers[0]}.v"][0].shape[-1]
-    eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype)
+    hkv, _, dk = acts[f"{layers[0]}.k"][0].shape
+    dv = acts[f"{layers[0]}.v"][0].shape[-1]
+    # keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.passes.rope)
+    shared = 32.0 / (len(layers) * hkv * (dk + dv)) if f"{layers[0]}.k_rope" in acts else 0.0
+    eps = config.eps or qaq.solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype,
+                                  shared)
     tensors = {}
     for layer, (nk, nv) in nums.items():
         for which, num in (("k", nk), ("v", nv)):

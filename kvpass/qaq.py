@@ -2,7 +2,7 @@
 
 Each token of each KV head is first held in a small ring for ``window`` steps (the attention window), at the
 precision of the highest tier (fp16 for an fp32 model whose top tier is fp16: a prompt reads it rounded as decoding
-does). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
+does), or in fp8 (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
 * keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
@@ -14,7 +14,7 @@ softmax happens to be saturated now. The window exists because importance jumps,
 envelope: a token with more attention never gets fewer bits.
 
 The bits are rounded up to a tier (2/4/8/16 bits by default). Every tier is a packed store of a fixed number of
-entries per head (its capacity, from the shares measured on calibration data), and a uint8 map says which tier
+entries per head (its capacity, from the shares measured on calibration data), and a 4-bit map says which tier
 holds each cache slot. Slots are written in order, so the entry of slot ``i`` in tier ``t`` is the number of
 earlier slots in ``t``: no index is stored. A token whose tier is full goes to the nearest lower tier with room,
 else the nearest higher one; the capacities sum to the cache length, so there always is one.
@@ -27,8 +27,10 @@ re-coded from that copy; without it a token's tier is final once it leaves the w
 Key tiers may differ from value tiers (``QAQConfig.key_tiers``) and may code keys per channel against calibrated
 ranges (``:static`` formats code each token alone, so a token can still be written when it is decided): per-token
 int2 keys lose to a few outlier channels what per-channel ranges keep (on SmolLM2 qaq-6x went from +1012% to +14.8%
-perplexity with them; benchmarks/RESULTS.md). The keys here are post-RoPE (the op attends itself), where KVQuant stores
-them pre-RoPE; the ranges and LUTs are fitted on calibration keys with their Fisher information. Value tiers may
+perplexity with them; benchmarks/RESULTS.md). With ``MethodConfig(pre_rope_keys=True)`` the keys are stored before
+RoPE, as KVQuant stores them (their channels keep one range across positions), and the op rotates each slot by its
+cached position when it reads; the key formula then takes the range of the stored key and the attention of the
+rotated one. The ranges and LUTs are fitted on calibration keys with their Fisher information. Value tiers may
 use calibrated tensors too (nuq per token with a Fisher-weighted LUT per layer, KVQuant's value format).
 """
 
@@ -151,14 +153,14 @@ def tier_cost(config: QAQConfig, head_dim: int, dtype: torch.dtype = torch.float
 
 def fixed_nbytes(config: QAQConfig, head_dim: int, which: str, dtype: torch.dtype) -> int:
     """Bytes of one head's K or V cache that do not grow with its length: the window ring (and, with the keys, its
-    fp32 attention and the query statistics) and each tier's calibrated tensors (the per-layer ones counted per
-    head: an upper bound)."""
+    fp32 attention and the query statistics), each tier's calibrated tensors (the per-layer ones counted per
+    head: an upper bound) and the sink tokens' entries in the highest tier (whatever their attention)."""
     ring = config.ring * head_dim * torch.tensor([], dtype=config.ring_dtype(dtype, which)).element_size()
     if which == "k":
         ring += config.ring * 4 + qnorm_stats_nbytes(1, 1)
     static = sum(t.numel() * t.element_size() for tier in config.tiers_for(which)
                  for t in CacheLayout.build(tier, (1, 1, 1, head_dim), dtype).default_static().values())
-    return ring + static
+    return ring + static + config.sink * token_nbytes(config.tiers_for(which)[-1], head_dim, dtype)
 
 
 def map_bits(head_dim: int) -> float:
@@ -614,10 +616,11 @@ def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tens
 
 
 def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
-          dtype: torch.dtype = torch.float16) -> float:
+          dtype: torch.dtype = torch.float16, shared_bits: float = 0.0) -> float:
     """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
     eps; the average falls as eps grows); with ``target_context`` the fixed bytes of a head's cache (at the model's
-    ``dtype``) are taken off the target first."""
+    ``dtype``) are taken off the target first. ``shared_bits``: bits per element of what the cache holds once for
+    every layer (the position id of each slot when keys are stored before RoPE), also taken off."""
     ck, cv = tier_cost(config, dk, which="k"), tier_cost(config, dv, which="v")
     nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
     bits = config.tier_bits
@@ -625,7 +628,7 @@ def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfi
     def average(eps: float) -> float:
         return float((ck[tier_of(nk, eps, bits)].mean() * dk + cv[tier_of(nv, eps, bits)].mean() * dv) / (dk + dv))
 
-    target = config.target_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
+    target = config.target_bits - shared_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
     if config.target_context:
         fixed = fixed_nbytes(config, dk, "k", dtype) + fixed_nbytes(config, dv, "v", dtype)
         target -= 8.0 * fixed / (config.target_context * (dk + dv))

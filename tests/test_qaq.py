@@ -139,6 +139,14 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
         assert saved == config.ring * D
     with pytest.raises(KVPassError, match="window_dtype must be one of"):
         QAQConfig(eps=1.0, window_dtype="int8")
+    # the sink's entries in the top tier are fixed bytes too; so is what the cache holds once for every layer
+    no_sink = dataclasses.replace(config, sink=0)
+    assert qaq.fixed_nbytes(config, D, "v", torch.float32) - qaq.fixed_nbytes(no_sink, D, "v", torch.float32) == 2 * D
+    g = torch.Generator().manual_seed(0)
+    nk, nv = [torch.rand(2, 500, generator=g)], [torch.rand(2, 500, generator=g)]
+    lower = dataclasses.replace(config, target_bits=config.target_bits - 0.25)
+    assert qaq.solve(nk, nv, config, D, D, torch.float32, shared_bits=0.25) == qaq.solve(nk, nv, lower, D, D,
+                                                                                          torch.float32)
 
 
 def test_qaq_6x_codes_its_lowest_value_tier_per_channel_against_calibrated_ranges():
