@@ -2,7 +2,8 @@
 
 Each token of each KV head is first held in a small ring for ``window`` steps (the attention window), at the
 precision of the highest tier (fp16 for an fp32 model whose top tier is fp16: a prompt reads it rounded as decoding
-does), or in fp8 (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest attention ``a`` it received in it:
+does), or in fp8 (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest
+attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
 * keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
@@ -426,15 +427,15 @@ def _tier_specs(text: str) -> list[CacheSpec]:
 def _window_max(probs: torch.Tensor, q_pos: torch.Tensor, cols: torch.Tensor, window: int, kv_heads: int) -> torch.Tensor:
     """Largest attention each of the tokens at ``cols`` received from queries at most ``window - 1`` steps later,
     over the heads of its GQA group: ``[B, Hkv, len(cols)]``. Queries and columns are consecutive positions, so the
-    query ``o`` steps after a token sits on one diagonal of ``probs`` (a view): one diagonal per age, not a copy
-    of every query's row."""
+    queries ``age`` steps after their tokens lie on one diagonal of ``probs`` (a view): one diagonal per age, not
+    a copy of every query's row."""
     b, hq = probs.shape[:2]
     p0, c0 = int(q_pos[0]), int(cols[0])
     out = probs.new_zeros(b, hq, len(cols))
     for age in range(window):
         diag = torch.diagonal(probs, p0 - age, -2, -1)  # query i against slot p0 + i - age
-        first = max(p0 - age, 0)  # the diagonal's first slot
-        if not diag.shape[-1] or first < c0:
+        first = max(p0 - age, 0)  # the diagonal's first slot (>= c0: the columns start ``window - 1`` before p0)
+        if not diag.shape[-1]:
             continue
         seg = out[..., first - c0:first - c0 + diag.shape[-1]]
         torch.maximum(seg, diag[..., :seg.shape[-1]], out=seg)
