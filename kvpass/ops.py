@@ -133,13 +133,17 @@ def reference_attention(
     return out, attention_mass(attention_probs(q, k, mask, None, scale), kv_heads)
 
 
+def attention_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 scaled scores ``[..., Hq, T, S]`` of ``q`` over ``k`` ``[..., Hkv, S, D]`` (GQA), before any mask."""
+    groups = q.shape[-3] // k.shape[-3]
+    return (q.float() @ k.float().repeat_interleave(groups, dim=-3).transpose(-1, -2)) * scale
+
+
 def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None,
                     scale: float) -> torch.Tensor:
     """float32 attention probabilities ``[..., Hq, T, S]`` of ``q`` over ``k`` ``[..., Hkv, S, D]`` (GQA), with a
     bool or additive ``mask`` or else causal by ``q_positions``; rows with nothing visible are zeros."""
-    groups = q.shape[-3] // k.shape[-3]
-    scores = (q.float() @ k.float().repeat_interleave(groups, dim=-3).transpose(-1, -2)) * scale
-    return masked_softmax(scores, mask, q_positions)
+    return masked_softmax(attention_scores(q, k, scale), mask, q_positions)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, q_positions: torch.Tensor | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
-from kvpass.ops import apply_rope, attention_probs, masked_softmax, visible_length
+from kvpass.ops import apply_rope, attention_probs, attention_scores, masked_softmax, visible_length
 
 MAP_DTYPE = torch.uint8  # tier of each slot (0 = not decided yet) in 4 bits, two slots a byte
 MAX_TIERS = 15
@@ -434,11 +434,10 @@ def _window_max(probs: torch.Tensor, q_pos: torch.Tensor, cols: torch.Tensor, wi
     out = probs.new_zeros(b, hq, len(cols))
     for age in range(window):
         diag = torch.diagonal(probs, p0 - age, -2, -1)  # query i against slot p0 + i - age
-        first = max(p0 - age, 0)  # the diagonal's first slot (>= c0: the columns start ``window - 1`` before p0)
-        if not diag.shape[-1]:
-            continue
-        seg = out[..., first - c0:first - c0 + diag.shape[-1]]
-        torch.maximum(seg, diag[..., :seg.shape[-1]], out=seg)
+        # where the diagonal's first slot sits among the columns (>= 0: they start window - 1 before p0)
+        first = max(p0 - age, 0) - c0
+        seg = out[..., first:first + diag.shape[-1]]
+        torch.maximum(seg, diag, out=seg)
     return out.reshape(b, kv_heads, hq // kv_heads, -1).amax(2)
 
 
@@ -501,7 +500,6 @@ def kv_qaq_attention_(
     score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
 
     n = visible_length(mask, q_positions, max_len)
-    slots = torch.arange(n, device=q.device)
 
     def rotated(keys: torch.Tensor) -> torch.Tensor:  # [B, H, n, D] as attention reads them
         return keys if not rope else apply_rope(keys, rope_cos[:, :, :n], rope_sin[:, :, :n], rope, rotary_dim)
@@ -513,8 +511,7 @@ def kv_qaq_attention_(
     k = rotated(k)
 
     # the window's attention (what decides tiers) sees every pending token at model precision
-    groups = q.shape[1] // hkv
-    exact_scores = (q.float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    exact_scores = attention_scores(q, k, scale)
     probs = masked_softmax(exact_scores, None if mask is None else mask[..., :n], q_positions)
     score = torch.maximum(score, _window_max(probs, positions, pend_pos, window, hkv))
 
@@ -547,7 +544,7 @@ def kv_qaq_attention_(
         stored_k, stored_v = read(kb, kspecs, k_map, n, dk, q.dtype), read(vb, vspecs, v_map, n, dv, q.dtype)
         stored_k[:, :, pend_pos[~done]] = pend_k[:, :, ~done].to(q.dtype)
         stored_v[:, :, pend_pos[~done]] = pend_v[:, :, ~done].to(q.dtype)
-        recent = slots >= (positions[:, None] - r)  # [T, n]: still in its window
+        recent = torch.arange(n, device=q.device) >= (positions[:, None] - r)  # [T, n]: still in its window
         out = _attend_mixed(q, exact_scores, v, (rotated(stored_k), stored_v), recent,
                             None if mask is None else mask[..., :n], q_positions, scale)
     else:  # decoding: the pending tokens are exactly the query's window
@@ -570,8 +567,8 @@ def _attend_mixed(q: torch.Tensor, exact_scores: torch.Tensor, exact_v: torch.Te
     scores ``exact_scores`` ``[B, Hq, T, n]``, values ``exact_v``) and as ``stored`` otherwise (keys and values
     ``[B, Hkv, n, D]``)."""
     groups = q.shape[1] // exact_v.shape[1]
-    k_s, v_s, v_e = (x.float().repeat_interleave(groups, 1) for x in (*stored, exact_v))
-    scores = torch.where(recent, exact_scores, (q.float() @ k_s.transpose(-1, -2)) * scale)
+    v_s, v_e = (x.float().repeat_interleave(groups, 1) for x in (stored[1], exact_v))
+    scores = torch.where(recent, exact_scores, attention_scores(q, stored[0], scale))
     probs = masked_softmax(scores, mask, q_positions)
     # the values differ only where a query reads them exact
     return (probs @ v_s + (probs * recent) @ (v_e - v_s)).to(q.dtype)
