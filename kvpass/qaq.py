@@ -2,7 +2,7 @@
 
 Each token of each KV head is first held in a small ring for ``window`` steps (the attention window), at the
 precision of the highest tier (fp16 for an fp32 model whose top tier is fp16: a prompt reads it rounded as decoding
-does), or in fp8 (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest
+does), or in fp8 or int8 with a per-token scale (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest
 attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
@@ -51,7 +51,9 @@ from kvpass.ops import apply_rope, attention_probs, attention_scores, masked_sof
 
 MAP_DTYPE = torch.uint8  # tier of each slot (0 = not decided yet) in 4 bits, two slots a byte
 MAX_TIERS = 15
-WINDOW_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
+# a window's token in int8 is a row of its codes then the two bytes of its fp16 absmax scale
+WINDOW_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
+RING_SCALE_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ class QAQConfig:
     # is the per-token storage (tiers and map) alone
     target_context: int | None = None
     # "fp8_e4m3": the window's tokens wait in fp8 (no scale; 8 bits an element, a window twice as long for the bytes
-    # of an fp16 one); the tokens then decided into the top tier carry that rounding too. None: the top tier's precision
+    # of an fp16 one); "int8": in int8 with an fp16 absmax scale per token (8.25 bits an element at head_dim 64, a
+    # quarter of fp8's rounding error); the tokens then decided into the top tier carry that rounding too. None: the
+    # top tier's precision
     window_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +138,29 @@ class QAQConfig:
             return torch.float16 if top.float_dtype == "fp16" else torch.bfloat16
         return model_dtype
 
+    def ring_row(self, head_dim: int) -> int:
+        """Elements of one token's row in the window ring (an int8 row ends with its scale's bytes)."""
+        return head_dim + RING_SCALE_BYTES * (self.window_dtype == "int8")
+
+
+def to_ring(x: torch.Tensor, ring_dtype: torch.dtype) -> torch.Tensor:
+    """Tokens ``[..., D]`` as ring rows of ``ring_dtype``: a cast, or int8 codes followed by their fp16 scale."""
+    if ring_dtype != torch.int8:
+        return x.to(ring_dtype)
+    fp16 = torch.finfo(torch.float16)
+    # the scale is rounded to fp16 before coding so that decoding multiplies by exactly what coded
+    scale = (x.float().abs().amax(-1, keepdim=True) / 127).clamp(fp16.smallest_normal, fp16.max).to(torch.float16)
+    codes = (x.float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([codes, scale.view(torch.int8)], -1)
+
+
+def from_ring(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`to_ring`'s rows back as tokens ``[..., D]`` of ``dtype``."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    scale = rows[..., -RING_SCALE_BYTES:].contiguous().view(torch.float16)
+    return (rows[..., :-RING_SCALE_BYTES].float() * scale.float()).to(dtype)
+
 
 def tier_bits(spec: QuantSpec) -> int:
     if spec.kind == "float":
@@ -156,7 +183,8 @@ def fixed_nbytes(config: QAQConfig, head_dim: int, which: str, dtype: torch.dtyp
     """Bytes of one head's K or V cache that do not grow with its length: the window ring (and, with the keys, its
     fp32 attention and the query statistics), each tier's calibrated tensors (the per-layer ones counted per
     head: an upper bound) and the sink tokens' entries in the highest tier (whatever their attention)."""
-    ring = config.ring * head_dim * torch.tensor([], dtype=config.ring_dtype(dtype, which)).element_size()
+    row = config.ring_row(head_dim) * torch.tensor([], dtype=config.ring_dtype(dtype, which)).element_size()
+    ring = config.ring * row
     if which == "k":
         ring += config.ring * 4 + qnorm_stats_nbytes(1, 1)
     static = sum(t.numel() * t.element_size() for tier in config.tiers_for(which)
@@ -397,7 +425,7 @@ class TierLayout:
                 out[f"t{t}_{name}"] = static[name].to(device) if layout.max_len else static[name].new_zeros(0, device=device)
         out["map"] = torch.zeros(b, h, (self.max_len + 1) // 2, dtype=MAP_DTYPE, device=device)
         ring_dtype = self.config.ring_dtype(self.dtype, "k" if self.keys else "v")
-        out["ring"] = torch.zeros(b, h, r, self.head_dim, dtype=ring_dtype, device=device)
+        out["ring"] = torch.zeros(b, h, r, self.config.ring_row(self.head_dim), dtype=ring_dtype, device=device)
         if self.config.retain:
             out["retained"] = torch.zeros(b, h, self.max_len, self.head_dim, dtype=self.dtype, device=device)
         if self.holds_score:
@@ -495,8 +523,9 @@ def kv_qaq_attention_(
     ring_pos = torch.arange(max(0, p0 - r), p0, device=positions.device)
     pend_pos = torch.cat([ring_pos, positions])
     # the chunk's tokens as the ring will hold them, so that a prompt reads its window as decoding does
-    pend_k = torch.cat([k_ring[:, :, ring_pos % max(r, 1)], new_k.to(k_ring.dtype)], 2).to(new_k.dtype)
-    pend_v = torch.cat([v_ring[:, :, ring_pos % max(r, 1)], new_v.to(v_ring.dtype)], 2).to(new_v.dtype)
+    k_rows = torch.cat([k_ring[:, :, ring_pos % max(r, 1)], to_ring(new_k, k_ring.dtype)], 2)
+    v_rows = torch.cat([v_ring[:, :, ring_pos % max(r, 1)], to_ring(new_v, v_ring.dtype)], 2)
+    pend_k, pend_v = from_ring(k_rows, new_k.dtype), from_ring(v_rows, new_v.dtype)
     score = torch.cat([ring_score[..., ring_pos % max(r, 1)], ring_score.new_zeros(b, hkv, t)], -1)
 
     n = visible_length(mask, q_positions, max_len)
@@ -552,8 +581,8 @@ def kv_qaq_attention_(
     if r:
         keep = ~done
         ring_slots = pend_pos[keep] % r
-        k_ring[:, :, ring_slots] = pend_k[:, :, keep].to(k_ring.dtype)
-        v_ring[:, :, ring_slots] = pend_v[:, :, keep].to(v_ring.dtype)
+        k_ring[:, :, ring_slots] = k_rows[:, :, keep]
+        v_ring[:, :, ring_slots] = v_rows[:, :, keep]
         ring_score[..., ring_slots] = score[..., keep]
     k_packed.copy_(pack_map(k_map))
     v_packed.copy_(pack_map(v_map))

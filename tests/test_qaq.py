@@ -138,8 +138,12 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
     for which in "kv":
         saved = qaq.fixed_nbytes(config, D, which, torch.float32) - qaq.fixed_nbytes(fp8, D, which, torch.float32)
         assert saved == config.ring * D
+        # int8: a byte an element and the fp16 scale of each token
+        int8 = dataclasses.replace(config, window_dtype="int8")
+        assert qaq.fixed_nbytes(int8, D, which, torch.float32) - qaq.fixed_nbytes(fp8, D, which, torch.float32) == (
+            config.ring * 2)
     with pytest.raises(KVPassError, match="window_dtype must be one of"):
-        QAQConfig(eps=1.0, window_dtype="int8")
+        QAQConfig(eps=1.0, window_dtype="int4")
     # the sink's entries in the top tier are fixed bytes too; so is what the cache holds once for every layer
     no_sink = dataclasses.replace(config, sink=0)
     assert qaq.fixed_nbytes(config, D, "v", torch.float32) - qaq.fixed_nbytes(no_sink, D, "v", torch.float32) == 2 * D
@@ -218,17 +222,33 @@ def test_model_precision_tier_is_exact_and_generates_the_same_tokens(arch, pre_r
         assert (held[0] - held[1]).abs().amax() > 1e-2
 
 
-@pytest.mark.parametrize("pre_rope,window_dtype", [(False, None), (True, "fp8_e4m3")])
+def test_int8_window_rows_round_trip_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    # (a token whose absmax is under 127 x fp16's smallest normal, 0.008, is coded with that scale: steps of 6e-5)
+    x = torch.randn(2, 3, 5, D, generator=g) * torch.logspace(-1, 3, 5)[:, None]
+    x[0, 0, 0] = 0  # an all-zero token
+    rows = qaq.to_ring(x, torch.int8)
+    assert rows.shape == (2, 3, 5, D + 2) and rows.dtype == torch.int8
+    back = qaq.from_ring(rows, torch.float32)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((back - x).abs() <= step * (0.5 + 1e-3)).all()  # the fp16 scale is within 2^-11 of absmax / 127
+    assert back[0, 0, 0].eq(0).all()
+    assert torch.equal(qaq.to_ring(back, torch.int8), rows)  # a decoded row codes to itself, bit for bit
+    fp8 = qaq.from_ring(qaq.to_ring(x, torch.float8_e4m3fn), torch.float32)
+    assert (back - x).norm() < (fp8 - x).norm() / 3
+
+
+@pytest.mark.parametrize("pre_rope,window_dtype", [(False, None), (True, "int8")])
 def test_prompt_in_chunks_reads_the_cache_as_decoding_does(pre_rope, window_dtype):
     # eps so large that every token but the sink goes to int4: the tiers cannot differ between the two runs, so
     # the logits can only match if each query in a chunk reads the tokens that left its window as stored (and
-    # its window as the ring holds it, in fp8 with window_dtype)
+    # its window as the ring holds it, in int8 rows with window_dtype)
     model = build("llama")
     m = method(eps=1e9, tiers=("int4:per_token", "fp16"), pre_rope=pre_rope, window_dtype=window_dtype)
     cal = kvpass.calibrate(model, calibration_ids(), m, n_samples=1, seq_len=64)
     qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
     ring = qm.graph_module.kvpass_cache_0_qaq_v_ring
-    assert ring.dtype == (torch.float16 if window_dtype is None else torch.float8_e4m3fn)
+    assert ring.dtype == (torch.float16 if window_dtype is None else torch.int8)
     ids, _ = prompt(1, length=30)
     chunked = qm(ids)
     qm.reset()
@@ -305,7 +325,8 @@ def test_calibration_round_trip_and_errors(tmp_path):
 
 @pytest.mark.parametrize("retain", [False, True])
 def test_qaq_op_opcheck(retain):
-    config = QAQConfig(eps=0.1, window=3, tiers=("int4:per_token", "none"), retain=retain)
+    config = QAQConfig(eps=0.1, window=3, tiers=("int4:per_token", "none"), retain=retain,
+                       window_dtype="int8" if retain else None)
     layout = qaq.TierLayout(config, (6, 6), 1, 1, 12, D, torch.float32)
     kb, vb = layout.allocate("cpu"), layout.allocate("cpu")
     names = [n for n in kb if n.startswith("t")]
