@@ -510,7 +510,7 @@ def test_retained_copy_is_counted_and_generates():
     real = sum(b.numel() * b.element_size() for n, b in qm.graph_module.named_buffers() if n.startswith("kvpass_"))
     copies = sum(2 * 2 * site.kv_heads * 64 * site.head_dim * 4 for site in qm.sites)  # k and v, batch 2, fp32
     assert report.nbytes == real == base.cache_report().nbytes + copies
-    fp = kvpass.compile(model, "fp16", max_cache_len=64, batch_size=2)(ids, attention_mask=mask)
+    fp = model(ids, attention_mask=mask).logits
     qm.reset()
     moved = qm(ids, attention_mask=mask)
     assert (moved - fp).abs().amax() > 1e-4  # still quantized: the copy is for re-coding, not for reading
