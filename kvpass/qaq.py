@@ -2,8 +2,8 @@
 
 Each token of each KV head is first held in a small ring for ``window`` steps (the attention window), at the
 precision of the highest tier (fp16 for an fp32 model whose top tier is fp16: a prompt reads it rounded as decoding
-does), or in fp8 or int8 with a per-token scale (``QAQConfig.window_dtype``). When it leaves the window its bits are decided from the largest
-attention ``a`` it received in it:
+does), or in fp8 or in int8 with a scale per token (``QAQConfig.window_dtype``). When it leaves the window its bits
+are decided from the largest attention ``a`` it received in it:
 
 * values: ``B_v = ceil(log2(1 + a * range(v) / eps))`` (every token adds the same output error ``eps``);
 * keys: ``B_k = ceil(log2(1 + a' (1 - a') * q_p * range(k) / (sqrt(d) * eps)))`` with ``q_p`` the
@@ -74,9 +74,9 @@ class QAQConfig:
     # is the per-token storage (tiers and map) alone
     target_context: int | None = None
     # "fp8_e4m3": the window's tokens wait in fp8 (no scale; 8 bits an element, a window twice as long for the bytes
-    # of an fp16 one); "int8": in int8 with an fp16 absmax scale per token (8.25 bits an element at head_dim 64, a
-    # quarter of fp8's rounding error); the tokens then decided into the top tier carry that rounding too. None: the
-    # top tier's precision
+    # of an fp16 one); "int8": in int8 with an fp16 absmax scale per token (8.25 bits an element at head_dim 64; on
+    # SmolLM2 it errs 1.0% of a key vector and 0.7% of a value vector, fp8 2.6%); the tokens then decided into the top
+    # tier carry that rounding too. None: the top tier's precision
     window_dtype: str | None = None
 
     def __post_init__(self) -> None:

@@ -241,18 +241,17 @@ register_method(MethodConfig(
 # qaq-6x's 2-bit value tier is nuq per channel against calibrated ranges, as its keys are: int2 per token spends 0.5
 # of its 2.5 bits/elem on an fp16 scale and zero at head_dim 64, which at 2.67 bits left no room for the tiers above
 # it or a longer window. Its keys are stored before RoPE (KVQuant's format), its window's tokens wait in int8 with a
-# scale per token (a window twice as long for the bytes of an fp16 one; fp8 without a scale cost 0.4 point more) and
-# its 4-bit key tier is int per token (the per-channel LUTs of
-# a nearly empty tier cost 0.07 bits/elem at 2k tokens); its 2-bit tiers leave out Q-Norm, which cost perplexity on
-# both sides with a long window. SmolLM2, 4 x 2k windows (benchmarks/RESULTS.md): int2 values and a 5-step window
-# +14.8% at 2.83 bits; per-channel values with 33 steps +4.7% at 2.64; keys before RoPE +4.1%; a 65-step fp8 window
-# +3.6% at 2.63; 81 steps and int4 keys in the 4-bit tier +3.2% at 2.68; no Q-Norm +2.3% at 2.67; the window in
-# int8 instead of fp8
+# scale per token (a window twice as long for the bytes of an fp16 one; fp8 without a scale cost 0.6 point more), its
+# 4-bit key tier is int per token (the per-channel LUTs of a nearly empty tier cost 0.07 bits/elem at 2k tokens) and
+# its 2-bit tiers leave out Q-Norm, which cost perplexity on both sides with a long window. SmolLM2, 4 x 2k windows
+# (benchmarks/RESULTS.md): int2 values and a 5-step window +14.8% at 2.83 bits; per-channel values with 33 steps
+# +4.7% at 2.64; keys before RoPE +4.1%; a 65-step fp8 window +3.6% at 2.63; 81 steps and int4 keys in the 4-bit tier
+# +3.2% at 2.68; no Q-Norm +2.3% at 2.67; the window in int8 instead of fp8 +1.75% at 2.67
 register_method(MethodConfig(
     "qaq-6x", "QAQ solved for 2.67 bits/elem at 2k tokens with everything counted (6x smaller than fp16): keys "
-    "stored before RoPE, an 81-step attention window (its 80 newest tokens in int8 with a scale each), tiers of 2 bits (nuq per channel "
-    "with calibrated ranges for keys and values; 1% fp16 key outliers), 4 (int per token, 1% outliers), 8 and 16 "
-    "(needs calibration)", "none", "none", max_chunk=32, pre_rope_keys=True,
+    "stored before RoPE, an 81-step attention window (its 80 newest tokens in int8 with a scale each), tiers of 2 "
+    "bits (nuq per channel with calibrated ranges for keys and values; 1% fp16 key outliers), 4 (int per token, 1% "
+    "outliers), 8 and 16 (needs calibration)", "none", "none", max_chunk=32, pre_rope_keys=True,
     qaq=QAQConfig(target_bits=16 / 6, target_context=2048, window=81, window_dtype="int8",
                   key_tiers=("nuq2:per_channel:static:channel_lut+outliers1%", "int4:per_token+outliers1%",
                              *_QAQ_KEYS[2:]),
