@@ -73,7 +73,7 @@ VARIANTS |= {f"2: no outliers, recent={w}": Variant(KEYS[2].replace("+outliers1%
                                                     VALUES[2].replace("+outliers1%", ""), recent=w) for w in (0, 16)}
 # static stand-ins for qaq-6x's lowest tiers (which hold nearly every token at 2.67 bits/elem): what a better floor
 # would give, before or after RoPE, with a window of 32 or 64 newest tokens read at model precision (qaq-6x's window
-# held 32 tokens in fp16 when these were chosen; it holds 80 in fp8 now)
+# held 32 tokens in fp16 when these were chosen; it holds 80 in int8 with a scale each now)
 FLOOR_V = "nuq2:per_channel:static:channel_lut:qnorm"
 VARIANTS |= {
     "floor: qaq-6x's codes, after RoPE": Variant(KEYS[2], FLOOR_V, pre_rope=False, recent=32),
