@@ -126,7 +126,9 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; --list names them")
 
     import kvpass
-    from kvpass.calibrate import Calibration, config_hash, fit_recorded, record, token_samples
+    from kvpass.calibration.record import record, token_samples
+    from kvpass.calibration.statics import fit_recorded
+    from kvpass.calibration.store import Calibration, config_hash
     from kvpass.eval.data import adds_bos, load_text, tokenize, windows
     from kvpass.eval.output import add_results_section
     from kvpass.eval.perplexity import kvpass_perplexity

@@ -1,12 +1,14 @@
 """kvpass: low-bit KV caches for LLM inference, applied as a compiler pass."""
 
 from kvpass import formats, ops  # noqa: F401  (ops registers the kvpass:: custom ops)
-from kvpass.calibrate import Calibration, calibrate
-from kvpass.compile import capture_model, compile
+from kvpass.calibration.calibrate import calibrate
+from kvpass.calibration.store import Calibration
+from kvpass.compile import compile
 from kvpass.errors import InputError, KVPassError, SpecError
 from kvpass.lowering import triton as _triton_lowering  # noqa: F401  (the CUDA kernel of kv_attention)
 from kvpass.methods import MethodConfig, get_method, methods, register_method
 from kvpass.model import KVPassModel
+from kvpass.pipeline.capture import capture_model
 
 __version__ = "0.1.0"
 

@@ -1,54 +1,22 @@
-"""``kvpass.compile``: capture -> locate -> plan -> rewrite, returning a :class:`KVPassModel`."""
+"""``kvpass.compile``: the method and its calibration resolved, then the pipeline (:mod:`kvpass.pipeline`)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from pathlib import Path
 
 from torch import nn
 
-from kvpass.capture import Captured, capture_hf, capture_module, is_hf_causal_lm
+from kvpass.calibration.calibrate import calibrate
+from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
-from kvpass.layout import plan
-from kvpass.methods import MethodConfig, get_method
+from kvpass.methods.base import MethodConfig, get_method
 from kvpass.model import KVPassModel
-from kvpass.passes.locate import locate
-from kvpass.passes.rewrite import rewrite
-
-DEFAULT_MAX_CACHE_LEN = 4096
+from kvpass.pipeline.build import build
+from kvpass.pipeline.capture import Captured, capture_model
 
 
-def capture_model(
-    model: nn.Module,
-    *,
-    max_cache_len: int | None = None,
-    batch_size: int = 1,
-    example_inputs: tuple | None = None,
-) -> Captured:
-    """Export one step of ``model`` once, to compile it with several methods (``kvpass.compile(captured, m)``)."""
-    if batch_size < 1:
-        raise KVPassError(f"batch_size must be >= 1, got {batch_size}")
-    model.eval()
-    if example_inputs is None:
-        if not is_hf_causal_lm(model):
-            raise KVPassError(
-                f"{type(model).__name__} is not a transformers causal LM; pass example_inputs=(tokens, positions) "
-                "for a module that holds its own static KV cache buffers"
-            )
-        if max_cache_len is None:
-            limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_CACHE_LEN
-            max_cache_len = min(DEFAULT_MAX_CACHE_LEN, limit)
-        gm, info = capture_hf(model, batch_size, max_cache_len)
-    else:
-        gm, info = capture_module(model, example_inputs)
-    return Captured(gm, info, getattr(model, "config", None), getattr(model, "generation_config", None),
-                    type(model).__name__)
-
-
-def resolve_calibration(calibration, model, config: MethodConfig, tokenizer, captured: Captured):
-    from pathlib import Path
-
-    from kvpass.calibrate import Calibration, calibrate
-
+def resolve_calibration(calibration, model, config: MethodConfig, tokenizer, captured: Captured) -> Calibration | None:
+    """``calibration`` as a checked :class:`Calibration`: loaded from a path, fitted from texts, or as given."""
     if calibration is None:
         if config.needs_calibration:
             raise KVPassError(
@@ -89,25 +57,13 @@ def compile(
     and is exported as it is with ``example_inputs=(tokens [B, T], positions [T], ...)``. ``model`` may also be
     the result of :func:`capture_model`, which skips the export.
     ``attention="load"`` keeps the original attention op over a dequantized cache (for debugging).
+    ``calibration``: a :class:`Calibration`, a path to a saved one, or texts (or token ids) to calibrate on.
     """
     config = get_method(method)
     if prefill_chunk < 1:
         raise KVPassError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-    if isinstance(model, Captured):
-        captured = model
-        gm = captured.instantiate()
-    else:
-        captured = capture_model(model, max_cache_len=max_cache_len, batch_size=batch_size, example_inputs=example_inputs)
-        gm = captured.graph_module
-    sites = locate(gm, captured.name)
+    fresh = not isinstance(model, Captured)
+    captured = capture_model(model, max_cache_len=max_cache_len, batch_size=batch_size,
+                             example_inputs=example_inputs) if fresh else model
     calib = resolve_calibration(calibration, model, config, tokenizer, captured)
-    if config.sensitive_layers:
-        config = replace(config, promoted_layers=calib.promoted_layers)
-    calib_input = calib.as_rewrite_input() if calib else None
-    layouts = plan(sites, config, captured.info.sliding_window, calib_input)
-    rewrite(gm, sites, layouts, attention, pre_rope_keys=config.pre_rope_keys,
-            calibration=calib_input, free_old=not isinstance(model, Captured) and captured.info.kind == "hf",  # the user's module keeps its own
-            overlay=config.overlay, balance=config.balance)
-    chunk = min(prefill_chunk, config.max_chunk or prefill_chunk)
-    return KVPassModel(gm, captured.info, sites, layouts, config, config=captured.config,
-                       generation_config=captured.generation_config, prefill_chunk=chunk)
+    return build(captured, config, calib, attention=attention, prefill_chunk=prefill_chunk, reuse_graph=fresh)

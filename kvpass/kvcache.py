@@ -10,7 +10,7 @@ A cache spec is a format spec plus cache options, written ``"<format>|residual=R
 * ``recent=W`` keeps the newest W tokens at model precision as well, in a ring next to their codes: the query at
   position p reads token j from the ring iff ``p - j < W``.
 
-Caches with a residual or a recent window are written and attended by ``kvpass.recent.kv_recent_attention_``, which
+Caches with a residual or a recent window are written and attended by ``kvpass.ops.recent.kv_recent_attention_``, which
 gives each query of a prompt chunk the tokens it would read exact if the chunk had been decoded token by token.
 
 The buffers are *per-token* tensors, written as tokens arrive (token axis at dim 2, or blocks of R tokens at

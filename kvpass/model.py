@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvpass.capture import CaptureInfo
 from kvpass.errors import KVPassError
-from kvpass.layout import KVLayout
-from kvpass.methods import MethodConfig
-from kvpass.passes.locate import AttentionSite
+from kvpass.methods.base import MethodConfig
+from kvpass.pipeline.capture import CaptureInfo
+from kvpass.pipeline.locate import AttentionSite
+from kvpass.pipeline.plan import KVLayout
 from kvpass.report import CacheReport, build_report
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-from kvpass.layout import KVLayout
+from kvpass.pipeline.plan import KVLayout
 
 
 @dataclass(frozen=True)

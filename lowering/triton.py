@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from kvpass.kvcache import parse_cache_spec
-from kvpass.ops import causal_mask, kv_attention, reference_kv_attention, visible_length
+from kvpass.ops.attention import causal_mask, visible_length
+from kvpass.ops.cache import kv_attention, reference_kv_attention
 
 
 def fused_attention_applies(q: torch.Tensor, k_spec: str, v_spec: str, head_dim: int, v_head_dim: int,

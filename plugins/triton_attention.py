@@ -223,7 +223,7 @@ def _head_dim(packed: dict[str, torch.Tensor], cs: CacheSpec) -> int:
 def reference(q, k, v, k_spec, v_spec, n_tokens, mask, scale) -> torch.Tensor:
     """The same attention through the reference path (dequantize, then SDPA), for checks and benchmarks."""
     from kvpass.kvcache import load
-    from kvpass.ops import reference_attention
+    from kvpass.ops.attention import reference_attention
 
     d, dv = q.shape[-1], _head_dim(v, v_spec)
     kd = load([k["codes"], k["scale"], k["zero"]], [], k_spec, d, k["codes"].shape[2], q.dtype, n_tokens)

@@ -3,10 +3,10 @@ like KIVI (group 64, the last 128 tokens kept at model precision).
 
 HQQ runs at axis 1 (groups of 64 channels of one token, what transformers' documentation recommends for it) with
 the token axis zero-padded to a multiple of 4 before quantizing: hqq 0.2.8 packs int4 codes two groups per byte
-and int2 four, and cannot unpack a tensor whose number of groups is not a multiple of that (SmolLM2's 3 KV heads
-with an odd number of tokens raise a size mismatch). Padded tokens form groups of their own and are cropped after
+and int2 four, and cannot unpack a tensor whose number of groups is not a multiple of that (3 KV heads with an odd
+number of tokens raise a size mismatch). Padded tokens form groups of their own and are cropped after
 dequantizing, so the numbers are those of axis 1; at transformers' default axis 0 a group strides across tokens
-and heads and the peer is far worse (int4 +75% perplexity on SmolLM2) than HQQ can be.
+and heads and the peer is far worse than HQQ can be.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from rich.console import Console
 from tqdm import tqdm
 
 import kvpass
-from kvpass.capture import head_shapes
 from kvpass.errors import KVPassError
 from kvpass.eval import passkey
 from kvpass.eval.data import adds_bos, load_text, tokenize, windows
@@ -20,6 +19,7 @@ from kvpass.eval.peers import PEERS
 from kvpass.eval.perplexity import kvpass_perplexity, quantized_cache_perplexity
 from kvpass.methods import get_method
 from kvpass.models import LoadedModel, load
+from kvpass.pipeline.capture import head_shapes
 
 REFERENCE = "fp16"
 

@@ -90,8 +90,8 @@ def quantize_static_outliers(xv: torch.Tensor, spec: QuantSpec, fmt, sens: torch
                              params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dense-and-sparse against calibrated ranges: every element is coded on its own, so each vector keeps as
     outliers the elements whose coding costs most, ``sens * (x - Q(x))**2`` with ``sens`` the calibrated mean
-    Fisher information of each head and channel (KVQuant's sensitivity; 1 without calibration). Measured on
-    SmolLM2 2-bit keys this beats keeping the values furthest from their channel's centre (a magnitude rule)."""
+    Fisher information of each head and channel (KVQuant's sensitivity; 1 without calibration). On 2-bit keys
+    this beat keeping the values furthest from their channel's centre (a magnitude rule)."""
     dense = fmt.quantize(xv, spec, None, params)
     err = xv.float() - fmt.dequantize(dense, spec, xv.shape[-1]).float()
     score = err.square() if sens is None else err.square() * sens.float()

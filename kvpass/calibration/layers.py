@@ -1,0 +1,57 @@
+"""Which layers' caches the model is most sensitive to: the language-model loss on calibration windows with one
+layer's cache quantized at a time (every other layer at model precision), relative to the unquantized cache.
+
+KVQuant's Fisher-weighted reconstruction error ranks coding error within a layer well, but across layers it
+can miss the layer that costs the model most; measuring the loss itself finds it (docs/methods/kvquant.md).
+It takes one compile and one forward per layer and window, through the same packed cache and fused attention that
+inference uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from kvpass.calibration.store import Calibration
+from kvpass.eval.perplexity import kvpass_perplexity
+from kvpass.methods.base import MethodConfig, get_method
+from kvpass.pipeline.build import build
+from kvpass.pipeline.capture import capture_model
+
+WINDOWS = 2  # calibration samples the loss is measured on
+TOKENS = 1024  # of each, the first TOKENS (the ranking needs a few thousand scored tokens, not the whole set)
+
+
+@torch.no_grad()
+def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calibration: Calibration,
+                 layers: list[int], captured=None) -> dict[int, float]:
+    """Per layer in ``layers`` (every quantized layer of the model): the relative change of the calibration
+    windows' perplexity when only that layer's cache is coded with ``method`` (its static tensors from
+    ``calibration``), against the model-precision cache. ``captured`` is reused when its cache is as long as the
+    windows (an export is the slowest step)."""
+    windows = [s[:TOKENS] for s in samples[:WINDOWS]]
+    n = max(len(w) for w in windows)
+    if captured is None or captured.info.max_cache_len != n:
+        captured = capture_model(model, max_cache_len=n, batch_size=1)
+    ref = kvpass_perplexity(build(captured, get_method("fp16"), prefill_chunk=n), windows, desc="fp16").nll
+    every = set(layers) | set(method.full_precision_layers)
+    out = {}
+    for layer in tqdm(layers, desc="layer sensitivity", unit="layer"):
+        alone = replace(method, sensitive_layers=0, promoted_layers=(),
+                        full_precision_layers=tuple(sorted(every - {layer})))
+        nll = kvpass_perplexity(build(captured, alone, calibration, prefill_chunk=n), windows,
+                                desc=f"layer {layer}").nll
+        out[layer] = float(torch.tensor(nll - ref).exp() - 1)
+    return out
+
+
+def most_sensitive(losses: dict[int, float], count: int) -> tuple[int, ...]:
+    """The ``count`` layers with the largest loss increase, in layer order (a NaN loss, a layer whose coding breaks
+    the model, counts as the largest)."""
+    def cost(layer: int) -> float:
+        return math.inf if math.isnan(losses[layer]) else losses[layer]
+
+    return tuple(sorted(sorted(losses, key=lambda layer: (-cost(layer), layer))[:count]))

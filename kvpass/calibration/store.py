@@ -1,0 +1,84 @@
+"""The fitted static tensors of one method for one model, saved to safetensors + JSON with a hash of the
+model's config, checked when loaded into a compile."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvpass.errors import KVPassError
+from kvpass.methods.base import MethodConfig
+
+
+def config_hash(model) -> str:
+    """A hash of what makes a calibration valid for a model: its config (transformers) or parameter shapes.
+    ``model`` may also be a config."""
+    config = model if hasattr(model, "to_dict") and not isinstance(model, torch.nn.Module) else getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        data = {k: v for k, v in config.to_dict().items()
+                if k not in ("transformers_version", "_name_or_path", "name_or_path", "quantization_config",
+                             "_attn_implementation_autoset", "dtype", "torch_dtype", "architectures")}
+    else:
+        data = {n: list(p.shape) for n, p in model.named_parameters()}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Calibration:
+    """Static tensors per layer (``"{layer}.k.lut"``, ``"{layer}.v.lo"``...) for one method and one model."""
+
+    method: str
+    model_hash: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def for_layer(self, layer: int, which: str) -> dict[str, torch.Tensor]:
+        prefix = f"{layer}.{which}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def as_rewrite_input(self) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+        layers = {int(k.split(".")[0]) for k in self.tensors}
+        return {(i, w): self.for_layer(i, w) for i in layers for w in ("k", "v") if self.for_layer(i, w)}
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` and ``path.json``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".json").write_text(json.dumps(
+            {"method": self.method, "model_hash": self.model_hash, "meta": self.meta}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not meta_path.exists() or not tensor_path.exists():
+            raise KVPassError(f"no calibration at {path}: expected {meta_path.name} and {tensor_path.name}")
+        meta = json.loads(meta_path.read_text())
+        return cls(meta["method"], meta["model_hash"], load_file(str(tensor_path)), meta.get("meta", {}))
+
+    @property
+    def promoted_layers(self) -> tuple[int, ...]:
+        """The layers chosen as the most sensitive (stored in the method's ``sensitive_spec``)."""
+        return tuple(self.meta.get("promoted_layers", ()))
+
+    def check(self, model, method: MethodConfig) -> None:
+        if self.method != method.name:
+            raise KVPassError(f"this calibration is for method {self.method!r}, not {method.name!r}; calibrate with "
+                              f"kvpass.calibrate(model, texts, method={method.name!r})")
+        if len(self.promoted_layers) != method.sensitive_layers:
+            raise KVPassError(f"this calibration chose {len(self.promoted_layers)} sensitive layers, method "
+                              f"{method.name!r} keeps {method.sensitive_layers}; calibrate again with this method")
+        if model is not None and config_hash(model) != self.model_hash:  # a model or its config
+            raise KVPassError(
+                f"this calibration was made for another model (config hash {self.model_hash}, this model "
+                f"{config_hash(model)}); calibrate this model with kvpass.calibrate(model, texts, method=...)"
+            )

@@ -1,0 +1,147 @@
+"""Methods: named presets that say how keys and values are stored. A frozen :class:`MethodConfig` per method
+and a registry that maps a name to it; each method family registers its presets in its own module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvpass.errors import KVPassError
+from kvpass.formats import QuantSpec
+from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
+from kvpass.methods.overlay.config import OverlayConfig, balance_nbytes, overlay_nbytes
+from kvpass.methods.qaq.config import QAQConfig, fixed_nbytes
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """How one method stores the cache. ``key``/``value`` are cache spec strings (:mod:`kvpass.kvcache`); a
+    per-token group larger than (or not dividing) the head dimension falls back to one group per head vector.
+    ``pre_rope_keys`` stores keys before rotary embedding and applies it at read time (KVQuant)."""
+
+    name: str
+    description: str
+    key: str
+    value: str
+    pre_rope_keys: bool = False
+    overlay: OverlayConfig | None = None
+    max_chunk: int | None = None  # prompts are written at most this many tokens per call
+    balance: bool = False  # MiKV's query/key channel balancer (set from the first chunk of each sequence)
+    qaq: QAQConfig | None = None  # per-token bits in tiers (kvpass.methods.qaq); ``key``/``value`` are then unused
+    full_precision_layers: tuple[int, ...] = ()  # layers whose cache stays at model precision (counted as such)
+    # The ``sensitive_layers`` layers whose quantization alone costs the most language-model loss on the calibration
+    # data store keys and values as ``sensitive_spec`` instead; the calibration chooses them (kvpass.calibration.layers) and
+    # the build fills ``promoted_layers`` from it. The default has outliers: a few outlier channels set each token's
+    # range in plain int8 (docs/methods/kvquant.md)
+    sensitive_layers: int = 0
+    sensitive_spec: str = "int8:per_token+outliers1%|sink=1"
+    promoted_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field_name in ("full_precision_layers", "sensitive_layers", "promoted_layers"):
+            if getattr(self, field_name) and (self.qaq is not None or self.overlay is not None):
+                raise KVPassError(f"method {self.name!r}: {field_name} applies to one key and one value spec; QAQ "
+                                  "tiers and overlays hold every layer in their own format")
+        for field_name in ("full_precision_layers", "promoted_layers"):
+            if any(i < 0 for i in getattr(self, field_name)):
+                raise KVPassError(f"method {self.name!r}: {field_name} must be layer indices >= 0, got "
+                                  f"{getattr(self, field_name)}")
+        if self.sensitive_layers < 0:
+            raise KVPassError(f"method {self.name!r}: sensitive_layers must be >= 0, got {self.sensitive_layers}")
+        parse_cache_spec(self.sensitive_spec)  # a bad spec is an error at definition, not at the first compile
+        if self.overlay is not None and any(parse_cache_spec(s).recent for s in (self.key, self.value)):
+            raise KVPassError(f"method {self.name!r}: a recent=W window is read by kv_recent_attention_, which an "
+                              "overlay does not use; give the overlay its `recent` tokens instead")
+
+    def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+        """The keys' spec (of ``layer``: model precision for ``full_precision_layers``, ``sensitive_spec`` for
+        ``promoted_layers``)."""
+        return self._layer_spec(self.key, head_dim, layer)
+
+    def value_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+        """The values' spec (of ``layer``, as :meth:`key_spec`)."""
+        return self._layer_spec(self.value, head_dim, layer)
+
+    def _layer_spec(self, text: str, head_dim: int, layer: int | None) -> CacheSpec:
+        if layer in self.full_precision_layers:
+            return parse_cache_spec("none")
+        if layer in self.promoted_layers:
+            text = self.sensitive_spec
+        return fit_group(parse_cache_spec(text), head_dim)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Keys or values coded against calibrated ranges, QAQ's tier capacities or sensitive layers to choose:
+        compiling without a calibration is an error."""
+        return (self.qaq is not None or self.sensitive_layers > 0
+                or any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value)))
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Anything fitted on calibration data (ranges, nuq LUTs, QAQ's eps and tier shares, sensitive layers);
+        without it a nuq LUT falls back to NormalFloat."""
+        return (self.qaq is not None or self.sensitive_layers > 0
+                or any(static_names(parse_cache_spec(s)) for s in (self.key, self.value)))
+
+    @property
+    def keeps_low_precision(self) -> bool:
+        return self.qaq is None and (self.overlay is None or not self.overlay.evict)
+
+    def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
+        """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included (of a
+        quantized layer: ``full_precision_layers`` are not in it)."""
+        elements = 2 * tokens * head_dim
+        if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
+            fixed = sum(fixed_nbytes(self.qaq, head_dim, w, torch.float16) for w in "kv")
+            per_token = self.qaq.target_bits or float("nan")
+            if self.qaq.target_context:
+                per_token -= 8.0 * fixed / (2 * self.qaq.target_context * head_dim)
+            retained = 16.0 if self.qaq.retain else 0.0  # the model-precision copy of every token (fp16 here)
+            return per_token + retained + 8.0 * fixed / elements
+        total = 0.0
+        if self.keeps_low_precision:
+            total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
+                         for s in (self.key_spec(head_dim), self.value_spec(head_dim)))
+        if self.overlay is not None:
+            total += overlay_nbytes(self.overlay, 1, 1, tokens, head_dim, head_dim, torch.float16)
+        if self.balance:
+            total += balance_nbytes(1, 1, head_dim)
+        return 8.0 * total / elements
+
+
+def fit_group(cs: CacheSpec, head_dim: int) -> CacheSpec:
+    spec: QuantSpec = cs.format
+    if spec.granularity == "per_token" and spec.group is not None and (spec.group > head_dim or head_dim % spec.group):
+        return replace(cs, format=spec.with_(group=None))
+    return cs
+
+
+_METHODS: dict[str, MethodConfig] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(config: MethodConfig, *aliases: str) -> MethodConfig:
+    _METHODS[config.name] = config
+    for alias in aliases:
+        _ALIASES[alias] = config.name
+    return config
+
+
+def get_method(name: str | MethodConfig) -> MethodConfig:
+    """The registered method called ``name``; a clear error listing the valid names otherwise."""
+    if isinstance(name, MethodConfig):
+        return name
+    key = _ALIASES.get(name, name)
+    if key not in _METHODS:
+        valid = ", ".join(sorted(_METHODS) + sorted(_ALIASES))
+        raise KVPassError(f"unknown method {name!r}; valid methods: {valid} (see kvpass.methods())")
+    return _METHODS[key]
+
+
+def methods() -> dict[str, str]:
+    """Every registered method: name -> one-line description with its nominal bits per element."""
+    return {
+        name: f"{m.description} (~{m.nominal_bits():.2f} bits/elem at head_dim 128, 4096 tokens, fp16 model)"
+        for name, m in sorted(_METHODS.items())
+    }

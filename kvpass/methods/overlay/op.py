@@ -1,0 +1,155 @@
+"""Importance overlay: a fixed number of tokens per KV head kept at high precision, chosen by attention.
+
+MiKV keeps every token in low precision and overlays the important ones in high precision; H2O and
+StreamingLLM keep *only* the overlay and evict the rest. One mechanism serves all three:
+
+* ``kv_overlay_store_`` puts each new token into the overlay (``C`` entries per head: K, V and the cache slot
+  each entry holds, stored as slot + 1 so that 0 means empty), evicting the entry with the lowest accumulated attention (``by_score``, H2O/MiKV) or the
+  oldest one (StreamingLLM), never one of the first ``sink`` tokens or of the ``recent`` newest ones.
+* ``kv_overlay_attention_`` attends over the low-precision cache with the overlay's rows substituted (or over the
+  overlay alone when ``evict``), and adds the attention mass each token received to its score.
+
+Prompts are written in chunks (the method's ``max_chunk``), so heavy hitters are chosen from the attention the
+tokens received so far, as H2O does when it streams a prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpass import kvcache
+from kvpass.ops.attention import attention_mass, reference_attention, visible_length
+
+
+def insert(ov_slot: torch.Tensor, score: torch.Tensor, position: int, recent: int, sink: int, by_score: bool) -> torch.Tensor:
+    """The overlay entry ``[B, H]`` each head gives to a token arriving at ``position``: a free entry, else the
+    one with the lowest score (``by_score``) or the oldest, sparing the first ``sink`` tokens and the ``recent``
+    newest; when every entry is spared, the oldest non-sink entry."""
+    slots = ov_slot.long() - 1  # the buffer holds slot + 1, so that a zeroed overlay is an empty one
+    free = slots < 0
+    pinned = ~free & (slots < sink)
+    spared = pinned | (slots >= position - recent)
+    key = score.gather(-1, slots.clamp_min(0)) if by_score else slots.to(score.dtype)
+    key = key.masked_fill(spared, float("inf")).masked_fill(free, float("-inf"))
+    choice = key.argmin(-1)
+    stuck = key.gather(-1, choice[..., None]).squeeze(-1) == float("inf")
+    oldest = slots.to(score.dtype).masked_fill(pinned, float("inf")).argmin(-1)
+    return torch.where(stuck, oldest, choice)
+
+
+@torch.library.custom_op("kvpass::kv_overlay_store_", mutates_args=("ov_k", "ov_v", "ov_slot", "score"))
+def kv_overlay_store_(
+    ov_k: torch.Tensor,
+    ov_v: torch.Tensor,
+    ov_slot: torch.Tensor,
+    score: torch.Tensor,
+    new_k: torch.Tensor,
+    new_v: torch.Tensor,
+    positions: torch.Tensor,
+    recent: int,
+    sink: int,
+    by_score: bool,
+) -> None:
+    """Place new tokens ``[B, H, T, D]`` at ``positions`` into the overlay, evicting by score or age."""
+    b, h = ov_slot.shape[:2]
+    for t, p in enumerate(positions.tolist()):
+        # a slot being (re)written starts afresh: drop any entry still holding it and zero its score
+        ov_slot.masked_fill_(ov_slot == p + 1, 0)
+        score[:, :, p] = 0
+        entry = insert(ov_slot, score, p, recent, sink, by_score)  # [B, H]
+        idx = entry[..., None]
+        ov_slot.scatter_(-1, idx, torch.full_like(idx, p + 1, dtype=ov_slot.dtype))
+        ov_k.scatter_(2, idx[..., None].expand(b, h, 1, ov_k.shape[-1]), new_k[:, :, t:t + 1].to(ov_k.dtype))
+        ov_v.scatter_(2, idx[..., None].expand(b, h, 1, ov_v.shape[-1]), new_v[:, :, t:t + 1].to(ov_v.dtype))
+
+
+@kv_overlay_store_.register_fake
+def _(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score) -> None:
+    return None
+
+
+def with_overlay(dense: torch.Tensor | None, ov: torch.Tensor, ov_slot: torch.Tensor, n: int, dtype) -> torch.Tensor:
+    """``dense`` ``[B, H, n, D]`` (zeros when None) with the overlay's rows written at their slots."""
+    b, h, _, d = ov.shape
+    out = torch.zeros(b, h, n, d, dtype=dtype, device=ov.device) if dense is None else dense.clone()
+    slots = ov_slot.long() - 1
+    valid = (slots >= 0) & (slots < n)
+    target = torch.where(valid, slots, torch.full_like(slots, n))  # invalid entries go to a scratch row
+    padded = torch.cat([out, out.new_zeros(b, h, 1, d)], dim=2)
+    padded.scatter_(2, target[..., None].expand(b, h, -1, d), ov.to(dtype))
+    return padded[:, :, :n]
+
+
+@torch.library.custom_op("kvpass::kv_overlay_attention_", mutates_args=("score",))
+def kv_overlay_attention_(
+    q: torch.Tensor,
+    k_cache: list[torch.Tensor],
+    k_static: list[torch.Tensor],
+    v_cache: list[torch.Tensor],
+    v_static: list[torch.Tensor],
+    k_spec: str,
+    v_spec: str,
+    max_len: int,
+    mask: torch.Tensor | None,
+    q_positions: torch.Tensor | None,
+    scale: float,
+    ov_k: torch.Tensor,
+    ov_v: torch.Tensor,
+    ov_slot: torch.Tensor,
+    score: torch.Tensor,
+    evict: bool,
+    accumulate: bool,
+) -> torch.Tensor:
+    """Attention over the low-precision cache with the overlay substituted (only the overlay if ``evict``);
+    adds each token's attention mass to ``score`` when ``accumulate``."""
+    n = visible_length(mask, q_positions, max_len)
+    dk, dv = ov_k.shape[-1], ov_v.shape[-1]
+    k = None if evict else kvcache.load(k_cache, k_static, kvcache.parse_cache_spec(k_spec), dk, max_len, q.dtype, n)
+    v = None if evict else kvcache.load(v_cache, v_static, kvcache.parse_cache_spec(v_spec), dv, max_len, q.dtype, n)
+    k, v = with_overlay(k, ov_k, ov_slot, n, q.dtype), with_overlay(v, ov_v, ov_slot, n, q.dtype)
+    if mask is not None:
+        mask = mask[..., :n]
+    if evict:
+        b, hkv = ov_slot.shape[:2]
+        present = torch.zeros(b, hkv, n + 1, dtype=torch.bool, device=q.device)
+        slots = ov_slot.long() - 1
+        present.scatter_(-1, torch.where((slots >= 0) & (slots < n), slots, torch.full_like(slots, n)), True)
+        present = present[..., :n].repeat_interleave(q.shape[1] // hkv, dim=1)[:, :, None, :]  # [B, Hq, 1, n]
+        if mask is None and q_positions is not None:
+            mask = torch.arange(n, device=q.device)[None, :] <= q_positions[:, None]
+        allowed = present if mask is None else (mask if mask.dtype == torch.bool else mask > float("-inf")) & present
+        mask = allowed if mask is None or mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
+    out, mass = reference_attention(q, k, v, mask, q_positions, scale, accumulate)
+    if accumulate:
+        score[:, :, :n] += mass
+    return out.contiguous()
+
+
+@kv_overlay_attention_.register_fake
+def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, max_len, mask, q_positions, scale, ov_k, ov_v, ov_slot,
+      score, evict, accumulate):
+    b, hq, t, _ = q.shape
+    return q.new_empty((b, hq, t, ov_v.shape[-1]))
+
+
+@torch.library.custom_op("kvpass::kv_balance_", mutates_args=("scale",))
+def kv_balance_(scale: torch.Tensor, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+    """MiKV's query/key channel balancer: on the first chunk of a sequence (position 0), set
+    ``scale[b, h, 0, c] = sqrt(max|K_c| / max|Q_c|)`` over the chunk (queries of the head's GQA group). Keys are
+    stored divided by it and queries multiplied by it, so ``q . k`` is unchanged while the keys' outlier channels
+    shrink before quantization."""
+    if int(positions[0]) != 0:
+        return
+    b, hkv = k.shape[:2]
+    kmax = k.abs().amax(dim=2, keepdim=True).float()  # [B, Hkv, 1, D]
+    qmax = q.abs().reshape(b, hkv, -1, q.shape[-1]).amax(dim=2, keepdim=True).float()
+    ratio = torch.where((kmax > 0) & (qmax > 0), kmax / qmax.clamp_min(1e-12), torch.ones_like(kmax))
+    scale.copy_(ratio.sqrt().clamp(1e-2, 1e2).to(scale.dtype))
+
+
+@kv_balance_.register_fake
+def _(scale, q, k, positions) -> None:
+    return None
+
+
+__all__ = ["attention_mass", "kv_balance_", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]

@@ -1,0 +1,116 @@
+"""QAQ's calibration: each token's formula numerators from recorded queries, keys and values, the eps that
+meets the target bits, and each tier's share of tokens."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from kvpass.calibration.statics import fit_statics
+from kvpass.errors import KVPassError
+from kvpass.kvcache import parse_cache_spec, static_names
+from kvpass.methods.qaq.config import QAQConfig, fixed_nbytes, map_bits, tier_cost
+from kvpass.methods.qaq.formulas import bits_for, key_numerator, quantile_norm, to_tier, token_range, value_numerator
+from kvpass.ops.attention import attention_probs
+
+
+def sensitivities(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config: QAQConfig,
+                  stored_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one sequence of one layer (``q`` ``[Hq, T, D]``, ``k``/``v`` ``[Hkv, T, D]``, after RoPE): the
+    numerators ``a`` of the key and value formulas (``bits = ceil(log2(1 + a / eps))``) of every token ``[Hkv, T]``,
+    as the op computes them when the token leaves the window. ``stored_k``: the keys as stored (before RoPE), whose
+    ranges the key formula takes; ``k`` by default."""
+    hq, t, d = q.shape
+    hkv = k.shape[0]
+    groups = hq // hkv
+    probs = attention_probs(q, k, None, torch.arange(t), scale)  # [Hq, T, T]
+    alpha = torch.zeros(hq, t)
+    for o in range(config.window):  # query i + o attending token i
+        diag = torch.diagonal(probs, offset=-o, dim1=-2, dim2=-1)  # [Hq, T - o]
+        alpha[:, :t - o] = torch.maximum(alpha[:, :t - o], diag)
+    alpha = alpha.reshape(hkv, groups, t).amax(1)
+    logn = q.float().norm(dim=-1).clamp_min(1e-6).log().reshape(hkv, groups, t)
+    # the query statistics the op holds when token i is decided: queries up to i + window - 1
+    cum = lambda x: x.sum(1).cumsum(-1)
+    stats = torch.stack([cum(torch.ones_like(logn)), cum(logn), cum(logn**2)], -1)  # [Hkv, T, 3]
+    at = torch.clamp(torch.arange(t) + config.window - 1, max=t - 1)
+    qn = quantile_norm(stats[:, at], config.quantile)
+    stored_k = k if stored_k is None else stored_k
+    return key_numerator(alpha, token_range(stored_k), qn, d), value_numerator(alpha, token_range(v))
+
+
+def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:
+    return to_tier(bits_for(num, eps), tiers)
+
+
+def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
+          dtype: torch.dtype = torch.float16, shared_bits: float = 0.0) -> float:
+    """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
+    eps; the average falls as eps grows); with ``target_context`` the fixed bytes of a head's cache (at the model's
+    ``dtype``) are taken off the target first. ``shared_bits``: bits per element of what the cache holds once for
+    every layer (the position id of each slot when keys are stored before RoPE), also taken off."""
+    ck, cv = tier_cost(config, dk, which="k"), tier_cost(config, dv, which="v")
+    nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
+    bits = config.tier_bits
+
+    def average(eps: float) -> float:
+        return float((ck[tier_of(nk, eps, bits)].mean() * dk + cv[tier_of(nv, eps, bits)].mean() * dv) / (dk + dv))
+
+    target = config.target_bits - shared_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
+    if config.target_context:
+        fixed = fixed_nbytes(config, dk, "k", dtype) + fixed_nbytes(config, dv, "v", dtype)
+        target -= 8.0 * fixed / (config.target_context * (dk + dv))
+    lowest, highest = average(1e30), average(1e-30)
+    if not lowest <= target <= highest:
+        raise KVPassError(
+            f"QAQ target_bits={config.target_bits} is outside what these tiers can average: "
+            f"{lowest + config.target_bits - target:.2f} to {highest + config.target_bits - target:.2f} bits per element "
+            f"(tier map included{', window and calibrated tensors at target_context' if config.target_context else ''}"
+            "); choose a target in that range or other tiers")
+    lo, hi = -30.0, 30.0  # log10 eps
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if average(10**mid) < target else (mid, hi)
+    return 10**hi
+
+
+def shares(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tensor:
+    """Fraction of tokens in each tier at ``eps``."""
+    counts = torch.bincount(tier_of(num.reshape(-1), eps, tiers), minlength=len(tiers)).float()
+    return counts / counts.sum()
+
+
+def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0,
+            dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], float]:
+    """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
+    for keys and values, and the calibrated tensors (ranges, LUTs) of the key and value tiers that have them."""
+    nums = {}
+    for layer in layers:
+        scale = float(acts[f"{layer}.scale"][0])
+        rotated = acts.get(f"{layer}.k_rope", acts[f"{layer}.k"])  # what attends (keys may be stored before RoPE)
+        pairs = [sensitivities(q, k_rope, v, scale, config, stored_k=k)
+                 for q, k_rope, k, v in zip(acts[f"{layer}.q"], rotated, acts[f"{layer}.k"], acts[f"{layer}.v"])]
+        nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
+    hkv, _, dk = acts[f"{layers[0]}.k"][0].shape
+    dv = acts[f"{layers[0]}.v"][0].shape[-1]
+    # keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.passes.rope)
+    shared = 32.0 / (len(layers) * hkv * (dk + dv)) if f"{layers[0]}.k_rope" in acts else 0.0
+    eps = config.eps or solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype,
+                                  shared)
+    tensors = {}
+    for layer, (nk, nv) in nums.items():
+        for which, num in (("k", nk), ("v", nv)):
+            tensors[f"{layer}.{which}.tier_share"] = shares(num, eps, config.tier_bits)
+            tensors[f"{layer}.{which}.eps"] = torch.tensor(eps, dtype=torch.float64)
+        for which in "kv":
+            for t, tier in enumerate(config.tiers_for(which)):
+                cs = parse_cache_spec(tier)
+                if not static_names(cs):
+                    continue
+                # every token, the first left out (sink=1 only trims it from the fit): its keys are often far
+                # outside the others' ranges, and the sink is stored in the highest tier anyway
+                act, fisher = torch.stack(acts[f"{layer}.{which}"]), torch.stack(acts[f"{layer}.{which}.fisher"])
+                for name, x in fit_statics(replace(cs, sink=1), act, fisher, seed).items():
+                    tensors[f"{layer}.{which}.t{t}_{name}"] = x.contiguous()
+    return tensors, eps

@@ -1,0 +1,36 @@
+"""The stages in order on a captured program: locate -> plan -> rewrite, returning a :class:`KVPassModel`.
+:func:`kvpass.compile` and the calibration's layer ranking both call :func:`build`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from kvpass.calibration.store import Calibration
+from kvpass.errors import KVPassError
+from kvpass.methods.base import MethodConfig
+from kvpass.model import KVPassModel
+from kvpass.pipeline.capture import Captured
+from kvpass.pipeline.locate import locate
+from kvpass.pipeline.plan import plan
+from kvpass.pipeline.rewrite import rewrite
+
+
+def build(captured: Captured, method: MethodConfig, calibration: Calibration | None = None, *,
+          attention: str = "fused", prefill_chunk: int = 512, reuse_graph: bool = False) -> KVPassModel:
+    """Rewrite a copy of ``captured``'s program onto ``method``'s packed caches (with ``reuse_graph``, the captured
+    program itself, whose full-precision cache buffers are then freed when it wrapped a transformers model).
+    ``calibration`` must already be checked against the model and method."""
+    if prefill_chunk < 1:
+        raise KVPassError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    gm = captured.graph_module if reuse_graph else captured.instantiate()
+    sites = locate(gm, captured.name)
+    if method.sensitive_layers:
+        method = replace(method, promoted_layers=calibration.promoted_layers)
+    calib_input = calibration.as_rewrite_input() if calibration else None
+    layouts = plan(sites, method, captured.info.sliding_window, calib_input)
+    rewrite(gm, sites, layouts, attention, pre_rope_keys=method.pre_rope_keys, calibration=calib_input,
+            free_old=reuse_graph and captured.info.kind == "hf",  # the user's own module keeps its buffers
+            overlay=method.overlay, balance=method.balance)
+    chunk = min(prefill_chunk, method.max_chunk or prefill_chunk)
+    return KVPassModel(gm, captured.info, sites, layouts, method, config=captured.config,
+                       generation_config=captured.generation_config, prefill_chunk=chunk)

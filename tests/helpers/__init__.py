@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models built in code, a plain PyTorch decoder, prompts and reference generation."""
