@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kvpass.errors import KVPassError
-from kvpass.methods.base import MethodConfig
 from kvpass.pipeline.capture import CaptureInfo
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
 from kvpass.report import CacheReport, build_report
+
+if TYPE_CHECKING:
+    from kvpass.methods.base import MethodConfig
 
 
 class KVPassModel(nn.Module):
@@ -255,4 +257,4 @@ class KVPassModel(nn.Module):
     def cache_report(self) -> CacheReport:
         """Bytes of every cache buffer, bits per element and the full-precision bytes replaced, per layer."""
         dense = str(self.sites[0].dtype).replace("torch.", "") if self.sites else "float16"
-        return build_report(self.method.name, self.layouts, dict(self.graph_module.named_buffers()), dense)
+        return build_report(self.method, self.layouts, dict(self.graph_module.named_buffers()), dense)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
+from kvpass.pipeline.handler import handler_for
 from kvpass.pipeline.plan import KVLayout
+
+if TYPE_CHECKING:
+    from kvpass.methods.base import MethodConfig
 
 
 @dataclass(frozen=True)
@@ -92,19 +97,15 @@ def _row_key(layer: LayerReport) -> tuple:
     return layer.key_spec, layer.value_spec, layer.nbytes, layer.dense_nbytes, layer.sliding_window
 
 
-def build_report(method: str, layouts: list[KVLayout], buffers: dict[str, object], dense_dtype: str) -> CacheReport:
-    """Bytes per layer from the real buffers named ``kvpass_cache_{layer}_...``."""
+def build_report(method: MethodConfig, layouts: list[KVLayout], buffers: dict[str, object], dense_dtype: str) -> CacheReport:
+    """Bytes per layer from the real buffers named ``kvpass_cache_{layer}_...``, described by the method's handler."""
+    handler = handler_for(method)
     layers = []
     for layout in layouts:
         prefix = f"kvpass_cache_{layout.layer}_"
         mine = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith(prefix)}
-        k, v = layout.key, layout.value
-        kspec, vspec = ("evicted", "evicted") if k is None else (str(k.spec), str(v.spec))
-        if layout.tiers is not None:
-            kspec, vspec = (t.describe() for t in layout.tiers)
-        if layout.overlay_nbytes:
-            kspec, vspec = kspec + " + overlay", vspec + " + overlay"
+        kspec, vspec = handler.describe(layout)
         layers.append(LayerReport(layout.layer, kspec, vspec, mine, sum(mine.values()), layout.dense_nbytes,
                                   layout.elements, layout.sliding_window))
     shared = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith("kvpass_rope_")}
-    return CacheReport(method, layers, dense_dtype, shared)
+    return CacheReport(method.name, layers, dense_dtype, shared)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from kvpass.calibration.store import Calibration
 from kvpass.eval.perplexity import kvpass_perplexity
-from kvpass.methods.base import MethodConfig, get_method
 from kvpass.pipeline.build import build
 from kvpass.pipeline.capture import capture_model
+
+if TYPE_CHECKING:
+    from kvpass.methods.base import MethodConfig
 
 WINDOWS = 2  # calibration samples the loss is measured on
 TOKENS = 1024  # of each, the first TOKENS (the ranking needs a few thousand scored tokens, not the whole set)
@@ -36,7 +39,7 @@ def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calib
     n = max(len(w) for w in windows)
     if captured is None or captured.info.max_cache_len != n:
         captured = capture_model(model, max_cache_len=n, batch_size=1)
-    ref = kvpass_perplexity(build(captured, get_method("fp16"), prefill_chunk=n), windows, desc="fp16").nll
+    ref = kvpass_perplexity(build(captured, model_precision(method), prefill_chunk=n), windows, desc="fp16").nll
     every = set(layers) | set(method.full_precision_layers)
     out = {}
     for layer in tqdm(layers, desc="layer sensitivity", unit="layer"):
@@ -46,6 +49,12 @@ def layer_losses(model, samples: list[torch.Tensor], method: MethodConfig, calib
                                 desc=f"layer {layer}").nll
         out[layer] = float(torch.tensor(nll - ref).exp() - 1)
     return out
+
+
+def model_precision(method: MethodConfig) -> MethodConfig:
+    """``method`` with keys and values at model precision: the reference the layers' losses are measured from."""
+    return replace(method, name=f"{method.name} at model precision", key="none", value="none", pre_rope_keys=False,
+                   sensitive_layers=0, promoted_layers=(), full_precision_layers=(), max_chunk=None)
 
 
 def most_sensitive(losses: dict[int, float], count: int) -> tuple[int, ...]:

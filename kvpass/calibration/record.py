@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from kvpass.errors import InputError, KVPassError
-from kvpass.kvcache import parse_cache_spec, static_names
 from kvpass.methods.base import MethodConfig
 from kvpass.pipeline.capture import capture_model, example_hf_inputs
+from kvpass.pipeline.handler import handler_for
 from kvpass.pipeline.locate import locate
 
 
@@ -57,8 +57,8 @@ class Recorder(torch.fx.Interpreter):
 
 
 def record(model, samples: list[torch.Tensor], method: MethodConfig, captured=None) -> dict[str, list[torch.Tensor]]:
-    """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For QAQ,
-    queries, keys and values (keys also after RoPE, as ``k_rope``, when the method stores them before it),
+    """Per layer and k/v: activations ``[H, T, D]`` and their squared loss gradients, for every sample. For a method
+    whose handler asks for them (QAQ), queries, keys and values (keys also after RoPE, as ``k_rope``, when the method stores them before it),
     gradients only where tiers have calibrated tensors to fit; and each
     layer's softmax scale. ``captured``: the model exported with a cache of the samples' length (else exported
     here)."""
@@ -67,14 +67,13 @@ def record(model, samples: list[torch.Tensor], method: MethodConfig, captured=No
     gm = captured.instantiate()
     sites = locate(gm, captured.name)
     wanted = {}
-    with_grads = method.qaq is None or any(static_names(parse_cache_spec(t))
-                                           for which in "kv" for t in method.qaq.tiers_for(which))
+    with_queries, with_grads = handler_for(method).recording(method)
     for s in sites:
         key = s.rope.pre if method.pre_rope_keys and s.rope is not None else s.key.new
         wanted[key], wanted[s.value.new] = f"{s.index}.k", f"{s.index}.v"
-        if method.qaq is not None:
+        if with_queries:
             wanted[s.query] = f"{s.index}.q"
-            if key is not s.key.new:  # keys stored before RoPE: QAQ's attention needs them rotated too
+            if key is not s.key.new:  # keys stored before RoPE: the attention needs them rotated too
                 wanted[s.key.new] = f"{s.index}.k_rope"
     out: dict[str, list[torch.Tensor]] = {f"{s.index}.scale": [torch.tensor(s.scale)] for s in sites}
     _, _, mask, _ = example_hf_inputs(1, seq_len, model.device, seq_len)

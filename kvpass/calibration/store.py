@@ -7,11 +7,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvpass.errors import KVPassError
-from kvpass.methods.base import MethodConfig
+
+if TYPE_CHECKING:
+    from kvpass.methods.base import MethodConfig
 
 
 def config_hash(model) -> str:

@@ -6,9 +6,9 @@ StreamingLLM)."""
 from kvpass.methods import baselines, kivi, kvquant  # noqa: F401  (register their presets)
 from kvpass.methods.base import MethodConfig, fit_group, get_method, methods, register_method
 from kvpass.methods.overlay import presets as _overlay_presets  # noqa: F401
-from kvpass.methods.overlay.config import OverlayConfig, balance_nbytes, overlay_nbytes
+from kvpass.methods.overlay.config import OverlayConfig, overlay_nbytes
 from kvpass.methods.qaq import presets as _qaq_presets  # noqa: F401
 from kvpass.methods.qaq.config import QAQConfig
 
-__all__ = ["MethodConfig", "OverlayConfig", "QAQConfig", "balance_nbytes", "fit_group", "get_method", "methods",
+__all__ = ["MethodConfig", "OverlayConfig", "QAQConfig", "fit_group", "get_method", "methods",
            "overlay_nbytes", "register_method"]

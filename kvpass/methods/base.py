@@ -4,14 +4,17 @@ and a registry that maps a name to it; each method family registers its presets 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvpass.errors import KVPassError
 from kvpass.formats import QuantSpec
-from kvpass.kvcache import CacheLayout, CacheSpec, needs_calibration, parse_cache_spec, static_names
-from kvpass.methods.overlay.config import OverlayConfig, balance_nbytes, overlay_nbytes
-from kvpass.methods.qaq.config import QAQConfig, fixed_nbytes
+from kvpass.kvcache import CacheSpec, parse_cache_spec
+from kvpass.ops.balance import balance_nbytes
+from kvpass.pipeline.handler import handler_for
+
+if TYPE_CHECKING:
+    from kvpass.methods.overlay.config import OverlayConfig
+    from kvpass.methods.qaq.config import QAQConfig
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,15 @@ class MethodConfig:
     sensitive_layers: int = 0
     sensitive_spec: str = "int8:per_token+outliers1%|sink=1"
     promoted_layers: tuple[int, ...] = ()
+    scheme: Any = None  # the config of a family of one's own (its handler registered for its type)
 
     def __post_init__(self) -> None:
+        families = [c for c in (self.qaq, self.overlay, self.scheme) if c is not None]
+        if len(families) > 1:
+            raise KVPassError(f"method {self.name!r}: give one of qaq=, overlay= and scheme=, not "
+                              f"{[type(c).__name__ for c in families]}")
         for field_name in ("full_precision_layers", "sensitive_layers", "promoted_layers"):
-            if getattr(self, field_name) and (self.qaq is not None or self.overlay is not None):
+            if getattr(self, field_name) and self.family is not None:
                 raise KVPassError(f"method {self.name!r}: {field_name} applies to one key and one value spec; QAQ "
                                   "tiers and overlays hold every layer in their own format")
         for field_name in ("full_precision_layers", "promoted_layers"):
@@ -50,9 +58,13 @@ class MethodConfig:
         if self.sensitive_layers < 0:
             raise KVPassError(f"method {self.name!r}: sensitive_layers must be >= 0, got {self.sensitive_layers}")
         parse_cache_spec(self.sensitive_spec)  # a bad spec is an error at definition, not at the first compile
-        if self.overlay is not None and any(parse_cache_spec(s).recent for s in (self.key, self.value)):
-            raise KVPassError(f"method {self.name!r}: a recent=W window is read by kv_recent_attention_, which an "
-                              "overlay does not use; give the overlay its `recent` tokens instead")
+        handler_for(self).validate(self)
+
+    @property
+    def family(self) -> Any:
+        """The family's own config (``QAQConfig``, ``OverlayConfig`` or ``scheme``), whose type chooses the handler
+        (:mod:`kvpass.pipeline.handler`); None for one key and one value spec per layer."""
+        return next((c for c in (self.qaq, self.overlay, self.scheme) if c is not None), None)
 
     def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
         """The keys' spec (of ``layer``: model precision for ``full_precision_layers``, ``sensitive_spec`` for
@@ -74,40 +86,21 @@ class MethodConfig:
     def needs_calibration(self) -> bool:
         """Keys or values coded against calibrated ranges, QAQ's tier capacities or sensitive layers to choose:
         compiling without a calibration is an error."""
-        return (self.qaq is not None or self.sensitive_layers > 0
-                or any(needs_calibration(parse_cache_spec(s)) for s in (self.key, self.value)))
+        return handler_for(self).needs_calibration(self)
 
     @property
     def uses_calibration(self) -> bool:
         """Anything fitted on calibration data (ranges, nuq LUTs, QAQ's eps and tier shares, sensitive layers);
         without it a nuq LUT falls back to NormalFloat."""
-        return (self.qaq is not None or self.sensitive_layers > 0
-                or any(static_names(parse_cache_spec(s)) for s in (self.key, self.value)))
-
-    @property
-    def keeps_low_precision(self) -> bool:
-        return self.qaq is None and (self.overlay is None or not self.overlay.evict)
+        return handler_for(self).uses_calibration(self)
 
     def nominal_bits(self, head_dim: int = 128, tokens: int = 4096) -> float:
         """Bits per element of keys and values together at ``head_dim`` and ``tokens``, metadata included (of a
         quantized layer: ``full_precision_layers`` are not in it)."""
-        elements = 2 * tokens * head_dim
-        if self.qaq is not None:  # the target is what the calibration solves for (tier map included)
-            fixed = sum(fixed_nbytes(self.qaq, head_dim, w, torch.float16) for w in "kv")
-            per_token = self.qaq.target_bits or float("nan")
-            if self.qaq.target_context:
-                per_token -= 8.0 * fixed / (2 * self.qaq.target_context * head_dim)
-            retained = 16.0 if self.qaq.retain else 0.0  # the model-precision copy of every token (fp16 here)
-            return per_token + retained + 8.0 * fixed / elements
-        total = 0.0
-        if self.keeps_low_precision:
-            total += sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
-                         for s in (self.key_spec(head_dim), self.value_spec(head_dim)))
-        if self.overlay is not None:
-            total += overlay_nbytes(self.overlay, 1, 1, tokens, head_dim, head_dim, torch.float16)
+        bits = handler_for(self).nominal_bits(self, head_dim, tokens)
         if self.balance:
-            total += balance_nbytes(1, 1, head_dim)
-        return 8.0 * total / elements
+            bits += 8.0 * balance_nbytes(1, 1, head_dim) / (2 * tokens * head_dim)
+        return bits
 
 
 def fit_group(cs: CacheSpec, head_dim: int) -> CacheSpec:

@@ -1,5 +1,6 @@
 """The naive baselines: the model-precision cache and per-token int8, fp8, int4 and int2."""
 
+from kvpass.methods import specs as _specs  # noqa: F401  (registers their handler)
 from kvpass.methods.base import MethodConfig, register_method
 
 register_method(MethodConfig("fp16", "no quantization: the cache in the model's own dtype (exactness check)",

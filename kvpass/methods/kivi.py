@@ -1,6 +1,7 @@
 """KIVI (Liu et al. 2024): keys per channel and values per token in groups of 32, the newest tokens at model
 precision in a residual ring until their block of 128 fills."""
 
+from kvpass.methods import specs as _specs  # noqa: F401  (registers their handler)
 from kvpass.methods.base import MethodConfig, register_method
 
 for _bits in (2, 4):

@@ -3,6 +3,7 @@ token, Fisher-weighted LUTs, an attention sink; the ``-1%`` presets add dense-an
 sensitive layer in int8 and a window of newest tokens read at model precision (deviations:
 ``docs/methods/kvquant.md``)."""
 
+from kvpass.methods import specs as _specs  # noqa: F401  (registers their handler)
 from kvpass.methods.base import MethodConfig, register_method
 
 # each query reads its newest tokens at model precision: attention is mostly local (docs/methods/kvquant.md)

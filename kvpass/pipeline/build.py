@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
-from kvpass.methods.base import MethodConfig
 from kvpass.model import KVPassModel
 from kvpass.pipeline.capture import Captured
 from kvpass.pipeline.locate import locate
 from kvpass.pipeline.plan import plan
 from kvpass.pipeline.rewrite import rewrite
+
+if TYPE_CHECKING:
+    from kvpass.methods.base import MethodConfig
 
 
 def build(captured: Captured, method: MethodConfig, calibration: Calibration | None = None, *,
@@ -28,9 +31,8 @@ def build(captured: Captured, method: MethodConfig, calibration: Calibration | N
         method = replace(method, promoted_layers=calibration.promoted_layers)
     calib_input = calibration.as_rewrite_input() if calibration else None
     layouts = plan(sites, method, captured.info.sliding_window, calib_input)
-    rewrite(gm, sites, layouts, attention, pre_rope_keys=method.pre_rope_keys, calibration=calib_input,
-            free_old=reuse_graph and captured.info.kind == "hf",  # the user's own module keeps its buffers
-            overlay=method.overlay, balance=method.balance)
+    rewrite(gm, sites, layouts, method, attention, calibration=calib_input,
+            free_old=reuse_graph and captured.info.kind == "hf")  # the user's own module keeps its buffers
     chunk = min(prefill_chunk, method.max_chunk or prefill_chunk)
     return KVPassModel(gm, captured.info, sites, layouts, method, config=captured.config,
                        generation_config=captured.generation_config, prefill_chunk=chunk)

@@ -1,21 +1,17 @@
-"""Rewrite: swap each site's full-precision cache buffers for its layout's packed buffers, every cache write for
-``kvpass::kv_store_`` and every read + attention for ``kvpass::kv_attention`` (or, for debugging,
-``kvpass::kv_load`` + ``aten.scaled_dot_product_attention``). The old buffers are deleted from the module, so
-no full-precision copy of the cache remains."""
+"""Rewrite: swap each site's full-precision cache buffers for its method's packed buffers and its cache writes
+and attention for the method's ops, as the method's handler (:mod:`kvpass.pipeline.handler`) emits them. The old
+buffers are deleted from the module, so no full-precision copy of the cache remains. The helpers here are what
+handlers build their nodes with."""
 
 from __future__ import annotations
-
-import operator
 
 import torch
 from torch.fx import GraphModule, Node
 
 from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout, cache_names, static_names
-from kvpass.methods.overlay import op as _overlay_op  # noqa: F401  (registers the overlay ops and kv_balance_)
-from kvpass.methods.overlay.config import OverlayConfig
-from kvpass.methods.qaq import op as _qaq_op  # noqa: F401  (registers kv_qaq_attention_)
-from kvpass.ops.recent import reads_exact
+from kvpass.ops import balance as _balance_op  # noqa: F401  (registers kv_balance_)
+from kvpass.pipeline.handler import RewriteContext, handler_for
 from kvpass.pipeline.locate import AttentionSite, CacheAccess
 from kvpass.pipeline.plan import KVLayout
 from kvpass.pipeline.rope import RopeTables
@@ -65,127 +61,6 @@ def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[Node | str, No
         return None, None, "", 0
     cos, sin = (t if isinstance(t, Node) else gm.graph.get_attr(t) for t in tables)
     return cos, sin, site.rope.variant, site.rope.rotary_dim
-
-
-def reads_recent_exact(layout: KVLayout, mode: str) -> bool:
-    """Whether a site's queries read recent tokens exact per query (``kv_recent_attention_``, which also writes the
-    new tokens): caches with ``recent=W``, and KIVI's ``residual=R`` in the fused mode (``attention="load"`` reads a
-    residual cache as it stands after the whole chunk is stored)."""
-    if layout.key is None or layout.tiers is not None:
-        return False
-    specs = (layout.key.spec, layout.value.spec)
-    if any(cs.recent for cs in specs) and mode != "fused":
-        raise KVPassError(f"attention={mode!r} reads the coded cache only and would ignore the recent window of "
-                          f"'{specs[0]}' / '{specs[1]}'; use attention='fused'")
-    return mode == "fused" and any(reads_exact(cs) for cs in specs)
-
-
-def recent_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
-                          tables: tuple[Node | str, Node | str] | None) -> Node:
-    """``kv_recent_attention_``: writes the new tokens and attends, each query reading its own recent tokens exact."""
-    q_positions = site.key.positions if site.is_causal and site.mask is None else None
-    positions_node(gm, site.key)
-    return gm.graph.call_function(
-        torch.ops.kvpass.kv_recent_attention_.default,
-        (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
-         get_attrs(gm, v[0]), get_attrs(gm, v[1]), str(layout.key.spec), str(layout.value.spec), site.head_dim,
-         site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, *rope_args(gm, site, tables)),
-    )
-
-
-def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
-                   tables: tuple[Node | str, Node | str] | None) -> Node:
-    g = gm.graph
-    kspec, vspec = str(layout.key.spec), str(layout.value.spec)
-    # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
-    q_positions = site.key.positions if site.is_causal and site.mask is None else None
-    rope = rope_args(gm, site, tables)
-    if mode == "fused":
-        call = g.call_function(
-            torch.ops.kvpass.kv_attention.default,
-            (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec,
-             vspec, site.head_dim, site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, False, *rope),
-        )
-        return g.call_function(operator.getitem, (call, 0))
-    dtype = query_dtype(site)
-    kd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, site.max_len, dtype, *rope))
-    vd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, site.max_len, dtype,
-                          None, None, "", 0))
-    mask = site.mask
-    if mask is None and q_positions is not None:
-        arange = g.call_function(aten.arange.default, (site.max_len,), {"device": val_device(site.query)})
-        mask = g.call_function(aten.le.Tensor, (g.call_function(aten.unsqueeze.default, (arange, 0)),
-                                                g.call_function(aten.unsqueeze.default, (q_positions, 1))))
-    return g.call_function(aten.scaled_dot_product_attention.default, (site.query, kd, vd, mask),
-                           {"scale": site.scale, "enable_gqa": site.gqa_groups > 1})
-
-
-def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
-                           overlay: OverlayConfig, device) -> Node:
-    """The overlay's buffers, its store of the new tokens, and attention over low precision + overlay."""
-    g, prefix = gm.graph, f"kvpass_cache_{site.index}_overlay"
-    c, shape = overlay.capacity(site.max_len), (site.batch, site.kv_heads)
-    dtype = overlay.dtype(site.dtype)
-    buffers = {"k": torch.zeros(*shape, c, site.head_dim, dtype=dtype), "v": torch.zeros(*shape, c, site.v_head_dim, dtype=dtype),
-               "slot": torch.zeros(*shape, c, dtype=torch.int32), "score": torch.zeros(*shape, site.max_len)}
-    for name, t in buffers.items():
-        gm.register_buffer(f"{prefix}_{name}", t.to(device))
-    ov = {name: g.get_attr(f"{prefix}_{name}") for name in buffers}
-    g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
-                    (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,
-                     overlay.recent_tokens(site.max_len), overlay.sink, overlay.by_score))
-    kspec = "" if layout.key is None else str(layout.key.spec)
-    vspec = "" if layout.value is None else str(layout.value.spec)
-    q_positions = site.key.positions if site.is_causal and site.mask is None else None
-    return g.call_function(
-        torch.ops.kvpass.kv_overlay_attention_.default,
-        (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec, vspec,
-         site.max_len, site.mask, q_positions, site.scale, ov["k"], ov["v"], ov["slot"], ov["score"], overlay.evict,
-         overlay.by_score),
-    )
-
-
-def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, calibration: dict, device,
-                       tables: tuple[Node | str, Node | str] | None) -> Node:
-    """QAQ's buffers (calibrated tier tensors from ``calibration``) and its one op: write the new tokens, attend,
-    code the tokens that left the window (keys before RoPE with ``tables``)."""
-    g, prefix = gm.graph, f"kvpass_cache_{site.index}_qaq"
-    names = {}
-    for which, tl in zip("kv", layout.tiers):
-        fitted = calibration.get((site.index, which), {})
-        for name, t in tl.allocate(device).items():
-            if name in tl.static_buffers():
-                if t.numel():  # (a tier of capacity 0 holds none)
-                    if name not in fitted:
-                        raise KVPassError(f"layer {site.index}: QAQ tier tensor {which}.{name} is not in the "
-                                          "calibration; calibrate with kvpass.calibrate(model, texts, method=...) for "
-                                          "this method")
-                    t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
-                # "_static_" in the name keeps KVPassModel.reset() from zeroing calibrated tensors
-                target = f"{prefix}_{which}_static_{name}"
-            else:
-                target = f"{prefix}_{which}_{name}"
-            gm.register_buffer(target, t)
-            names[f"{which}_{name}"] = target
-    gm.register_buffer(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device))
-    k_bufs = [names[n] for n in names if n.startswith("k_t")]
-    v_bufs = [names[n] for n in names if n.startswith("v_t")]
-    state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], f"{prefix}_q_stats"]
-    if "k_retained" in names:
-        state += [names["k_retained"], names["v_retained"]]
-    kt, vt = layout.tiers
-    positions_node(gm, site.key)
-    q_positions = site.key.positions if site.is_causal and site.mask is None else None
-    return g.call_function(
-        torch.ops.kvpass.kv_qaq_attention_.default,
-        (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k_bufs), get_attrs(gm, v_bufs),
-         get_attrs(gm, state), ";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")),
-         list(kt.capacity), list(vt.capacity), float(calibration[(site.index, "k")]["eps"]),
-         kt.config.window, kt.config.quantile, kt.config.sink, site.max_len, site.mask, q_positions, site.scale,
-         *rope_args(gm, site, tables)),
-    )
 
 
 def add_balancer(gm: GraphModule, site: AttentionSite, device) -> None:
@@ -239,13 +114,12 @@ def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
                 changed = True
 
 
-def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], attention: str = "fused",
-            pre_rope_keys: bool = False, calibration: dict | None = None, free_old: bool = False,
-            overlay: OverlayConfig | None = None, balance: bool = False) -> GraphModule:
-    """Rewrite ``gm`` in place onto packed caches; returns it.
+def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], method, attention: str = "fused",
+            calibration: dict | None = None, free_old: bool = False) -> GraphModule:
+    """Rewrite ``gm`` in place onto ``method``'s packed caches; returns it.
 
-    ``pre_rope_keys`` stores each key before its rotary embedding (where one was recognised) and rotates it back
-    at read time. ``calibration`` maps ``(layer, "k" | "v")`` to calibrated static tensors (LUT, ranges, Q-Norm).
+    Keys are stored before their rotary embedding (where one was recognised) with ``method.pre_rope_keys`` and
+    rotated back at read time. ``calibration`` maps ``(layer, "k" | "v")`` to calibrated static tensors.
     """
     if attention not in ATTENTION_MODES:
         raise KVPassError(f"attention={attention!r} is not a mode; use one of {ATTENTION_MODES}")
@@ -253,31 +127,18 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
     device = next((b.device for b in gm.buffers()), torch.device("cpu"))
     old_buffers = set()
     rope_tables = RopeTables(gm, device)
-    calibration = calibration or {}
+    handler = handler_for(method)
+    ctx = RewriteContext(gm, device, attention, method, calibration or {})
     for site, layout in zip(sites, layouts):
-        k = v = ([], [])
-        if layout.key is not None:
-            k = add_buffers(gm, buffer_prefix(site, "k"), layout.key, device, calibration.get((site.index, "k")))
-            v = add_buffers(gm, buffer_prefix(site, "v"), layout.value, device, calibration.get((site.index, "v")))
-        if balance:
+        buffers = handler.add_buffers(ctx, site, layout)
+        if method.balance:
             add_balancer(gm, site, device)
         tables = None
-        if pre_rope_keys and site.rope is not None:
+        if method.pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
             site.key.new = site.rope.pre
-        windowed = overlay is None and reads_recent_exact(layout, attention)  # the op writes the tokens itself
-        if layout.key is not None and not windowed:
-            replace_write(gm, site.key, *k, str(layout.key.spec))
-            replace_write(gm, site.value, *v, str(layout.value.spec))
         with graph.inserting_before(site.output):
-            if layout.tiers is not None:
-                out = qaq_attention_node(gm, site, layout, calibration, device, tables)
-            elif overlay is not None:
-                out = overlay_attention_node(gm, site, k, v, layout, overlay, device)
-            elif windowed:
-                out = recent_attention_node(gm, site, k, v, layout, tables)
-            else:
-                out = attention_node(gm, site, k, v, layout, attention, tables)
+            out = handler.emit(ctx, site, layout, buffers, tables)
         site.output.replace_all_uses_with(out)
         out.meta.update({k_: v_ for k_, v_ in site.output.meta.items() if k_ in ("val", "stack_trace", "nn_module_stack")})
         old_buffers |= {site.key.buffer, site.value.buffer}

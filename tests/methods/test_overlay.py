@@ -8,6 +8,7 @@ from helpers.tiny_models import build
 import kvpass
 from kvpass.methods import MethodConfig, OverlayConfig
 from kvpass.methods.overlay import op as ov_ops
+from kvpass.ops.balance import kv_balance_
 
 B, H, C, S, D = 1, 2, 3, 16, 4
 
@@ -54,7 +55,7 @@ def test_overlay_ops_opcheck():
     new = torch.randn(B, H, 1, D)
     torch.library.opcheck(ov_ops.kv_overlay_store_, (*state, new, new, torch.tensor([2]), 1, 0, True))
     q = torch.randn(B, 2 * H, 1, D)
-    torch.library.opcheck(ov_ops.kv_balance_, (torch.ones(B, H, 1, D), q, new, torch.tensor([0])))
+    torch.library.opcheck(kv_balance_, (torch.ones(B, H, 1, D), q, new, torch.tensor([0])))
     for evict in (True, False):
         lists = ([], [], [], []) if evict else None
         if not evict:
@@ -125,7 +126,7 @@ def test_balancer_keeps_scores_and_shrinks_key_outlier_channels():
     q = torch.randn(1, 4, 64, 32, generator=g)
     v = torch.randn(1, 2, 64, 32, generator=g)
     scale = torch.ones(1, 2, 1, 32)
-    ov_ops.kv_balance_(scale, q, k, torch.arange(64))
+    kv_balance_(scale, q, k, torch.arange(64))
     qs = q * scale.repeat_interleave(2, 1)
     ks = k / scale
     torch.testing.assert_close(qs @ ks.repeat_interleave(2, 1).transpose(-1, -2),
@@ -135,5 +136,5 @@ def test_balancer_keeps_scores_and_shrinks_key_outlier_channels():
     balanced = F.scaled_dot_product_attention(qs, quantize(ks, "int2:per_token").dequantize(), v, enable_gqa=True)
     assert (balanced - ref).pow(2).mean() < 0.7 * (plain - ref).pow(2).mean()
     before = scale.clone()
-    ov_ops.kv_balance_(scale, q, k * 3, torch.arange(64, 70))  # later chunks keep the scale of the sequence
+    kv_balance_(scale, q, k * 3, torch.arange(64, 70))  # later chunks keep the scale of the sequence
     assert torch.equal(scale, before)

@@ -287,7 +287,7 @@ def test_qaq_generates_and_accounts_bytes(arch):
     # the closed form: each tier's entries at that tier's bytes per token, the uint8 map, the window ring (fp16, the
     # highest tier's precision, in this fp32 model) and its fp32 attention, and the query-norm statistics
     for layout in qm.layouts:
-        kt, vt = layout.tiers
+        kt, vt = layout.detail
         b, h = kt.batch, kt.heads
         expected = 0
         for tl in (kt, vt):
@@ -396,7 +396,7 @@ def test_static_key_tiers_calibrate_compile_and_account_bytes():
     for which in "kv":  # the first slot (the attention sink) is always in the highest tier
         assert (qaq.unpack_map(getattr(qm.graph_module, f"kvpass_cache_0_qaq_{which}_map"))[:, :, 0] == 4).all()
     for layout in qm.layouts:  # the closed form: per-token bytes per entry, each tier's calibrated tensors once
-        kt, vt = layout.tiers
+        kt, vt = layout.detail
         b, h = kt.batch, kt.heads
         # the key tiers' lo, hi, sensitivity and LUT per head and channel (and Q-Norm's 8 bytes), only in a tier
         # that has entries

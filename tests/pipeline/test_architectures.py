@@ -10,8 +10,6 @@ import kvpass
 MAX_LEN = 64
 
 
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def arch(request):
     return request.param

@@ -38,8 +38,3 @@ def overlay_nbytes(ov: OverlayConfig, batch: int, heads: int, max_len: int, dk: 
     c = ov.capacity(max_len)
     row = torch.tensor([], dtype=ov.dtype(model_dtype)).element_size()
     return batch * heads * (c * (dk + dv) * row + c * 4 + max_len * 4)
-
-
-def balance_nbytes(batch: int, heads: int, head_dim: int) -> int:
-    """The balancer's fp32 scale per sequence, head and channel."""
-    return batch * heads * head_dim * 4

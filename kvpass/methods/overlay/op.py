@@ -132,24 +132,4 @@ def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, max_len, mask, q_
     return q.new_empty((b, hq, t, ov_v.shape[-1]))
 
 
-@torch.library.custom_op("kvpass::kv_balance_", mutates_args=("scale",))
-def kv_balance_(scale: torch.Tensor, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
-    """MiKV's query/key channel balancer: on the first chunk of a sequence (position 0), set
-    ``scale[b, h, 0, c] = sqrt(max|K_c| / max|Q_c|)`` over the chunk (queries of the head's GQA group). Keys are
-    stored divided by it and queries multiplied by it, so ``q . k`` is unchanged while the keys' outlier channels
-    shrink before quantization."""
-    if int(positions[0]) != 0:
-        return
-    b, hkv = k.shape[:2]
-    kmax = k.abs().amax(dim=2, keepdim=True).float()  # [B, Hkv, 1, D]
-    qmax = q.abs().reshape(b, hkv, -1, q.shape[-1]).amax(dim=2, keepdim=True).float()
-    ratio = torch.where((kmax > 0) & (qmax > 0), kmax / qmax.clamp_min(1e-12), torch.ones_like(kmax))
-    scale.copy_(ratio.sqrt().clamp(1e-2, 1e2).to(scale.dtype))
-
-
-@kv_balance_.register_fake
-def _(scale, q, k, positions) -> None:
-    return None
-
-
-__all__ = ["attention_mass", "kv_balance_", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]
+__all__ = ["attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]

@@ -1,6 +1,7 @@
 """The overlay presets."""
 
 from kvpass.methods.base import MethodConfig, register_method
+from kvpass.methods.overlay import handler as _handler  # noqa: F401  (registers the overlay handler)
 from kvpass.methods.overlay.config import OverlayConfig
 
 # int4 rather than int3 for the low tier: at int3 MiKV only tied H2O at its memory (docs/methods/mikv.md)

@@ -1,6 +1,7 @@
 """The qaq presets."""
 
 from kvpass.methods.base import MethodConfig, register_method
+from kvpass.methods.qaq import handler as _handler  # noqa: F401  (registers the QAQ handler)
 from kvpass.methods.qaq.config import QAQConfig
 
 # keys in the low tiers are coded per channel against calibrated ranges, as KVQuant's are: per token at 2 bits a few

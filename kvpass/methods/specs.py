@@ -1,0 +1,153 @@
+"""The handler of methods with one key and one value cache spec per layer (the baselines, KIVI, KVQuant and any
+``MethodConfig`` without a family config): each cache written by ``kv_store_`` and attended by ``kv_attention``,
+or written and attended by ``kv_recent_attention_`` when it keeps recent tokens exact; calibration fits each
+spec's static tensors and ranks the layers for ``sensitive_layers``."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kvpass.calibration.layers import layer_losses, most_sensitive
+from kvpass.calibration.statics import fit_recorded
+from kvpass.calibration.store import Calibration
+from kvpass.errors import KVPassError
+from kvpass.kvcache import CacheLayout, needs_calibration, parse_cache_spec, static_names
+from kvpass.methods.base import MethodConfig
+from kvpass.ops.recent import reads_exact
+from kvpass.pipeline.handler import FitData, LayerPlan, MethodHandler, RewriteContext, register_handler
+from kvpass.pipeline.locate import AttentionSite
+from kvpass.pipeline.plan import KVLayout
+from kvpass.pipeline.rewrite import (
+    add_buffers,
+    aten,
+    buffer_prefix,
+    get_attrs,
+    positions_node,
+    query_dtype,
+    replace_write,
+    rope_args,
+    val_device,
+)
+
+
+class SpecHandler(MethodHandler):
+    """One key and one value cache spec per layer (``MethodConfig.key_spec`` / ``value_spec``)."""
+
+    def needs_calibration(self, method: MethodConfig) -> bool:
+        return method.sensitive_layers > 0 or any(needs_calibration(parse_cache_spec(s)) for s in (method.key, method.value))
+
+    def uses_calibration(self, method: MethodConfig) -> bool:
+        return method.sensitive_layers > 0 or any(static_names(parse_cache_spec(s)) for s in (method.key, method.value))
+
+    def nominal_bits(self, method: MethodConfig, head_dim: int, tokens: int) -> float:
+        return 8.0 * self.low_nbytes(method, head_dim, tokens) / (2 * tokens * head_dim)
+
+    @staticmethod
+    def low_nbytes(method: MethodConfig, head_dim: int, tokens: int) -> int:
+        return sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
+                   for s in (method.key_spec(head_dim), method.value_spec(head_dim)))
+
+    def plan(self, method: MethodConfig, site: AttentionSite, calibration: dict | None) -> LayerPlan:
+        shape = (site.batch, site.kv_heads, site.max_len)
+        k = CacheLayout.build(method.key_spec(site.head_dim, site.index), (*shape, site.head_dim), site.dtype)
+        v = CacheLayout.build(method.value_spec(site.v_head_dim, site.index), (*shape, site.v_head_dim), site.dtype)
+        return LayerPlan(k, v)
+
+    def add_buffers(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout) -> tuple:
+        if layout.key is None:
+            return [], [], [], []
+        k = add_buffers(ctx.gm, buffer_prefix(site, "k"), layout.key, ctx.device, ctx.calibration.get((site.index, "k")))
+        v = add_buffers(ctx.gm, buffer_prefix(site, "v"), layout.value, ctx.device,
+                        ctx.calibration.get((site.index, "v")))
+        return (*k, *v)
+
+    def emit(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout, buffers: tuple,
+             tables: tuple | None) -> Node:
+        k, v = buffers[:2], buffers[2:]
+        if reads_recent_exact(layout, ctx.attention):  # the op writes the tokens itself
+            return recent_attention_node(ctx.gm, site, k, v, layout, tables)
+        replace_write(ctx.gm, site.key, *k, str(layout.key.spec))
+        replace_write(ctx.gm, site.value, *v, str(layout.value.spec))
+        return attention_node(ctx.gm, site, k, v, layout, ctx.attention, tables)
+
+    def fit(self, calibration: Calibration, method: MethodConfig, data: FitData) -> None:
+        calibration.tensors = fit_recorded(data.acts, data.layers, method, data.seed)
+        if method.sensitive_layers:
+            promote_sensitive(calibration, method, data)
+
+
+def reads_recent_exact(layout: KVLayout, mode: str) -> bool:
+    """Whether a site's queries read recent tokens exact per query (``kv_recent_attention_``, which also writes the
+    new tokens): caches with ``recent=W``, and KIVI's ``residual=R`` in the fused mode (``attention="load"`` reads a
+    residual cache as it stands after the whole chunk is stored)."""
+    specs = (layout.key.spec, layout.value.spec)
+    if any(cs.recent for cs in specs) and mode != "fused":
+        raise KVPassError(f"attention={mode!r} reads the coded cache only and would ignore the recent window of "
+                          f"'{specs[0]}' / '{specs[1]}'; use attention='fused'")
+    return mode == "fused" and any(reads_exact(cs) for cs in specs)
+
+
+def recent_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
+                          tables: tuple[Node | str, Node | str] | None) -> Node:
+    """``kv_recent_attention_``: writes the new tokens and attends, each query reading its own recent tokens exact."""
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    positions_node(gm, site.key)
+    return gm.graph.call_function(
+        torch.ops.kvpass.kv_recent_attention_.default,
+        (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
+         get_attrs(gm, v[0]), get_attrs(gm, v[1]), str(layout.key.spec), str(layout.value.spec), site.head_dim,
+         site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, *rope_args(gm, site, tables)),
+    )
+
+
+def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
+                   tables: tuple[Node | str, Node | str] | None) -> Node:
+    g = gm.graph
+    kspec, vspec = str(layout.key.spec), str(layout.value.spec)
+    # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
+    q_positions = site.key.positions if site.is_causal and site.mask is None else None
+    rope = rope_args(gm, site, tables)
+    if mode == "fused":
+        call = g.call_function(
+            torch.ops.kvpass.kv_attention.default,
+            (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec,
+             vspec, site.head_dim, site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, False, *rope),
+        )
+        return g.call_function(operator.getitem, (call, 0))
+    dtype = query_dtype(site)
+    kd = g.call_function(torch.ops.kvpass.kv_load.default,
+                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, site.max_len, dtype, *rope))
+    vd = g.call_function(torch.ops.kvpass.kv_load.default,
+                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, site.max_len, dtype,
+                          None, None, "", 0))
+    mask = site.mask
+    if mask is None and q_positions is not None:
+        arange = g.call_function(aten.arange.default, (site.max_len,), {"device": val_device(site.query)})
+        mask = g.call_function(aten.le.Tensor, (g.call_function(aten.unsqueeze.default, (arange, 0)),
+                                                g.call_function(aten.unsqueeze.default, (q_positions, 1))))
+    return g.call_function(aten.scaled_dot_product_attention.default, (site.query, kd, vd, mask),
+                           {"scale": site.scale, "enable_gqa": site.gqa_groups > 1})
+
+
+def promote_sensitive(calibration: Calibration, method: MethodConfig, data: FitData) -> None:
+    """Choose the method's ``sensitive_layers`` by their loss on the calibration samples
+    (:mod:`kvpass.calibration.layers`) and refit those layers' static tensors for ``sensitive_spec``; both are
+    recorded in ``calibration``."""
+    quantized = [layer for layer in data.layers if layer not in method.full_precision_layers]
+    if method.sensitive_layers > len(quantized):
+        raise KVPassError(f"method {method.name!r} keeps {method.sensitive_layers} sensitive layers in "
+                          f"{method.sensitive_spec}, but the model has {len(quantized)} quantized layers; lower "
+                          "sensitive_layers")
+    losses = layer_losses(data.model, data.samples, method, calibration, quantized, data.captured)
+    chosen = most_sensitive(losses, method.sensitive_layers)
+    calibration.tensors = {k: v for k, v in calibration.tensors.items() if int(k.split(".")[0]) not in chosen}
+    calibration.tensors |= fit_recorded(data.acts, list(chosen), replace(method, promoted_layers=chosen), data.seed)
+    calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
+    calibration.meta["promoted_layers"] = list(chosen)
+
+
+register_handler(type(None), SpecHandler())
