@@ -2,11 +2,13 @@
 blocks left out), and the package ``__init__`` each one runs on the way."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# how the source folders install (pyproject's package-dir)
-PACKAGES = {"kvpass": ROOT / "kvpass", "kvpass.lowering": ROOT / "lowering", "kvpass.plugins": ROOT / "plugins"}
+# how the source folders install
+PACKAGES = {name: ROOT / folder for name, folder in
+            tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].items()}
 
 
 def modules() -> dict[str, Path]:

@@ -48,7 +48,7 @@ class MethodConfig:
             raise KVPassError(f"method {self.name!r}: give one of qaq=, overlay= and scheme=, not "
                               f"{[type(c).__name__ for c in families]}")
         for field_name in ("full_precision_layers", "sensitive_layers", "promoted_layers"):
-            if getattr(self, field_name) and self.family is not None:
+            if getattr(self, field_name) and families:
                 raise KVPassError(f"method {self.name!r}: {field_name} applies to one key and one value spec; QAQ "
                                   "tiers and overlays hold every layer in their own format")
         for field_name in ("full_precision_layers", "promoted_layers"):

@@ -58,20 +58,24 @@ class SpecHandler(MethodHandler):
         return LayerPlan(k, v)
 
     def add_buffers(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout) -> tuple:
+        """The key and value caches' buffer names, each ``(per-token, static)``."""
         if layout.key is None:
-            return [], [], [], []
-        k = add_buffers(ctx.gm, buffer_prefix(site, "k"), layout.key, ctx.device, ctx.calibration.get((site.index, "k")))
-        v = add_buffers(ctx.gm, buffer_prefix(site, "v"), layout.value, ctx.device,
-                        ctx.calibration.get((site.index, "v")))
-        return (*k, *v)
+            return ([], []), ([], [])
+        return tuple(add_buffers(ctx.gm, buffer_prefix(site, w), cl, ctx.device, ctx.calibration.get((site.index, w)))
+                     for w, cl in (("k", layout.key), ("v", layout.value)))
+
+    @staticmethod
+    def store(ctx: RewriteContext, site: AttentionSite, layout: KVLayout, buffers: tuple) -> None:
+        """Replace the site's key and value writes by ``kv_store_`` into the packed caches."""
+        for access, (cache, static), cl in zip((site.key, site.value), buffers, (layout.key, layout.value)):
+            replace_write(ctx.gm, access, cache, static, str(cl.spec))
 
     def emit(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout, buffers: tuple,
              tables: tuple | None) -> Node:
-        k, v = buffers[:2], buffers[2:]
+        k, v = buffers
         if reads_recent_exact(layout, ctx.attention):  # the op writes the tokens itself
             return recent_attention_node(ctx.gm, site, k, v, layout, tables)
-        replace_write(ctx.gm, site.key, *k, str(layout.key.spec))
-        replace_write(ctx.gm, site.value, *v, str(layout.value.spec))
+        self.store(ctx, site, layout, buffers)
         return attention_node(ctx.gm, site, k, v, layout, ctx.attention, tables)
 
     def fit(self, calibration: Calibration, method: MethodConfig, data: FitData) -> None:

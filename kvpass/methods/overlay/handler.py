@@ -15,7 +15,7 @@ from kvpass.methods.specs import SpecHandler
 from kvpass.pipeline.handler import LayerPlan, RewriteContext, register_handler
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
-from kvpass.pipeline.rewrite import get_attrs, replace_write
+from kvpass.pipeline.rewrite import get_attrs
 
 
 class OverlayHandler(SpecHandler):
@@ -39,11 +39,9 @@ class OverlayHandler(SpecHandler):
 
     def emit(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout, buffers: tuple,
              tables: tuple | None) -> Node:
-        k, v = buffers[:2], buffers[2:]
         if layout.key is not None:
-            replace_write(ctx.gm, site.key, *k, str(layout.key.spec))
-            replace_write(ctx.gm, site.value, *v, str(layout.value.spec))
-        return overlay_attention_node(ctx.gm, site, k, v, layout, ctx.method.overlay, ctx.device)
+            self.store(ctx, site, layout, buffers)
+        return overlay_attention_node(ctx.gm, site, *buffers, layout, ctx.method.overlay, ctx.device)
 
     def describe(self, layout: KVLayout) -> tuple[str, str]:
         kspec, vspec = super().describe(layout)
