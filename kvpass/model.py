@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kvpass.errors import KVPassError
+from kvpass.pipeline.buffers import BufferRecord, Role
 from kvpass.pipeline.capture import CaptureInfo
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
@@ -34,6 +35,7 @@ class KVPassModel(nn.Module):
         sites: list[AttentionSite],
         layouts: list[KVLayout],
         method: MethodConfig,
+        buffers: list[BufferRecord],
         config: Any = None,
         generation_config: Any = None,
         prefill_chunk: int = 512,
@@ -44,6 +46,7 @@ class KVPassModel(nn.Module):
         self.sites = sites
         self.layouts = layouts
         self.method = method
+        self.buffers = buffers  # what the rewrite added, each with its layer and role
         self.config = config
         self.generation_config = generation_config
         self.prefill_chunk = prefill_chunk
@@ -68,9 +71,9 @@ class KVPassModel(nn.Module):
         """Empty the cache (zero its buffers) so the next call starts at position 0."""
         self._seen = 0
         self._mask.zero_()
-        for name, buf in self.graph_module.named_buffers():
-            if name.startswith("kvpass_cache_") and "_static_" not in name:
-                buf.zero_()
+        for record in self.buffers:
+            if record.role is Role.STATE:
+                self.graph_module.get_buffer(record.name).zero_()
 
     @torch.no_grad()
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -257,4 +260,4 @@ class KVPassModel(nn.Module):
     def cache_report(self) -> CacheReport:
         """Bytes of every cache buffer, bits per element and the full-precision bytes replaced, per layer."""
         dense = str(self.sites[0].dtype).replace("torch.", "") if self.sites else "float16"
-        return build_report(self.method, self.layouts, dict(self.graph_module.named_buffers()), dense)
+        return build_report(self.method, self.layouts, dict(self.graph_module.named_buffers()), self.buffers, dense)

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from kvpass.pipeline.buffers import BufferRecord
 from kvpass.pipeline.handler import handler_for
 from kvpass.pipeline.plan import KVLayout
 
 if TYPE_CHECKING:
+    import torch
+
     from kvpass.methods.base import MethodConfig
 
 
@@ -97,15 +100,17 @@ def _row_key(layer: LayerReport) -> tuple:
     return layer.key_spec, layer.value_spec, layer.nbytes, layer.dense_nbytes, layer.sliding_window
 
 
-def build_report(method: MethodConfig, layouts: list[KVLayout], buffers: dict[str, object], dense_dtype: str) -> CacheReport:
-    """Bytes per layer from the real buffers named ``kvpass_cache_{layer}_...``, described by the method's handler."""
+def build_report(method: MethodConfig, layouts: list[KVLayout], buffers: dict[str, torch.Tensor],
+                 records: list[BufferRecord], dense_dtype: str) -> CacheReport:
+    """Bytes per layer from the real buffers the rewrite recorded for it (``records``), described by the method's
+    handler; buffers of no one layer (RoPE tables) are counted as shared."""
     handler = handler_for(method)
+    size = {r.name: buffers[r.name].numel() * buffers[r.name].element_size() for r in records}
     layers = []
     for layout in layouts:
-        prefix = f"kvpass_cache_{layout.layer}_"
-        mine = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith(prefix)}
+        mine = {r.name: size[r.name] for r in records if r.layer == layout.layer}
         kspec, vspec = handler.describe(layout)
         layers.append(LayerReport(layout.layer, kspec, vspec, mine, sum(mine.values()), layout.dense_nbytes,
                                   layout.elements, layout.sliding_window))
-    shared = {n: t.numel() * t.element_size() for n, t in buffers.items() if n.startswith("kvpass_rope_")}
+    shared = {r.name: size[r.name] for r in records if r.layer is None}
     return CacheReport(method.name, layers, dense_dtype, shared)

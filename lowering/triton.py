@@ -8,36 +8,34 @@ from __future__ import annotations
 
 import torch
 
-from kvpass.kvcache import parse_cache_spec
 from kvpass.ops.attention import causal_mask, visible_length
 from kvpass.ops.cache import kv_attention, reference_kv_attention
+from kvpass.ops.meta import AttentionMeta
 
 
-def fused_attention_applies(q: torch.Tensor, k_spec: str, v_spec: str, head_dim: int, v_head_dim: int,
-                            need_mass: bool, rope: str) -> bool:
+def fused_attention_applies(q: torch.Tensor, meta: AttentionMeta) -> bool:
     """Whether the fused kernel takes this call (triton importable, supported specs, small query block)."""
     try:
         from kvpass.plugins import triton_attention as ta
     except ImportError:  # triton not installed: the reference kernel serves
         return False
-    ks, vs = parse_cache_spec(k_spec), parse_cache_spec(v_spec)
     rows = q.shape[1] * q.shape[2]
-    return (not need_mass and not rope and q.shape[-1] == head_dim and ta.supports(ks, head_dim)
-            and ta.supports(vs, v_head_dim) and rows <= ta.MAX_ROWS)
+    return (not meta.need_mass and not meta.rope and q.shape[-1] == meta.head_dim
+            and ta.supports(meta.key_spec, meta.head_dim) and ta.supports(meta.value_spec, meta.v_head_dim)
+            and rows <= ta.MAX_ROWS)
 
 
 @kv_attention.register_kernel("cuda")
-def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len, mask, q_positions, scale,
-      need_mass, rope_cos, rope_sin, rope, rotary_dim):
-    if not fused_attention_applies(q, k_spec, v_spec, head_dim, v_head_dim, need_mass, rope):
-        return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim,
-                                      max_len, mask, q_positions, scale, need_mass, rope_cos, rope_sin, rope, rotary_dim)
+def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, meta):
+    m = AttentionMeta.parse(meta)
+    if not fused_attention_applies(q, m):
+        return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m)
     from kvpass.plugins import triton_attention as ta
 
-    n = visible_length(mask, q_positions, max_len)
+    n = visible_length(mask, q_positions, m.max_len)
     if mask is None and q_positions is not None:
         mask = causal_mask(q_positions, n)[None, None]
     k = dict(zip(("codes", "scale", "zero"), k_cache))
     v = dict(zip(("codes", "scale", "zero"), v_cache))
-    out = ta.decode_attention(q, k, v, parse_cache_spec(k_spec), parse_cache_spec(v_spec), n, mask, scale)
+    out = ta.decode_attention(q, k, v, m.key_spec, m.value_spec, n, mask, m.scale)
     return out.contiguous(), q.new_empty((0,), dtype=torch.float32)

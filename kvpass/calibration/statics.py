@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpass.calibration.store import CalibKey
 from kvpass.formats import fit_lut, outliers
 from kvpass.formats.nuq import fit_lut_rows, lookup_per_channel, nearest_per_channel, normalize, qnorm_affine
 from kvpass.kvcache import CacheSpec
@@ -98,17 +99,18 @@ def channel_luts(spec, xn: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, se
 
 
 def fit_recorded(acts: dict[str, list[torch.Tensor]], layers: list[int], method: MethodConfig, seed: int = 0,
-                 fisher_weights: bool = True) -> dict[str, torch.Tensor]:
-    """Every layer's static key and value tensors (``"{layer}.{k|v}.{name}"``) fitted from :func:`record`'s output.
-    ``fisher_weights=False`` fits the LUTs by plain k-means (every sample weighted 1)."""
-    tensors: dict[str, torch.Tensor] = {}
+                 fisher_weights: bool = True, promoted: tuple[int, ...] = ()) -> dict[CalibKey, torch.Tensor]:
+    """Every layer's static key and value tensors fitted from :func:`record`'s output, for the layer's spec
+    (``sensitive_spec`` in the ``promoted`` layers). ``fisher_weights=False`` fits the LUTs by plain k-means (every
+    sample weighted 1)."""
+    tensors: dict[CalibKey, torch.Tensor] = {}
     for layer in layers:
         for which in ("k", "v"):
             act = torch.stack(acts[f"{layer}.{which}"])  # [N, H, T, D]
             fisher = torch.stack(acts[f"{layer}.{which}.fisher"])
             if not fisher_weights:
                 fisher = torch.ones_like(fisher)
-            cs = method.key_spec(act.shape[-1], layer) if which == "k" else method.value_spec(act.shape[-1], layer)
-            for name, t in fit_statics(cs, act, fisher, seed).items():
-                tensors[f"{layer}.{which}.{name}"] = t.contiguous()
+            spec = method.key_spec if which == "k" else method.value_spec
+            for name, t in fit_statics(spec(act.shape[-1], layer, promoted), act, fisher, seed).items():
+                tensors[CalibKey(layer, which, name)] = t.contiguous()
     return tensors

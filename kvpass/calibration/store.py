@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -30,22 +30,43 @@ def config_hash(model) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class CalibKey(NamedTuple):
+    """Where a calibrated tensor belongs: a layer, its keys or values (``which``: "k" or "v"), the tensor's name."""
+
+    layer: int
+    which: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.which}.{self.name}"
+
+    @classmethod
+    def parse(cls, text: str | CalibKey) -> CalibKey:
+        """``"3.k.lut"`` (the form a saved calibration's file holds) to ``CalibKey(3, "k", "lut")``."""
+        if isinstance(text, CalibKey):
+            return text
+        layer, which, name = text.split(".", 2)
+        if not layer.isdigit() or which not in ("k", "v") or not name:
+            raise KVPassError(f"calibration key {text!r} is not '<layer>.<k|v>.<name>'")
+        return cls(int(layer), which, name)
+
+
 @dataclass
 class Calibration:
-    """Static tensors per layer (``"{layer}.k.lut"``, ``"{layer}.v.lo"``...) for one method and one model."""
+    """Static tensors per layer, keyed by :class:`CalibKey`, for one method and one model; ``meta`` holds what is
+    not a tensor (QAQ's eps, the chosen sensitive layers, their losses)."""
 
     method: str
     model_hash: str
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[CalibKey, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
-    def for_layer(self, layer: int, which: str) -> dict[str, torch.Tensor]:
-        prefix = f"{layer}.{which}."
-        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+    def __post_init__(self) -> None:
+        self.tensors = {CalibKey.parse(k): v for k, v in self.tensors.items()}
 
-    def as_rewrite_input(self) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
-        layers = {int(k.split(".")[0]) for k in self.tensors}
-        return {(i, w): self.for_layer(i, w) for i in layers for w in ("k", "v") if self.for_layer(i, w)}
+    def for_layer(self, layer: int, which: str) -> dict[str, torch.Tensor]:
+        """The tensors of one layer's keys or values by name."""
+        return {k.name: v for k, v in self.tensors.items() if k.layer == layer and k.which == which}
 
     def save(self, path: str | Path) -> None:
         """Write ``path.safetensors`` and ``path.json``."""
@@ -53,7 +74,7 @@ class Calibration:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path.with_suffix(".safetensors")))
+        save_file({str(k): v.contiguous() for k, v in self.tensors.items()}, str(path.with_suffix(".safetensors")))
         path.with_suffix(".json").write_text(json.dumps(
             {"method": self.method, "model_hash": self.model_hash, "meta": self.meta}, indent=2))
 

@@ -34,9 +34,9 @@ class MethodConfig:
     qaq: QAQConfig | None = None  # per-token bits in tiers (kvpass.methods.qaq); ``key``/``value`` are then unused
     full_precision_layers: tuple[int, ...] = ()  # layers whose cache stays at model precision (counted as such)
     # The ``sensitive_layers`` layers whose quantization alone costs the most language-model loss on the calibration
-    # data store keys and values as ``sensitive_spec`` instead; the calibration chooses them (kvpass.calibration.layers) and
-    # the build fills ``promoted_layers`` from it. The default has outliers: a few outlier channels set each token's
-    # range in plain int8 (docs/methods/kvquant.md)
+    # data store keys and values as ``sensitive_spec`` instead; the calibration chooses them (kvpass.calibration.layers)
+    # and the plan reads them from it; ``promoted_layers`` names such layers by hand. The default has outliers: a few
+    # outlier channels set each token's range in plain int8 (docs/methods/kvquant.md)
     sensitive_layers: int = 0
     sensitive_spec: str = "int8:per_token+outliers1%|sink=1"
     promoted_layers: tuple[int, ...] = ()
@@ -66,19 +66,19 @@ class MethodConfig:
         (:mod:`kvpass.pipeline.handler`); None for one key and one value spec per layer."""
         return next((c for c in (self.qaq, self.overlay, self.scheme) if c is not None), None)
 
-    def key_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+    def key_spec(self, head_dim: int, layer: int | None = None, promoted: tuple[int, ...] = ()) -> CacheSpec:
         """The keys' spec (of ``layer``: model precision for ``full_precision_layers``, ``sensitive_spec`` for
-        ``promoted_layers``)."""
-        return self._layer_spec(self.key, head_dim, layer)
+        ``promoted_layers`` and the layers a calibration chose, ``promoted``)."""
+        return self._layer_spec(self.key, head_dim, layer, promoted)
 
-    def value_spec(self, head_dim: int, layer: int | None = None) -> CacheSpec:
+    def value_spec(self, head_dim: int, layer: int | None = None, promoted: tuple[int, ...] = ()) -> CacheSpec:
         """The values' spec (of ``layer``, as :meth:`key_spec`)."""
-        return self._layer_spec(self.value, head_dim, layer)
+        return self._layer_spec(self.value, head_dim, layer, promoted)
 
-    def _layer_spec(self, text: str, head_dim: int, layer: int | None) -> CacheSpec:
+    def _layer_spec(self, text: str, head_dim: int, layer: int | None, promoted: tuple[int, ...]) -> CacheSpec:
         if layer in self.full_precision_layers:
             return parse_cache_spec("none")
-        if layer in self.promoted_layers:
+        if layer in self.promoted_layers or layer in promoted:
             text = self.sensitive_spec
         return fit_group(parse_cache_spec(text), head_dim)
 

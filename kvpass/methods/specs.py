@@ -6,7 +6,6 @@ spec's static tensors and ranks the layers for ``sensitive_layers``."""
 from __future__ import annotations
 
 import operator
-from dataclasses import replace
 
 import torch
 from torch.fx import GraphModule, Node
@@ -24,7 +23,7 @@ from kvpass.pipeline.plan import KVLayout
 from kvpass.pipeline.rewrite import (
     add_buffers,
     aten,
-    buffer_prefix,
+    attention_meta,
     get_attrs,
     positions_node,
     query_dtype,
@@ -51,17 +50,20 @@ class SpecHandler(MethodHandler):
         return sum(CacheLayout.build(s, (1, 1, tokens, head_dim), torch.float16).nbytes
                    for s in (method.key_spec(head_dim), method.value_spec(head_dim)))
 
-    def plan(self, method: MethodConfig, site: AttentionSite, calibration: dict | None) -> LayerPlan:
+    def plan(self, method: MethodConfig, site: AttentionSite, calibration: Calibration | None) -> LayerPlan:
         shape = (site.batch, site.kv_heads, site.max_len)
-        k = CacheLayout.build(method.key_spec(site.head_dim, site.index), (*shape, site.head_dim), site.dtype)
-        v = CacheLayout.build(method.value_spec(site.v_head_dim, site.index), (*shape, site.v_head_dim), site.dtype)
+        # the sensitive layers the calibration chose (a calibration for another method has none: check() tells)
+        promoted = calibration.promoted_layers if calibration is not None and method.sensitive_layers else ()
+        k = CacheLayout.build(method.key_spec(site.head_dim, site.index, promoted), (*shape, site.head_dim), site.dtype)
+        v = CacheLayout.build(method.value_spec(site.v_head_dim, site.index, promoted), (*shape, site.v_head_dim),
+                              site.dtype)
         return LayerPlan(k, v)
 
     def add_buffers(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout) -> tuple:
         """The key and value caches' buffer names, each ``(per-token, static)``."""
         if layout.key is None:
             return ([], []), ([], [])
-        return tuple(add_buffers(ctx.gm, buffer_prefix(site, w), cl, ctx.device, ctx.calibration.get((site.index, w)))
+        return tuple(add_buffers(ctx, site, w, cl, ctx.fitted(site.index, w))
                      for w, cl in (("k", layout.key), ("v", layout.value)))
 
     @staticmethod
@@ -103,31 +105,30 @@ def recent_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tup
     return gm.graph.call_function(
         torch.ops.kvpass.kv_recent_attention_.default,
         (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k[0]), get_attrs(gm, k[1]),
-         get_attrs(gm, v[0]), get_attrs(gm, v[1]), str(layout.key.spec), str(layout.value.spec), site.head_dim,
-         site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, *rope_args(gm, site, tables)),
+         get_attrs(gm, v[0]), get_attrs(gm, v[1]), site.mask, q_positions, *rope_args(gm, site, tables),
+         str(attention_meta(site, layout, tables))),
     )
 
 
 def attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout, mode: str,
                    tables: tuple[Node | str, Node | str] | None) -> Node:
     g = gm.graph
-    kspec, vspec = str(layout.key.spec), str(layout.value.spec)
+    meta = attention_meta(site, layout, tables)
     # SDPA's is_causal over a whole static cache means "each query sees the slots up to its own position".
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     rope = rope_args(gm, site, tables)
     if mode == "fused":
         call = g.call_function(
             torch.ops.kvpass.kv_attention.default,
-            (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec,
-             vspec, site.head_dim, site.v_head_dim, site.max_len, site.mask, q_positions, site.scale, False, *rope),
+            (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), site.mask,
+             q_positions, *rope, str(meta)),
         )
         return g.call_function(operator.getitem, (call, 0))
     dtype = query_dtype(site)
     kd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), kspec, site.head_dim, site.max_len, dtype, *rope))
+                         (get_attrs(gm, k[0]), get_attrs(gm, k[1]), *rope, dtype, str(meta.key_read)))
     vd = g.call_function(torch.ops.kvpass.kv_load.default,
-                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), vspec, site.v_head_dim, site.max_len, dtype,
-                          None, None, "", 0))
+                         (get_attrs(gm, v[0]), get_attrs(gm, v[1]), None, None, dtype, str(meta.value_read)))
     mask = site.mask
     if mask is None and q_positions is not None:
         arange = g.call_function(aten.arange.default, (site.max_len,), {"device": val_device(site.query)})
@@ -148,8 +149,8 @@ def promote_sensitive(calibration: Calibration, method: MethodConfig, data: FitD
                           "sensitive_layers")
     losses = layer_losses(data.model, data.samples, method, calibration, quantized, data.captured)
     chosen = most_sensitive(losses, method.sensitive_layers)
-    calibration.tensors = {k: v for k, v in calibration.tensors.items() if int(k.split(".")[0]) not in chosen}
-    calibration.tensors |= fit_recorded(data.acts, list(chosen), replace(method, promoted_layers=chosen), data.seed)
+    calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer not in chosen}
+    calibration.tensors |= fit_recorded(data.acts, list(chosen), method, data.seed, promoted=chosen)
     calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
     calibration.meta["promoted_layers"] = list(chosen)
 

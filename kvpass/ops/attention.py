@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpass import kvcache
-from kvpass.kvcache import parse_cache_spec
+from kvpass.ops.meta import CacheRead
 
 
 def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, variant: str, rotary_dim: int) -> torch.Tensor:
@@ -25,12 +25,12 @@ def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, variant: s
     return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
 
-def load_keys(cache, static, spec: str, head_dim: int, max_len: int, dtype, rope_cos, rope_sin, rope: str,
-              rotary_dim: int, upto: int | None = None) -> torch.Tensor:
-    k = kvcache.load(cache, static, parse_cache_spec(spec), head_dim, max_len, dtype, upto)
-    if rope:
+def load_keys(cache, static, read: CacheRead, dtype, rope_cos, rope_sin, upto: int | None = None) -> torch.Tensor:
+    """Dequantize a cache to ``[B, H, upto or max_len, D]``, rotating keys stored before RoPE back."""
+    k = kvcache.load(cache, static, read.cache_spec, read.head_dim, read.max_len, dtype, upto)
+    if read.rope:
         n = k.shape[2]
-        k = apply_rope(k, rope_cos[:, :, :n], rope_sin[:, :, :n], rope, rotary_dim)
+        k = apply_rope(k, rope_cos[:, :, :n], rope_sin[:, :, :n], read.rope, read.rotary_dim)
     return k
 
 

@@ -23,8 +23,9 @@ import torch
 
 from kvpass import kvcache
 from kvpass.errors import KVPassError
-from kvpass.kvcache import CacheSpec, parse_cache_spec
+from kvpass.kvcache import CacheSpec
 from kvpass.ops.attention import apply_rope, causal_mask, load_keys, visible_length
+from kvpass.ops.meta import AttentionMeta
 
 
 def ring_of(cache: list[torch.Tensor], cs: CacheSpec) -> torch.Tensor:
@@ -103,12 +104,12 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add: torc
     return out.masked_fill(~seen[..., None], 0.0), lse.masked_fill(~seen, float("-inf"))
 
 
-def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim,
-                     v_head_dim, max_len, mask, q_positions, scale, rope_cos, rope_sin, rope, rotary_dim) -> torch.Tensor:
+def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos,
+                     rope_sin, meta: AttentionMeta) -> torch.Tensor:
     """Store the chunk, then two attentions merged by their log-sum-exp (as flash-decoding merges splits): the
     fused kernel over the coded tokens older than every query's band of w tokens, and a small one over each band,
     each token there exact on the side that holds it exact for that query and coded on the other."""
-    ks, vs = parse_cache_spec(k_spec), parse_cache_spec(v_spec)
+    ks, vs, scale = meta.key_spec, meta.value_spec, meta.scale
     b, hq, t, _ = q.shape
     if new_k.shape[2] != t:
         raise KVPassError(f"recent tokens read exact need one query per new token, got {t} queries for "
@@ -121,9 +122,9 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     kvcache.store(k_cache, k_static, new_k, positions, ks)
     kvcache.store(v_cache, v_static, new_v, positions, vs)
 
-    n = visible_length(mask, q_positions, max_len)
-    k = load_keys(k_cache, k_static, k_spec, head_dim, max_len, q.dtype, rope_cos, rope_sin, rope, rotary_dim, n)
-    v = kvcache.load(v_cache, v_static, vs, v_head_dim, max_len, q.dtype, n)
+    n = visible_length(mask, q_positions, meta.max_len)
+    k = load_keys(k_cache, k_static, meta.key_read, q.dtype, rope_cos, rope_sin, n)
+    v = load_keys(v_cache, v_static, meta.value_read, q.dtype, None, None, n)
     hkv = k.shape[1]
     groups = hq // hkv
     add, allowed = additive_mask(mask, q_positions, t, n, q.device)
@@ -132,8 +133,7 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                        add.masked_fill(in_band, float("-inf")), allowed & ~in_band, scale)
 
-    out_near, lse_near = near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, scale, rope_cos,
-                                        rope_sin, rope, rotary_dim)
+    out_near, lse_near = near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, rope_sin, meta)
 
     lse_far = lse_far.reshape(b, hkv, groups, t)
     # a row that sees nothing at all (a padding token) comes out as zeros, as SDPA gives it
@@ -146,8 +146,8 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     return out.reshape(b, hq, t, -1).to(q.dtype)
 
 
-def near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, scale, rope_cos, rope_sin, rope,
-                   rotary_dim) -> tuple[torch.Tensor, torch.Tensor]:
+def near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, rope_sin,
+                   meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query over its band of w tokens ``p - w < j <= p``, token j exact on a side where the query reads it
     exact and coded elsewhere: ``[B, Hkv, G, T, Dv]`` and the log-sum-exp ``[B, Hkv, G, T]``. The chunk's queries go
     in blocks of c = max(w, 32), each block against the c + w positions its bands cover (a strided view, not a
@@ -155,6 +155,7 @@ def near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, sca
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     groups = hq // hkv
+    ks, vs, rope = meta.key_spec, meta.value_spec, meta.rope
     c = max(w, 32)  # at least 32 queries a block: fewer, larger matmuls for a short window
     nb = -(-t // c)
     start = int(positions[0])
@@ -177,7 +178,7 @@ def near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, sca
         pad = new.new_zeros(*new.shape[:2], nb * c - t, new.shape[-1])
         exact = torch.cat([before.to(new.dtype), new, pad], 2)
         if keys and rope:
-            exact = apply_rope(exact, rope_cos[:, :, idx], rope_sin[:, :, idx], rope, rotary_dim)
+            exact = apply_rope(exact, rope_cos[:, :, idx], rope_sin[:, :, idx], rope, meta.rotary_dim)
         use = col >= first_exact(cs, pos)  # [nb, c, c + w]
         return coded_b, blocks(exact.float(), c, w), use
 
@@ -188,7 +189,7 @@ def near_attention(q, k, v, new_k, new_v, pre, ks, vs, positions, add, w, n, sca
     s = torch.einsum("bhgncd,bhnkd->bhgnck", qb, kc)
     if ke is not None:
         s = torch.where(k_use, torch.einsum("bhgncd,bhnkd->bhgnck", qb, ke), s)
-    s = s * scale + band_add
+    s = s * meta.scale + band_add
     lse = torch.logsumexp(s, -1)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     if ve is None:
@@ -210,29 +211,21 @@ def kv_recent_attention_(
     k_static: list[torch.Tensor],
     v_cache: list[torch.Tensor],
     v_static: list[torch.Tensor],
-    k_spec: str,
-    v_spec: str,
-    head_dim: int,
-    v_head_dim: int,
-    max_len: int,
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
-    scale: float,
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
-    rope: str,
-    rotary_dim: int,
+    meta: str,
 ) -> torch.Tensor:
     """Write the new tokens ``new_k``/``new_v`` ``[B, Hkv, T, D]`` at consecutive ``positions`` into the caches
     (as ``kv_store_`` would) and attend their queries ``q`` ``[B, Hq, T, D]`` over them, each query reading the recent
     tokens its caches' ``recent=W`` or ``residual=R`` option keeps exact for it; then the recent rings take the new
-    tokens. Arguments as ``kv_attention`` (``new_k`` is stored before RoPE when ``rope`` names the variant)."""
-    return recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim,
-                            v_head_dim, max_len, mask, q_positions, scale, rope_cos, rope_sin, rope, rotary_dim)
+    tokens. Arguments as ``kv_attention`` (``new_k`` is stored before RoPE when ``meta`` names the variant)."""
+    return recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions,
+                            rope_cos, rope_sin, AttentionMeta.parse(meta))
 
 
 @kv_recent_attention_.register_fake
-def _(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, k_spec, v_spec, head_dim, v_head_dim, max_len,
-      mask, q_positions, scale, rope_cos, rope_sin, rope, rotary_dim):
+def _(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, meta):
     b, hq, t, _ = q.shape
-    return q.new_empty((b, hq, t, v_head_dim))
+    return q.new_empty((b, hq, t, AttentionMeta.parse(meta).v_head_dim))

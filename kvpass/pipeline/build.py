@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kvpass.calibration.store import Calibration
@@ -27,12 +26,9 @@ def build(captured: Captured, method: MethodConfig, calibration: Calibration | N
         raise KVPassError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     gm = captured.graph_module if reuse_graph else captured.instantiate()
     sites = locate(gm, captured.name)
-    if method.sensitive_layers:
-        method = replace(method, promoted_layers=calibration.promoted_layers)
-    calib_input = calibration.as_rewrite_input() if calibration else None
-    layouts = plan(sites, method, captured.info.sliding_window, calib_input)
-    rewrite(gm, sites, layouts, method, attention, calibration=calib_input,
-            free_old=reuse_graph and captured.info.kind == "hf")  # the user's own module keeps its buffers
+    layouts = plan(sites, method, captured.info.sliding_window, calibration)
+    records = rewrite(gm, sites, layouts, method, attention, calibration,
+                      free_old=reuse_graph and captured.info.kind == "hf")  # the user's own module keeps its buffers
     chunk = min(prefill_chunk, method.max_chunk or prefill_chunk)
-    return KVPassModel(gm, captured.info, sites, layouts, method, config=captured.config,
+    return KVPassModel(gm, captured.info, sites, layouts, method, records, config=captured.config,
                        generation_config=captured.generation_config, prefill_chunk=chunk)

@@ -10,7 +10,7 @@ its type with :func:`register_handler`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from kvpass.calibration.store import Calibration
     from kvpass.kvcache import CacheLayout
     from kvpass.methods.base import MethodConfig
+    from kvpass.pipeline.buffers import BufferTable
     from kvpass.pipeline.locate import AttentionSite
     from kvpass.pipeline.plan import KVLayout
 
@@ -39,14 +40,19 @@ class LayerPlan:
 
 @dataclass
 class RewriteContext:
-    """What a handler's ``emit`` may use: the graph module being rewritten, its device, the attention mode, the
-    method, the calibrated tensors by ``(layer, "k" | "v")``."""
+    """What a handler's ``add_buffers`` and ``emit`` may use: the graph module being rewritten, its device, the
+    attention mode, the method, the calibration (None without one) and the table that registers buffers."""
 
     gm: GraphModule
     device: torch.device
     attention: str
     method: MethodConfig
-    calibration: dict = field(default_factory=dict)
+    calibration: Calibration | None
+    buffers: BufferTable
+
+    def fitted(self, layer: int, which: str) -> dict[str, torch.Tensor]:
+        """The calibrated tensors of a layer's keys or values (``which``: "k" or "v") by name; empty without."""
+        return self.calibration.for_layer(layer, which) if self.calibration else {}
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,7 @@ class MethodHandler:
         """Bits per element of keys and values together at ``head_dim`` and ``tokens`` in an fp16 model."""
         raise NotImplementedError
 
-    def plan(self, method: MethodConfig, site: AttentionSite, calibration: dict | None) -> LayerPlan:
+    def plan(self, method: MethodConfig, site: AttentionSite, calibration: Calibration | None) -> LayerPlan:
         """The layer's buffers at the site's shapes."""
         raise NotImplementedError
 

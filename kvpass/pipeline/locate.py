@@ -11,7 +11,7 @@ keys before RoPE. Class names are never looked at.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import GraphModule, Node
@@ -78,6 +78,10 @@ class AttentionSite:
     @property
     def gqa_groups(self) -> int:
         return self.q_heads // self.kv_heads
+
+    def copy(self) -> AttentionSite:
+        """A copy the rewrite may change (its operands, cache accesses and replaced nodes) without changing this."""
+        return replace(self, key=replace(self.key), value=replace(self.value), replaced=list(self.replaced))
 
 
 def val(node) -> torch.Tensor | None:

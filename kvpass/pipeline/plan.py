@@ -14,6 +14,7 @@ from kvpass.pipeline.handler import handler_for
 from kvpass.pipeline.locate import AttentionSite
 
 if TYPE_CHECKING:
+    from kvpass.calibration.store import Calibration
     from kvpass.methods.base import MethodConfig
 
 
@@ -39,9 +40,9 @@ class KVLayout:
 
 
 def plan(sites: list[AttentionSite], method: MethodConfig, sliding_window: dict[int, int] | None = None,
-         calibration: dict | None = None) -> list[KVLayout]:
-    """One :class:`KVLayout` per site from the method's handler, at the site's shapes (``calibration``: the
-    calibrated tensors by ``(layer, "k" | "v")``, as :meth:`kvpass.Calibration.as_rewrite_input` gives them)."""
+         calibration: Calibration | None = None) -> list[KVLayout]:
+    """One :class:`KVLayout` per site from the method's handler, at the site's shapes, reading what the
+    calibration fitted or chose (tier shares, sensitive layers)."""
     for field_name in ("full_precision_layers", "promoted_layers"):
         missing = sorted(set(getattr(method, field_name)) - {site.index for site in sites})
         if missing:

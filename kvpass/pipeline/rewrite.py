@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
 from kvpass.kvcache import CacheLayout, cache_names, static_names
 from kvpass.ops import balance as _balance_op  # noqa: F401  (registers kv_balance_)
+from kvpass.ops.meta import AttentionMeta
+from kvpass.pipeline.buffers import BufferRecord, BufferTable, Role
 from kvpass.pipeline.handler import RewriteContext, handler_for
 from kvpass.pipeline.locate import AttentionSite, CacheAccess
 from kvpass.pipeline.plan import KVLayout
@@ -24,14 +27,14 @@ def buffer_prefix(site: AttentionSite, which: str) -> str:
     return f"kvpass_cache_{site.index}_{which}"
 
 
-def add_buffers(gm: GraphModule, prefix: str, layout: CacheLayout, device,
+def add_buffers(ctx: RewriteContext, site: AttentionSite, which: str, layout: CacheLayout,
                 static_values: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[str]]:
-    cache, static = layout.allocate(device, static_values)
-    spec = layout.spec
-    cache_targets = [f"{prefix}_{n}" for n in cache_names(spec)]
-    static_targets = [f"{prefix}_static_{n}" for n in static_names(spec)]
-    for target, tensor in zip(cache_targets + static_targets, cache + static):
-        gm.register_buffer(target, tensor)
+    """Register the per-token (state) and static (fixed) buffers of a site's key or value cache (``which``)."""
+    cache, static = layout.allocate(ctx.device, static_values)
+    spec, prefix = layout.spec, buffer_prefix(site, which)
+    cache_targets = [ctx.buffers.add(f"{prefix}_{n}", t, site.index, Role.STATE) for n, t in zip(cache_names(spec), cache)]
+    static_targets = [ctx.buffers.add(f"{prefix}_static_{n}", t, site.index, Role.FIXED)
+                      for n, t in zip(static_names(spec), static)]
     return cache_targets, static_targets
 
 
@@ -57,16 +60,24 @@ def replace_write(gm: GraphModule, access: CacheAccess, cache: list[str], static
 
 
 def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[Node | str, Node | str] | None) -> tuple:
+    """The cached ``(cos, sin)`` table nodes an op takes for keys stored before RoPE (``None, None`` without)."""
     if tables is None:
-        return None, None, "", 0
-    cos, sin = (t if isinstance(t, Node) else gm.graph.get_attr(t) for t in tables)
-    return cos, sin, site.rope.variant, site.rope.rotary_dim
+        return None, None
+    return tuple(t if isinstance(t, Node) else gm.graph.get_attr(t) for t in tables)
 
 
-def add_balancer(gm: GraphModule, site: AttentionSite, device) -> None:
+def attention_meta(site: AttentionSite, layout: KVLayout, tables: tuple | None, need_mass: bool = False) -> AttentionMeta:
+    """The op metadata of a site's attention over the caches ``layout`` plans."""
+    rope = (site.rope.variant, site.rope.rotary_dim) if tables is not None else ("", 0)
+    return AttentionMeta(str(layout.key.spec), str(layout.value.spec), site.head_dim, site.v_head_dim, site.max_len,
+                         float(site.scale), *rope, need_mass)
+
+
+def add_balancer(ctx: RewriteContext, site: AttentionSite) -> None:
     """Insert MiKV's balancer: ``k / s`` is what gets stored, ``q * s`` what attends (``q . k`` unchanged)."""
-    g, name = gm.graph, f"kvpass_cache_{site.index}_balance"
-    gm.register_buffer(name, torch.ones(site.batch, site.kv_heads, 1, site.head_dim, device=device))
+    g = ctx.gm.graph
+    name = ctx.buffers.add(f"kvpass_cache_{site.index}_balance",
+                           torch.ones(site.batch, site.kv_heads, 1, site.head_dim, device=ctx.device), site.index)
     with g.inserting_before(site.key.write):
         scale = g.get_attr(name)
         g.call_function(torch.ops.kvpass.kv_balance_.default, (scale, site.query, site.key.new, site.key.positions))
@@ -115,24 +126,27 @@ def erase_unused(graph: torch.fx.Graph, nodes: list[Node]) -> None:
 
 
 def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout], method, attention: str = "fused",
-            calibration: dict | None = None, free_old: bool = False) -> GraphModule:
-    """Rewrite ``gm`` in place onto ``method``'s packed caches; returns it.
+            calibration: Calibration | None = None, free_old: bool = False) -> list[BufferRecord]:
+    """Rewrite ``gm`` in place onto ``method``'s packed caches; returns the records of the buffers it added.
 
     Keys are stored before their rotary embedding (where one was recognised) with ``method.pre_rope_keys`` and
-    rotated back at read time. ``calibration`` maps ``(layer, "k" | "v")`` to calibrated static tensors.
+    rotated back at read time. The rewrite works on its own copies of ``sites`` (which stay as ``locate`` found
+    them) and reads calibrated tensors from ``calibration``.
     """
     if attention not in ATTENTION_MODES:
         raise KVPassError(f"attention={attention!r} is not a mode; use one of {ATTENTION_MODES}")
     graph = gm.graph
     device = next((b.device for b in gm.buffers()), torch.device("cpu"))
     old_buffers = set()
-    rope_tables = RopeTables(gm, device)
+    table = BufferTable(gm)
+    rope_tables = RopeTables(table, device)
     handler = handler_for(method)
-    ctx = RewriteContext(gm, device, attention, method, calibration or {})
+    ctx = RewriteContext(gm, device, attention, method, calibration, table)
+    sites = [site.copy() for site in sites]
     for site, layout in zip(sites, layouts):
         buffers = handler.add_buffers(ctx, site, layout)
         if method.balance:
-            add_balancer(gm, site, device)
+            add_balancer(ctx, site)
         tables = None
         if method.pre_rope_keys and site.rope is not None:
             tables = rope_tables.get(site, layout.key)
@@ -163,4 +177,4 @@ def rewrite(gm: GraphModule, sites: list[AttentionSite], layouts: list[KVLayout]
             tensor.untyped_storage().resize_(0)
     graph.lint()
     gm.recompile()
-    return gm
+    return table.records

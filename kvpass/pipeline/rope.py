@@ -9,6 +9,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from kvpass.kvcache import CacheLayout
+from kvpass.pipeline.buffers import BufferTable
 from kvpass.pipeline.locate import AttentionSite, Rope
 
 aten = torch.ops.aten
@@ -85,10 +86,10 @@ class RopeTables:
     """The cos/sin ``[B or 1, 1, max_len, rotary_dim]`` of every cache slot, one per distinct rotary embedding in
     the graph, for keys stored before RoPE. Recomputed from cached int32 position ids where the graph allows
     (exact); else cached rows, in the key cache's dtype when keys are not quantized (exact), else in fp16.
-    Either is counted in ``cache_report`` (buffers named ``kvpass_rope_*``)."""
+    Either is counted in ``cache_report`` (buffers of no one layer in the rewrite's records)."""
 
-    def __init__(self, gm: GraphModule, device) -> None:
-        self.gm, self.device, self.tables = gm, device, {}
+    def __init__(self, buffers: BufferTable, device) -> None:
+        self.gm, self.buffers, self.device, self.tables = buffers.gm, buffers, device, {}
         self.positions: dict[Node, str] = {}  # position input -> its cached [B, 1, max_len, 1] int32 buffer
 
     def get(self, site: AttentionSite, layout: CacheLayout | None) -> tuple[Node | str, Node | str]:
@@ -115,8 +116,7 @@ class RopeTables:
         g = self.gm.graph
         if source not in self.positions:
             name = f"kvpass_rope_positions_{len(self.positions)}"
-            self.gm.register_buffer(name, torch.zeros(batch, 1, site.max_len, 1, dtype=torch.int32,
-                                                      device=self.device))
+            self.buffers.add(name, torch.zeros(batch, 1, site.max_len, 1, dtype=torch.int32, device=self.device), None)
             rows = source if sv.ndim == 2 else g.call_function(aten.unsqueeze.default, (source, 0))
             rows = g.call_function(aten.unsqueeze.default, (g.call_function(aten.unsqueeze.default, (rows, 1)), -1))
             g.call_function(torch.ops.kvpass.kv_store_.default, ([g.get_attr(name)], [], rows, site.key.positions,
@@ -146,8 +146,8 @@ class RopeTables:
             val = node.meta["val"]
             rows = self._rows(node, val.ndim)
             batch = val.shape[0] if val.ndim >= 3 else 1
-            self.gm.register_buffer(name, torch.zeros(int(batch), 1, site.max_len, rope.rotary_dim, dtype=dtype,
-                                                      device=self.device))
+            self.buffers.add(name, torch.zeros(int(batch), 1, site.max_len, rope.rotary_dim, dtype=dtype,
+                                               device=self.device), None)
             g.call_function(torch.ops.kvpass.kv_store_.default, ([g.get_attr(name)], [], rows, site.key.positions,
                                                                  "none"))
             names.append(name)

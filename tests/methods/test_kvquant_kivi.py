@@ -67,9 +67,9 @@ def test_calibration_round_trip_and_errors(llama, calibration, tmp_path):
     ids, mask = prompt(2)
     a = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=calibration)
     coded = 1 - calibration.promoted_layers[0]  # the other of the two layers is int8 (no calibrated tensors)
-    lo = calibration.tensors[f"{coded}.k.lo"]
-    assert calibration.tensors[f"{coded}.k.lut"].shape == (*lo.shape, 8)  # keys: one LUT per head and channel
-    assert calibration.tensors[f"{coded}.v.lut"].shape == (8,)  # values: one per layer
+    keys, values = calibration.for_layer(coded, "k"), calibration.for_layer(coded, "v")
+    assert keys["lut"].shape == (*keys["lo"].shape, 8)  # keys: one LUT per head and channel
+    assert values["lut"].shape == (8,)  # values: one per layer
     calibration.save(tmp_path / "cal")
     b = kvpass.compile(llama, "kvquant-3bit-1%", max_cache_len=48, batch_size=2, calibration=str(tmp_path / "cal"))
     assert torch.equal(a(ids, attention_mask=mask), b(ids, attention_mask=mask))

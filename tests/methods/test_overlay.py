@@ -64,8 +64,8 @@ def test_overlay_ops_opcheck():
             kc, ks = CacheLayout.build("int4:per_token", (B, H, S, D), torch.float32).allocate()
             lists = (kc, ks, kc, ks)
         spec = "" if evict else "int4:per_token"
-        torch.library.opcheck(ov_ops.kv_overlay_attention_, (q, *lists, spec, spec, S, None, torch.tensor([2]), 0.5,
-                                                             *state, evict, True))
+        meta = ov_ops.OverlayMeta(spec, spec, S, 0.5, evict, True)
+        torch.library.opcheck(ov_ops.kv_overlay_attention_, (q, *lists, None, torch.tensor([2]), *state, str(meta)))
 
 
 FULL_OVERLAY = MethodConfig("mikv-100", "MiKV with every token in the overlay", "int2:per_token", "int2:per_token",

@@ -12,7 +12,7 @@ from helpers.tiny_models import build
 import kvpass
 from kvpass.kvcache import CacheLayout
 from kvpass.pipeline.handler import LayerPlan, MethodHandler, register_handler
-from kvpass.pipeline.rewrite import add_buffers, buffer_prefix, get_attrs, replace_write
+from kvpass.pipeline.rewrite import add_buffers, attention_meta, get_attrs, replace_write
 
 MAX_LEN = 48
 
@@ -38,8 +38,7 @@ class AlternatingHandler(MethodHandler):
                          CacheLayout.build(spec, (*shape, site.v_head_dim), site.dtype))
 
     def add_buffers(self, ctx, site, layout):
-        return [add_buffers(ctx.gm, buffer_prefix(site, w), cl, ctx.device) for w, cl in (("k", layout.key),
-                                                                                          ("v", layout.value))]
+        return [add_buffers(ctx, site, w, cl) for w, cl in (("k", layout.key), ("v", layout.value))]
 
     def emit(self, ctx, site, layout, buffers, tables):
         (kc, ks), (vc, vs) = buffers
@@ -48,8 +47,7 @@ class AlternatingHandler(MethodHandler):
         q_positions = site.key.positions if site.is_causal and site.mask is None else None
         call = ctx.gm.graph.call_function(torch.ops.kvpass.kv_attention.default, (
             site.query, get_attrs(ctx.gm, kc), get_attrs(ctx.gm, ks), get_attrs(ctx.gm, vc), get_attrs(ctx.gm, vs),
-            str(layout.key.spec), str(layout.value.spec), site.head_dim, site.v_head_dim, site.max_len, site.mask,
-            q_positions, site.scale, False, None, None, "", 0))
+            site.mask, q_positions, None, None, str(attention_meta(site, layout, None))))
         return ctx.gm.graph.call_function(operator.getitem, (call, 0))
 
 

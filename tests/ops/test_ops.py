@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from kvpass.formats import quantize
 from kvpass.kvcache import CacheLayout
 from kvpass.ops import cache as ops
+from kvpass.ops.meta import AttentionMeta, CacheRead
 
 SPECS = ["none", "fp16", "int8:per_token", "int4:per_token:g16", "int2:per_token:g16+outliers5%",
          "nuq3:per_token", "nuq2:per_token:qnorm", "fp8_e4m3:per_token", "fp8_e5m2"]
 B, HKV, HQ, S, D = 2, 2, 4, 16, 32
-NO_ROPE = (None, None, "", 0)
+NO_ROPE = (None, None)
 
 
 def filled(spec, seed=0, t=6):
@@ -29,18 +30,18 @@ def test_opcheck(spec):
     _, kc, ks, new, pos = filled(spec)
     _, vc, vs, _, _ = filled(spec, seed=1)
     torch.library.opcheck(ops.kv_store_, (kc, ks, new, pos, spec))
-    torch.library.opcheck(ops.kv_load, (kc, ks, spec, D, S, torch.float32, None, None, "", 0))
+    torch.library.opcheck(ops.kv_load, (kc, ks, None, None, torch.float32, str(CacheRead(spec, D, S))))
     q = torch.randn(B, HQ, 3, D)
     for mask, qpos, need in [(None, torch.tensor([3, 4, 5]), True), (None, torch.tensor([3, 4, 5]), False),
                              (torch.ones(B, 1, 3, S, dtype=torch.bool).tril(3), None, True)]:
-        torch.library.opcheck(ops.kv_attention, (q, kc, ks, vc, vs, spec, spec, D, D, S, mask, qpos, D**-0.5, need,
-                                                    None, None, "", 0))
+        torch.library.opcheck(ops.kv_attention, (q, kc, ks, vc, vs, mask, qpos, None, None,
+                                                    str(AttentionMeta(spec, spec, D, D, S, D**-0.5, need_mass=need))))
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_store_then_load_matches_the_format(spec):
     _, cache, static, new, _ = filled(spec)
-    loaded = ops.kv_load(cache, static, spec, D, S, torch.float32, None, None, "", 0)
+    loaded = ops.kv_load(cache, static, None, None, torch.float32, str(CacheRead(spec, D, S)))
     expected = quantize(new, spec).dequantize() if spec not in ("fp8_e5m2",) else None
     if expected is not None and "qnorm" not in spec:
         torch.testing.assert_close(loaded[:, :, : new.shape[2]], expected.float(), rtol=0, atol=1e-6)
@@ -61,7 +62,8 @@ def test_unquantized_attention_equals_sdpa_and_mass_sums_to_queries():
     _, kc, ks, k, pos = filled("none")
     _, vc, vs, v, _ = filled("none", seed=1)
     q = torch.randn(B, HQ, 6, D)
-    out, mass = ops.kv_attention(q, kc, ks, vc, vs, "none", "none", D, D, S, None, pos, D**-0.5, True, *NO_ROPE)
+    out, mass = ops.kv_attention(q, kc, ks, vc, vs, None, pos, *NO_ROPE,
+                                 str(AttentionMeta("none", "none", D, D, S, D**-0.5, need_mass=True)))
     kk = torch.zeros(B, HKV, S, D)
     kk[:, :, :6] = k
     vv = torch.zeros(B, HKV, S, D)
@@ -85,9 +87,9 @@ def test_given_mask_is_used(mask_kind):
     allow[0, ..., 2] = True
     allow[1, ..., :6] = True
     mask = allow if mask_kind == "bool" else torch.zeros(allow.shape).masked_fill(~allow, float("-inf"))
-    out, mass = ops.kv_attention(q, kc, ks, vc, vs, "int8:per_token", "int8:per_token", D, D, S, mask, None, 0.2, True,
-                                 *NO_ROPE)
-    v = ops.kv_load(vc, vs, "int8:per_token", D, S, torch.float32, *NO_ROPE)
+    out, mass = ops.kv_attention(q, kc, ks, vc, vs, mask, None, *NO_ROPE,
+                                 str(AttentionMeta("int8:per_token", "int8:per_token", D, D, S, 0.2, need_mass=True)))
+    v = ops.kv_load(vc, vs, *NO_ROPE, torch.float32, str(CacheRead("int8:per_token", D, S)))
     torch.testing.assert_close(out[0], v[0, :, 2:3].repeat_interleave(2, 0), rtol=1e-5, atol=1e-5)
     assert mass[0, :, 2].allclose(torch.full((HKV,), 2.0)) and mass[0].sum() == pytest.approx(4.0)
 
@@ -116,9 +118,9 @@ class TinyCachedAttention(torch.nn.Module):
         vc, vs = self.bufs("v")
         torch.ops.kvpass.kv_store_(kc, ks, k, pos, self.spec)
         torch.ops.kvpass.kv_store_(vc, vs, v, pos, self.spec)
-        out, _ = torch.ops.kvpass.kv_attention(q, kc, ks, vc, vs, self.spec, self.spec, D, D, S, None, pos, D**-0.5, False,
-                                               *NO_ROPE)
-        dense_v = torch.ops.kvpass.kv_load(vc, vs, self.spec, D, S, torch.float32, *NO_ROPE)
+        out, _ = torch.ops.kvpass.kv_attention(q, kc, ks, vc, vs, None, pos, *NO_ROPE,
+                                               str(AttentionMeta(self.spec, self.spec, D, D, S, D**-0.5)))
+        dense_v = torch.ops.kvpass.kv_load(vc, vs, *NO_ROPE, torch.float32, str(CacheRead(self.spec, D, S)))
         return out * 2 + dense_v.sum()
 
 

@@ -11,10 +11,11 @@ import kvpass
 from kvpass.kvcache import CacheLayout, parse_cache_spec
 from kvpass.methods import MethodConfig, OverlayConfig
 from kvpass.ops import cache as ops
+from kvpass.ops.meta import AttentionMeta, CacheRead
 from kvpass.ops.recent import kv_recent_attention_
 
 B, HKV, HQ, S, D, W = 2, 2, 4, 40, 16, 5
-NO_ROPE = (None, None, "", 0)
+NO_ROPE = (None, None)
 
 
 def data(t, seed=0):
@@ -32,8 +33,8 @@ def run(k_spec, v_spec, chunks, seed=0, s=S):
     outs, start = [], 0
     for n in chunks:
         pos = torch.arange(start, start + n)
-        outs.append(kv_recent_attention_(q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, kc, ks, vc, vs, k_spec, v_spec,
-                                         D, D, s, None, pos, 0.25, *NO_ROPE))
+        outs.append(kv_recent_attention_(q[:, :, pos], k[:, :, pos], v[:, :, pos], pos, kc, ks, vc, vs, None, pos,
+                                         *NO_ROPE, str(AttentionMeta(k_spec, v_spec, D, D, s, 0.25))))
         start += n
     return torch.cat(outs, 2), (q, k, v), (kc, ks, vc, vs)
 
@@ -49,8 +50,8 @@ def per_query_reference(k_spec, v_spec, q, k, v, s=S):
         pos = torch.tensor([i])
         ops.kv_store_(kc, ks, k[:, :, pos], pos, k_spec)
         ops.kv_store_(vc, vs, v[:, :, pos], pos, v_spec)
-        ki = ops.kv_load(kc, ks, k_spec, D, s, torch.float32, *NO_ROPE)[:, :, :i + 1]
-        vi = ops.kv_load(vc, vs, v_spec, D, s, torch.float32, *NO_ROPE)[:, :, :i + 1]
+        ki = ops.kv_load(kc, ks, *NO_ROPE, torch.float32, str(CacheRead(k_spec, D, s)))[:, :, :i + 1]
+        vi = ops.kv_load(vc, vs, *NO_ROPE, torch.float32, str(CacheRead(v_spec, D, s)))[:, :, :i + 1]
         for x, exact, spec in ((ki, k, k_spec), (vi, v, v_spec)):
             cs = parse_cache_spec(spec)
             if cs.recent:
@@ -119,8 +120,8 @@ def test_ring_bytes_and_opcheck():
     assert layout.nbytes == base.nbytes + B * HKV * W * D * 2  # the ring, in the model's dtype
     _, (q, k, v), (kc, ks, vc, vs) = run(spec, spec, [12])
     pos = torch.tensor([12])
-    torch.library.opcheck(kv_recent_attention_, (q[:, :, :1], k[:, :, :1], v[:, :, :1], pos, kc, ks, vc, vs, spec, spec,
-                                                 D, D, S, None, pos, 0.25, *NO_ROPE))
+    torch.library.opcheck(kv_recent_attention_, (q[:, :, :1], k[:, :, :1], v[:, :, :1], pos, kc, ks, vc, vs, None, pos,
+                                                 *NO_ROPE, str(AttentionMeta(spec, spec, D, D, S, 0.25))))
 
 
 @pytest.mark.parametrize("arch,k_spec,v_spec,length", [
@@ -171,8 +172,8 @@ def test_recent_window_errors():
     _, (q, k, v), (kc, ks, vc, vs) = run(spec, spec, [6])
     with pytest.raises(kvpass.KVPassError, match="consecutive positions"):
         pos = torch.tensor([6, 8])
-        kv_recent_attention_(q[:, :, :2], k[:, :, :2], v[:, :, :2], pos, kc, ks, vc, vs, spec, spec, D, D, S, None, pos,
-                             0.25, *NO_ROPE)
+        kv_recent_attention_(q[:, :, :2], k[:, :, :2], v[:, :, :2], pos, kc, ks, vc, vs, None, pos, *NO_ROPE,
+                             str(AttentionMeta(spec, spec, D, D, S, 0.25)))
 
 
 def test_rewritten_module_with_a_window_reexports_and_compiles():

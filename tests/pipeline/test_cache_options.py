@@ -6,13 +6,15 @@ from helpers.generation import prompt, reference
 from helpers.tiny_models import build
 
 import kvpass
+from kvpass.calibration.store import CalibKey
 from kvpass.formats import quantize
 from kvpass.kvcache import CacheLayout, parse_cache_spec
 from kvpass.methods import MethodConfig, OverlayConfig
 from kvpass.ops import cache as ops
+from kvpass.ops.meta import AttentionMeta, CacheRead
 
 B, H, S, D, R = 2, 2, 40, 16, 8
-NO_ROPE = (None, None, "", 0)
+NO_ROPE = (None, None)
 KIVI_K = f"int2:per_channel:g4|residual={R}"
 
 
@@ -29,7 +31,7 @@ def fill(spec, chunks, seed=0):
 
 def test_residual_keeps_recent_tokens_exact_and_codes_complete_blocks_per_channel():
     _, cache, static, x = fill(KIVI_K, [21])
-    dense = ops.kv_load(cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE)
+    dense = ops.kv_load(cache, static, *NO_ROPE, torch.float32, str(CacheRead(KIVI_K, D, S)))
     done = 21 // R * R
     expected = quantize(x[:, :, :done].reshape(B, H, done // R, R, D), "int2:per_channel:g4").dequantize()
     torch.testing.assert_close(dense[:, :, :done], expected.reshape(B, H, done, D))
@@ -52,16 +54,16 @@ def test_residual_bytes_and_opcheck():
     codes, meta, ring = blocks * R * D * 2 // 8, 2 * blocks * (R // 4) * D * 2, R * D * 4
     assert layout.nbytes == B * H * (codes + meta + ring) + 8
     torch.library.opcheck(ops.kv_store_, (cache, static, x[:, :, :1], torch.tensor([13]), KIVI_K))
-    torch.library.opcheck(ops.kv_load, (cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE))
+    torch.library.opcheck(ops.kv_load, (cache, static, *NO_ROPE, torch.float32, str(CacheRead(KIVI_K, D, S))))
     q = torch.randn(B, 2 * H, 1, D)
-    torch.library.opcheck(ops.kv_attention, (q, cache, static, cache, static, KIVI_K, KIVI_K, D, D, S, None,
-                                             torch.tensor([13]), 0.25, True, *NO_ROPE))
+    torch.library.opcheck(ops.kv_attention, (q, cache, static, cache, static, None, torch.tensor([13]),
+                                             *NO_ROPE, str(AttentionMeta(KIVI_K, KIVI_K, D, D, S, 0.25, need_mass=True))))
 
 
 def test_sink_keeps_the_first_token():
     spec = "int2:per_token|sink=1"
     _, cache, static, x = fill(spec, [6])
-    dense = ops.kv_load(cache, static, spec, D, S, torch.float32, *NO_ROPE)
+    dense = ops.kv_load(cache, static, *NO_ROPE, torch.float32, str(CacheRead(spec, D, S)))
     assert torch.equal(dense[:, :, 0], x[:, :, 0])
     assert not torch.equal(dense[:, :, 1:6], x[:, :, 1:6])
     assert CacheLayout.build(spec, (B, H, S, D), torch.float32).nbytes == (
@@ -161,7 +163,7 @@ def test_kivi_generates_and_reports_its_layout(arch):
 
 def test_residual_load_of_a_prefix_reads_blocks_not_the_ring():
     layout, cache, static, _ = fill(KIVI_K, [30])
-    full = ops.kv_load(cache, static, KIVI_K, D, S, torch.float32, *NO_ROPE)
+    full = ops.kv_load(cache, static, *NO_ROPE, torch.float32, str(CacheRead(KIVI_K, D, S)))
     for upto in (5, 8, 13, 30):
         from kvpass.kvcache import load
 
@@ -206,7 +208,7 @@ def test_full_precision_layers_are_not_calibrated():
                      "nuq3:per_token+outliers1%|sink=1", pre_rope_keys=True, full_precision_layers=(0,))
     tokens = torch.randint(3, 96, (600,), generator=torch.Generator().manual_seed(0))
     cal = kvpass.calibrate(model, [tokens], m, n_samples=2, seq_len=48)
-    assert not any(name.startswith("0.") for name in cal.tensors)
-    assert {"1.k.lo", "1.k.lut", "1.v.lut"} <= set(cal.tensors)
+    assert not any(key.layer == 0 for key in cal.tensors)
+    assert {CalibKey(1, "k", "lo"), CalibKey(1, "k", "lut"), CalibKey(1, "v", "lut")} <= set(cal.tensors)
     qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
     assert qm.cache_report().layers[0].key_spec == "none"

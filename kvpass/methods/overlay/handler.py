@@ -4,13 +4,13 @@ overlay's buffers and store, and attention over both (``kv_overlay_attention_``)
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from kvpass.errors import KVPassError
 from kvpass.kvcache import parse_cache_spec
 from kvpass.methods.base import MethodConfig
-from kvpass.methods.overlay import op as _op  # noqa: F401  (registers the overlay ops)
 from kvpass.methods.overlay.config import OverlayConfig, overlay_nbytes
+from kvpass.methods.overlay.op import OverlayMeta
 from kvpass.methods.specs import SpecHandler
 from kvpass.pipeline.handler import LayerPlan, RewriteContext, register_handler
 from kvpass.pipeline.locate import AttentionSite
@@ -41,24 +41,24 @@ class OverlayHandler(SpecHandler):
              tables: tuple | None) -> Node:
         if layout.key is not None:
             self.store(ctx, site, layout, buffers)
-        return overlay_attention_node(ctx.gm, site, *buffers, layout, ctx.method.overlay, ctx.device)
+        return overlay_attention_node(ctx, site, *buffers, layout, ctx.method.overlay)
 
     def describe(self, layout: KVLayout) -> tuple[str, str]:
         kspec, vspec = super().describe(layout)
         return kspec + " + overlay", vspec + " + overlay"
 
 
-def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
-                           overlay: OverlayConfig, device) -> Node:
+def overlay_attention_node(ctx: RewriteContext, site: AttentionSite, k: tuple, v: tuple, layout: KVLayout,
+                           overlay: OverlayConfig) -> Node:
     """The overlay's buffers, its store of the new tokens, and attention over low precision + overlay."""
+    gm = ctx.gm
     g, prefix = gm.graph, f"kvpass_cache_{site.index}_overlay"
     c, shape = overlay.capacity(site.max_len), (site.batch, site.kv_heads)
     dtype = overlay.dtype(site.dtype)
     buffers = {"k": torch.zeros(*shape, c, site.head_dim, dtype=dtype), "v": torch.zeros(*shape, c, site.v_head_dim, dtype=dtype),
                "slot": torch.zeros(*shape, c, dtype=torch.int32), "score": torch.zeros(*shape, site.max_len)}
-    for name, t in buffers.items():
-        gm.register_buffer(f"{prefix}_{name}", t.to(device))
-    ov = {name: g.get_attr(f"{prefix}_{name}") for name in buffers}
+    ov = {name: g.get_attr(ctx.buffers.add(f"{prefix}_{name}", t.to(ctx.device), site.index))
+          for name, t in buffers.items()}
     g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
                     (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,
                      overlay.recent_tokens(site.max_len), overlay.sink, overlay.by_score))
@@ -67,9 +67,9 @@ def overlay_attention_node(gm: GraphModule, site: AttentionSite, k: tuple, v: tu
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     return g.call_function(
         torch.ops.kvpass.kv_overlay_attention_.default,
-        (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), kspec, vspec,
-         site.max_len, site.mask, q_positions, site.scale, ov["k"], ov["v"], ov["slot"], ov["score"], overlay.evict,
-         overlay.by_score),
+        (site.query, get_attrs(gm, k[0]), get_attrs(gm, k[1]), get_attrs(gm, v[0]), get_attrs(gm, v[1]), site.mask,
+         q_positions, ov["k"], ov["v"], ov["slot"], ov["score"],
+         str(OverlayMeta(kspec, vspec, site.max_len, float(site.scale), overlay.evict, overlay.by_score))),
     )
 
 

@@ -15,10 +15,13 @@ tokens received so far, as H2O does when it streams a prompt.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvpass import kvcache
 from kvpass.ops.attention import attention_mass, reference_attention, visible_length
+from kvpass.ops.meta import OpMeta
 
 
 def insert(ov_slot: torch.Tensor, score: torch.Tensor, position: int, recent: int, sink: int, by_score: bool) -> torch.Tensor:
@@ -80,6 +83,20 @@ def with_overlay(dense: torch.Tensor | None, ov: torch.Tensor, ov_slot: torch.Te
     return padded[:, :, :n]
 
 
+@dataclass(frozen=True)
+class OverlayMeta(OpMeta):
+    """What ``kv_overlay_attention_`` reads fixed at compile time: the low-precision caches' specs ("" where a side
+    has none), their length, the softmax scale, whether only the overlay is read (``evict``), and whether each
+    token's attention mass is added to its score (``accumulate``)."""
+
+    k: str
+    v: str
+    max_len: int
+    scale: float
+    evict: bool = False
+    accumulate: bool = False
+
+
 @torch.library.custom_op("kvpass::kv_overlay_attention_", mutates_args=("score",))
 def kv_overlay_attention_(
     q: torch.Tensor,
@@ -87,21 +104,19 @@ def kv_overlay_attention_(
     k_static: list[torch.Tensor],
     v_cache: list[torch.Tensor],
     v_static: list[torch.Tensor],
-    k_spec: str,
-    v_spec: str,
-    max_len: int,
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
-    scale: float,
     ov_k: torch.Tensor,
     ov_v: torch.Tensor,
     ov_slot: torch.Tensor,
     score: torch.Tensor,
-    evict: bool,
-    accumulate: bool,
+    meta: str,
 ) -> torch.Tensor:
     """Attention over the low-precision cache with the overlay substituted (only the overlay if ``evict``);
-    adds each token's attention mass to ``score`` when ``accumulate``."""
+    adds each token's attention mass to ``score`` when ``accumulate``. ``meta`` is an :class:`OverlayMeta`."""
+    m = OverlayMeta.parse(meta)
+    max_len, scale, evict, accumulate = m.max_len, m.scale, m.evict, m.accumulate
+    k_spec, v_spec = m.k, m.v
     n = visible_length(mask, q_positions, max_len)
     dk, dv = ov_k.shape[-1], ov_v.shape[-1]
     k = None if evict else kvcache.load(k_cache, k_static, kvcache.parse_cache_spec(k_spec), dk, max_len, q.dtype, n)
@@ -126,10 +141,9 @@ def kv_overlay_attention_(
 
 
 @kv_overlay_attention_.register_fake
-def _(q, k_cache, k_static, v_cache, v_static, k_spec, v_spec, max_len, mask, q_positions, scale, ov_k, ov_v, ov_slot,
-      score, evict, accumulate):
+def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov_slot, score, meta):
     b, hq, t, _ = q.shape
     return q.new_empty((b, hq, t, ov_v.shape[-1]))
 
 
-__all__ = ["attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]
+__all__ = ["OverlayMeta", "attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]

@@ -51,9 +51,31 @@ from kvpass.methods.qaq.config import (
 )
 from kvpass.methods.qaq.fit import sensitivities, shares, solve
 from kvpass.methods.qaq.formulas import key_bits, quantile_norm, to_tier, token_range, value_bits
-from kvpass.methods.qaq.op import kv_qaq_attention_
+from kvpass.methods.qaq.op import QAQMeta, kv_qaq_attention_
 from kvpass.methods.qaq.storage import TierLayout, assign, read, split_buffers, write
 
-__all__ = ["QAQConfig", "TierLayout", "assign", "capacities", "fixed_nbytes", "from_ring", "key_bits",
-           "kv_qaq_attention_", "qnorm_stats_nbytes", "quantile_norm", "read", "sensitivities", "shares", "solve",
-           "split_buffers", "to_ring", "to_tier", "token_nbytes", "token_range", "unpack_map", "value_bits", "write"]
+__all__ = [
+                                       "QAQConfig",
+                                       "QAQMeta",
+                                       "TierLayout",
+                                       "assign",
+                                       "capacities",
+                                       "fixed_nbytes",
+                                       "from_ring",
+                                       "key_bits",
+                                       "kv_qaq_attention_",
+                                       "qnorm_stats_nbytes",
+                                       "quantile_norm",
+                                       "read",
+                                       "sensitivities",
+                                       "shares",
+                                       "solve",
+                                       "split_buffers",
+                                       "to_ring",
+                                       "to_tier",
+                                       "token_nbytes",
+                                       "token_range",
+                                       "unpack_map",
+                                       "value_bits",
+                                       "write",
+]

@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 
 from kvpass.calibration.statics import fit_statics
+from kvpass.calibration.store import CalibKey
 from kvpass.errors import KVPassError
 from kvpass.kvcache import parse_cache_spec, static_names
 from kvpass.methods.qaq.config import QAQConfig, fixed_nbytes, map_bits, tier_cost
@@ -82,7 +83,7 @@ def shares(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tenso
 
 
 def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0,
-            dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], float]:
+            dtype: torch.dtype = torch.float16) -> tuple[dict[CalibKey, torch.Tensor], float]:
     """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
     for keys and values, and the calibrated tensors (ranges, LUTs) of the key and value tiers that have them."""
     nums = {}
@@ -94,15 +95,14 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
         nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
     hkv, _, dk = acts[f"{layers[0]}.k"][0].shape
     dv = acts[f"{layers[0]}.v"][0].shape[-1]
-    # keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.passes.rope)
+    # keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.pipeline.rope)
     shared = 32.0 / (len(layers) * hkv * (dk + dv)) if f"{layers[0]}.k_rope" in acts else 0.0
     eps = config.eps or solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype,
                                   shared)
     tensors = {}
     for layer, (nk, nv) in nums.items():
         for which, num in (("k", nk), ("v", nv)):
-            tensors[f"{layer}.{which}.tier_share"] = shares(num, eps, config.tier_bits)
-            tensors[f"{layer}.{which}.eps"] = torch.tensor(eps, dtype=torch.float64)
+            tensors[CalibKey(layer, which, "tier_share")] = shares(num, eps, config.tier_bits)
         for which in "kv":
             for t, tier in enumerate(config.tiers_for(which)):
                 cs = parse_cache_spec(tier)
@@ -112,5 +112,5 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
                 # outside the others' ranges, and the sink is stored in the highest tier anyway
                 act, fisher = torch.stack(acts[f"{layer}.{which}"]), torch.stack(acts[f"{layer}.{which}.fisher"])
                 for name, x in fit_statics(replace(cs, sink=1), act, fisher, seed).items():
-                    tensors[f"{layer}.{which}.t{t}_{name}"] = x.contiguous()
+                    tensors[CalibKey(layer, which, f"t{t}_{name}")] = x.contiguous()
     return tensors, eps

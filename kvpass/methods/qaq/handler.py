@@ -4,16 +4,17 @@
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Node
 
 from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
 from kvpass.kvcache import parse_cache_spec, static_names
 from kvpass.methods.base import MethodConfig
-from kvpass.methods.qaq import op as _op  # noqa: F401  (registers kv_qaq_attention_)
 from kvpass.methods.qaq.config import QAQConfig, capacities, fixed_nbytes, qnorm_stats_nbytes
 from kvpass.methods.qaq.fit import fit_qaq
+from kvpass.methods.qaq.op import QAQMeta
 from kvpass.methods.qaq.storage import TierLayout
+from kvpass.pipeline.buffers import Role
 from kvpass.pipeline.handler import FitData, LayerPlan, MethodHandler, RewriteContext, register_handler
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
@@ -35,7 +36,7 @@ class QAQHandler(MethodHandler):
         retained = 16.0 if config.retain else 0.0  # the model-precision copy of every token (fp16 here)
         return per_token + retained + 8.0 * fixed / (2 * tokens * head_dim)
 
-    def plan(self, method: MethodConfig, site: AttentionSite, calibration: dict | None) -> LayerPlan:
+    def plan(self, method: MethodConfig, site: AttentionSite, calibration: Calibration | None) -> LayerPlan:
         shape = (site.batch, site.kv_heads, site.max_len)
         tiers = tuple(TierLayout(method.qaq, tuple(capacities(qaq_input(calibration, site.index, w)["tier_share"],
                                                               site.max_len, method.qaq.sink)),
@@ -46,7 +47,7 @@ class QAQHandler(MethodHandler):
 
     def emit(self, ctx: RewriteContext, site: AttentionSite, layout: KVLayout, buffers: None,
              tables: tuple | None) -> Node:
-        return qaq_attention_node(ctx.gm, site, layout, ctx.calibration, ctx.device, tables)
+        return qaq_attention_node(ctx, site, layout, tables)
 
     def describe(self, layout: KVLayout) -> tuple[str, str]:
         return tuple(t.describe() for t in layout.detail)
@@ -60,23 +61,25 @@ class QAQHandler(MethodHandler):
         calibration.tensors, calibration.meta["eps"] = fit_qaq(data.acts, data.layers, method.qaq, data.seed, dtype)
 
 
-def qaq_input(calibration: dict | None, layer: int, which: str) -> dict:
-    found = (calibration or {}).get((layer, which), {})
-    if "tier_share" not in found or "eps" not in found:
+def qaq_input(calibration: Calibration | None, layer: int, which: str) -> dict:
+    found = calibration.for_layer(layer, which) if calibration is not None else {}
+    if "tier_share" not in found or "eps" not in (calibration.meta if calibration is not None else {}):
         raise KVPassError(f"QAQ needs a calibration with tier shares and eps for layer {layer} ({which}); pass "
                           "calibration=kvpass.calibrate(model, texts, method=...) made for this QAQ method")
     return found
 
 
-def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, calibration: dict, device,
+def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayout,
                        tables: tuple[Node | str, Node | str] | None) -> Node:
-    """QAQ's buffers (calibrated tier tensors from ``calibration``) and its one op: write the new tokens, attend,
+    """QAQ's buffers (calibrated tier tensors from the calibration) and its one op: write the new tokens, attend,
     code the tokens that left the window (keys before RoPE with ``tables``)."""
+    gm, device = ctx.gm, ctx.device
     g, prefix = gm.graph, f"kvpass_cache_{site.index}_qaq"
     names = {}
     for which, tl in zip("kv", layout.detail):
-        fitted = calibration.get((site.index, which), {})
+        fitted = ctx.fitted(site.index, which)
         for name, t in tl.allocate(device).items():
+            role, target = Role.STATE, f"{prefix}_{which}_{name}"
             if name in tl.static_buffers():
                 if t.numel():  # (a tier of capacity 0 holds none)
                     if name not in fitted:
@@ -84,28 +87,25 @@ def qaq_attention_node(gm: GraphModule, site: AttentionSite, layout: KVLayout, c
                                           "calibration; calibrate with kvpass.calibrate(model, texts, method=...) for "
                                           "this method")
                     t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
-                # "_static_" in the name keeps KVPassModel.reset() from zeroing calibrated tensors
-                target = f"{prefix}_{which}_static_{name}"
-            else:
-                target = f"{prefix}_{which}_{name}"
-            gm.register_buffer(target, t)
-            names[f"{which}_{name}"] = target
-    gm.register_buffer(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device))
+                role, target = Role.FIXED, f"{prefix}_{which}_static_{name}"
+            names[f"{which}_{name}"] = ctx.buffers.add(target, t, site.index, role)
+    q_stats = ctx.buffers.add(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device), site.index)
     k_bufs = [names[n] for n in names if n.startswith("k_t")]
     v_bufs = [names[n] for n in names if n.startswith("v_t")]
-    state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], f"{prefix}_q_stats"]
+    state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], q_stats]
     if "k_retained" in names:
         state += [names["k_retained"], names["v_retained"]]
     kt, vt = layout.detail
+    rope = (site.rope.variant, site.rope.rotary_dim) if tables is not None else ("", 0)
+    meta = QAQMeta(";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")), tuple(kt.capacity),
+                   tuple(vt.capacity), float(ctx.calibration.meta["eps"]), kt.config.window,
+                   kt.config.quantile, kt.config.sink, site.max_len, float(site.scale), *rope)
     positions_node(gm, site.key)
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     return g.call_function(
         torch.ops.kvpass.kv_qaq_attention_.default,
         (site.query, site.key.new, site.value.new, site.key.positions, get_attrs(gm, k_bufs), get_attrs(gm, v_bufs),
-         get_attrs(gm, state), ";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")),
-         list(kt.capacity), list(vt.capacity), float(calibration[(site.index, "k")]["eps"]),
-         kt.config.window, kt.config.quantile, kt.config.sink, site.max_len, site.mask, q_positions, site.scale,
-         *rope_args(gm, site, tables)),
+         get_attrs(gm, state), site.mask, q_positions, *rope_args(gm, site, tables), str(meta)),
     )
 
 

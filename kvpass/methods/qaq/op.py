@@ -3,6 +3,8 @@ tokens that left the window into their tiers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kvpass.errors import KVPassError
@@ -11,6 +13,7 @@ from kvpass.methods.qaq.config import from_ring, pack_map, tier_bits, to_ring, u
 from kvpass.methods.qaq.formulas import key_bits, quantile_norm, to_tier, token_range, value_bits
 from kvpass.methods.qaq.storage import assign, promote, read, split_buffers, write
 from kvpass.ops.attention import apply_rope, attention_scores, masked_softmax, visible_length
+from kvpass.ops.meta import OpMeta
 
 
 def _tier_specs(text: str) -> list[CacheSpec]:
@@ -34,6 +37,26 @@ def _window_max(probs: torch.Tensor, q_pos: torch.Tensor, cols: torch.Tensor, wi
     return out.reshape(b, kv_heads, hq // kv_heads, -1).amax(2)
 
 
+@dataclass(frozen=True)
+class QAQMeta(OpMeta):
+    """What ``kv_qaq_attention_`` reads fixed at compile time: the value and key tier cache specs joined by ``;``,
+    each tier's capacity in tokens, the error budget ``eps``, the window, the query-norm quantile, the sink, the cache
+    length, the softmax scale and, for keys stored before RoPE, its variant and rotary dims."""
+
+    tiers: str
+    key_tiers: str
+    k_capacity: tuple[int, ...]
+    v_capacity: tuple[int, ...]
+    eps: float
+    window: int
+    quantile: float
+    sink: int
+    max_len: int
+    scale: float
+    rope: str = ""
+    rotary_dim: int = 0
+
+
 @torch.library.custom_op("kvpass::kv_qaq_attention_", mutates_args=("k_bufs", "v_bufs", "state"))
 def kv_qaq_attention_(
     q: torch.Tensor,
@@ -43,32 +66,24 @@ def kv_qaq_attention_(
     k_bufs: list[torch.Tensor],
     v_bufs: list[torch.Tensor],
     state: list[torch.Tensor],
-    tiers: str,
-    key_tiers: str,
-    k_capacity: list[int],
-    v_capacity: list[int],
-    eps: float,
-    window: int,
-    quantile: float,
-    sink: int,
-    max_len: int,
     mask: torch.Tensor | None,
     q_positions: torch.Tensor | None,
-    scale: float,
-    rope_cos: torch.Tensor | None = None,
-    rope_sin: torch.Tensor | None = None,
-    rope: str = "",
-    rotary_dim: int = 0,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    meta: str,
 ) -> torch.Tensor:
     """Write new K/V ``[B, Hkv, T, D]`` at ``positions``, attend ``q`` over the cache, then code the tokens that
-    left the window into their tiers. ``state`` is ``[k_map, v_map, k_ring, v_ring, ring_score, q_stats]`` (the maps packed), then
-    ``k_retained, v_retained`` when the method retains model-precision copies (decided tokens may then move up a
-    tier); ``tiers`` and ``key_tiers`` are the value and key tier specs joined by ``;``. When ``rope`` names the
-    variant, ``new_k`` is before its rotary embedding, keys are stored (and ranked by range) that way and rotated
-    by the cached ``rope_cos``/``rope_sin`` ``[B or 1, 1, max_len, rotary_dim]`` of their slots at read time."""
+    left the window into their tiers; ``meta`` is a :class:`QAQMeta`. ``state`` is ``[k_map, v_map, k_ring, v_ring,
+    ring_score, q_stats]`` (the maps packed), then ``k_retained, v_retained`` when the method retains
+    model-precision copies (decided tokens may then move up a tier). When ``meta.rope`` names the variant, ``new_k``
+    is before its rotary embedding, keys are stored (and ranked by range) that way and rotated by the cached
+    ``rope_cos``/``rope_sin`` ``[B or 1, 1, max_len, rotary_dim]`` of their slots at read time."""
+    m = QAQMeta.parse(meta)
+    k_capacity, v_capacity, eps, window, quantile, sink = m.k_capacity, m.v_capacity, m.eps, m.window, m.quantile, m.sink
+    max_len, scale, rope, rotary_dim = m.max_len, m.scale, m.rope, m.rotary_dim
     k_packed, v_packed, k_ring, v_ring, ring_score, q_stats, *retained = state
     k_map, v_map = unpack_map(k_packed), unpack_map(v_packed)
-    kspecs, vspecs = _tier_specs(key_tiers), _tier_specs(tiers)
+    kspecs, vspecs = _tier_specs(m.key_tiers), _tier_specs(m.tiers)
     kb, vb = split_buffers(k_bufs, kspecs), split_buffers(v_bufs, vspecs)
     b, hkv, t, dk = new_k.shape
     dv, r = new_v.shape[-1], window - 1
@@ -169,7 +184,6 @@ def _attend_mixed(q: torch.Tensor, exact_scores: torch.Tensor, exact_v: torch.Te
 
 
 @kv_qaq_attention_.register_fake
-def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, tiers, key_tiers, k_capacity, v_capacity, eps, window, quantile, sink,
-      max_len, mask, q_positions, scale, rope_cos=None, rope_sin=None, rope="", rotary_dim=0):
+def _(q, new_k, new_v, positions, k_bufs, v_bufs, state, mask, q_positions, rope_cos, rope_sin, meta):
     b, hq, t, _ = q.shape
     return q.new_empty((b, hq, t, new_v.shape[-1]))

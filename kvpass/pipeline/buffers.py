@@ -1,0 +1,35 @@
+"""The buffers a rewrite adds to the module, one typed record each: which layer holds it and whether it is
+per-sequence state (zeroed when a new sequence starts) or fixed (calibrated or constant, kept across sequences)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+
+class Role(enum.Enum):
+    STATE = "state"  # written as tokens arrive: codes, scales, rings, maps, scores
+    FIXED = "fixed"  # calibrated or constant: LUTs, ranges, tier tensors
+
+
+@dataclass(frozen=True)
+class BufferRecord:
+    name: str
+    layer: int | None  # None: shared by layers (a RoPE table)
+    role: Role
+
+
+class BufferTable:
+    """Registers buffers on the module being rewritten and keeps their records."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        self.gm = gm
+        self.records: list[BufferRecord] = []
+
+    def add(self, name: str, tensor: torch.Tensor, layer: int | None, role: Role = Role.STATE) -> str:
+        self.gm.register_buffer(name, tensor)
+        self.records.append(BufferRecord(name, layer, role))
+        return name
