@@ -11,11 +11,17 @@ from kvpass.errors import KVPassError
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x.replace("k", "000")) for x in text.split(",") if x]
+    try:
+        return [int(x.strip().lower().replace("k", "000")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1k,2k, got {text!r}") from None
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
 
 
 def eval_parser(sub) -> argparse.ArgumentParser:

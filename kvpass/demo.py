@@ -58,6 +58,13 @@ def capture_kv(model, input_ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def fit_to(spec: formats.QuantSpec, shape: torch.Size) -> formats.QuantSpec:
+    """``spec`` without its group where the group does not divide the axis it splits (channels for per-token,
+    tokens for per-channel), as the methods fit their specs to a model's head dim."""
+    axis = shape[-1] if spec.granularity == "per_token" else shape[-2]
+    return spec.with_(group=None) if spec.group is not None and axis % spec.group else spec
+
+
 def tiny_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -69,6 +76,8 @@ def tiny_model():
 
 def run(model_name: str = "smollm2", tokens: int = 1024, console: Console | None = None) -> list[dict]:
     console = console or Console()
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise KVPassError(f"--tokens must be at least 2, got {tokens!r}")
     start = time.time()
     try:
         loaded = load(model_name)
@@ -83,8 +92,9 @@ def run(model_name: str = "smollm2", tokens: int = 1024, console: Console | None
         ids = torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(0))
     layers = capture_kv(model, ids)
     rows = []
-    for spec in tqdm(DEMO_SPECS, desc="quantizing", unit="format"):
-        row: dict = {"spec": spec}
+    for text in tqdm(DEMO_SPECS, desc="quantizing", unit="format"):
+        spec = fit_to(formats.parse_spec(text), layers[0]["keys"].shape)
+        row: dict = {"spec": str(spec)}
         for kind in ("keys_pre_rope", "keys", "values"):
             errs, bits = [], []
             for layer in layers:

@@ -29,6 +29,7 @@ import torch
 from kvpass.errors import KVPassError, SpecError
 from kvpass.formats import QuantSpec, parse_spec, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
+from kvpass.formats.base import FP16_MAX, metadata_bound
 from kvpass.formats.nuq import normal_float_grid
 
 
@@ -200,7 +201,13 @@ class CacheLayout:
                  static: dict[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zeroed per-token buffers and the static tensors (``static`` overrides the defaults), in op order."""
         cache = [torch.zeros(s, dtype=d, device=device) for s, d in self.buffer_specs().values()]
-        values = {**self.default_static(), **(static or {})}
+        defaults = self.default_static()
+        for name, t in (static or {}).items():
+            if name in defaults and tuple(t.shape) != tuple(defaults[name].shape):
+                raise KVPassError(f"calibrated tensor '{name}' for '{self.spec}' has shape {tuple(t.shape)}, this cache "
+                                  f"needs {tuple(defaults[name].shape)} ({self.heads} heads of {self.head_dim}); the "
+                                  "calibration was made for another model or method: calibrate again")
+        values = {**defaults, **(static or {})}
         missing = [n for n in ("lo", "hi") if n in static_names(self.spec) and n not in (static or {})]
         if missing:
             raise KVPassError(
@@ -237,9 +244,22 @@ def _write_coded(bufs: dict[str, torch.Tensor], coded: dict[str, torch.Tensor], 
         bufs[name].index_copy_(2, index, coded[name].to(bufs[name].dtype))
 
 
+def check_range(new: torch.Tensor, cs: CacheSpec) -> None:
+    """Keys or values whose scales or zero points would overflow fp16 (an fp32 or bf16 model can produce them)
+    are an error naming the fix, not NaN logits."""
+    spec = cs.format
+    if spec.scale_dtype != torch.float16 or spec.kind == "float" or spec.static or not new.numel():
+        return
+    amax = float(new.detach().abs().amax())
+    if metadata_bound(amax, spec) > FP16_MAX:
+        raise KVPassError(f"cached keys or values reach {amax:.4g}, past what the fp16 scales of '{cs}' can hold; "
+                          f"use a spec with ':scale_fp32' (e.g. '{spec}:scale_fp32') for this model")
+
+
 def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
           cs: CacheSpec) -> None:
     """Write ``new`` ``[B, H, T, D]`` at token ``positions`` ``[T]`` of every per-token buffer."""
+    check_range(new, cs)
     names = cache_names(cs)
     bufs = dict(zip(names, cache))
     coded_names = [n for n in names if n not in UNCODED]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +56,28 @@ class KVPassModel(nn.Module):
         self._seen = 0
         self._mask = torch.zeros(info.batch_size, info.max_cache_len, dtype=torch.long, device=self.device)
 
+    def __deepcopy__(self, memo: dict) -> KVPassModel:
+        """An independent copy: its own graph, parameters and cache buffers (the cached tokens included)."""
+        gm = self.graph_module
+        with warnings.catch_warnings():  # torch's pytree spec copy warns about its deprecated LeafSpec check
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            graph = copy.deepcopy(gm.graph)
+        root = {n.target: copy.deepcopy(_attr(gm, n.target), memo) for n in graph.nodes if n.op == "get_attr"}
+        # called submodules are export's stateless input guards: shared, not copied
+        root |= {n.target: _attr(gm, n.target) for n in graph.nodes if n.op == "call_module"}
+        new = KVPassModel(torch.fx.GraphModule(root, graph), self.info, self.sites, self.layouts, self.method,
+                          self.buffers, self.config, self.generation_config, self.prefill_chunk)
+        new._seen = self._seen
+        new._mask.copy_(self._mask)
+        return new
+
+    def __reduce_ex__(self, protocol):
+        raise KVPassError(
+            "a KVPassModel cannot be pickled or torch.save()d whole (its exported graph holds local functions); "
+            "save the calibration (Calibration.save) and compile again with kvpass.compile(model, method, "
+            "calibration=path); copy.deepcopy(qm) copies a compiled model in memory"
+        )
+
     @property
     def max_cache_len(self) -> int:
         return self.info.max_cache_len
@@ -88,32 +112,46 @@ class KVPassModel(nn.Module):
         ``attention_mask`` covers the new tokens (``[B, T]``) or everything so far (``[B, cached + T]``); 0 marks
         padding. Position ids continue each row's own count of real tokens, as transformers' generate does.
         """
+        input_ids = self._check_ids(input_ids)
         b, t = input_ids.shape
-        chunk = self.method.max_chunk
-        if chunk and t > chunk:  # methods that choose what to keep from attention write prompts in pieces
-            return torch.cat([self.step(input_ids[:, i:i + chunk], self._chunk_mask(attention_mask, b, t, i, chunk))
-                              for i in range(0, t, chunk)], dim=1)
         self._check_batch(b)
-        if self._seen + t > self.max_cache_len:
-            raise KVPassError(
-                f"context too long: {self._seen} cached + {t} new tokens = {self._seen + t} > max_cache_len="
-                f"{self.max_cache_len}; compile with a larger max_cache_len (kvpass.compile(..., max_cache_len=...)) "
-                "or call reset()"
-            )
+        self._check_room(t, "compile with a larger max_cache_len (kvpass.compile(..., max_cache_len=...)) or call reset()")
+        new_mask = self._new_mask(attention_mask, b, t)
+        chunk = self.method.max_chunk or t  # methods that choose what to keep from attention write prompts in pieces
+        # every input is checked before the first chunk is written; should a kernel still fail, the token count and
+        # the padding mask go back to where they were (rings and scores may not: docs/reliability.md)
+        seen, mask = self._seen, self._mask.clone()
+        try:
+            return torch.cat([self._write(input_ids[:, i:i + chunk], new_mask[:, i:i + chunk])
+                              for i in range(0, t, chunk)], dim=1)
+        except BaseException:
+            self._seen = seen
+            self._mask.copy_(mask)
+            raise
+
+    def _new_mask(self, attention_mask, b: int, t: int) -> torch.Tensor:
+        """The padding mask of the ``t`` new tokens, from a mask of the new tokens or of everything so far."""
         start, end = self._seen, self._seen + t
         if attention_mask is None:
-            new_mask = torch.ones(b, t, dtype=torch.long, device=self.device)
+            return torch.ones(b, t, dtype=torch.long, device=self.device)
+        attention_mask = torch.as_tensor(attention_mask).to(self.device).long()
+        if attention_mask.shape == (b, end):
+            new = attention_mask[:, start:]
+        elif attention_mask.shape == (b, t):
+            new = attention_mask
         else:
-            attention_mask = attention_mask.to(self.device).long()
-            if attention_mask.shape == (b, end):
-                new_mask = attention_mask[:, start:]
-            elif attention_mask.shape == (b, t):
-                new_mask = attention_mask
-            else:
-                raise KVPassError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {t}) for the new tokens "
-                    f"or ({b}, {end}) for all tokens so far"
-                )
+            raise KVPassError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected ({b}, {t}) for the new tokens "
+                f"or ({b}, {end}) for all tokens so far"
+            )
+        if bool(((new != 0) & (new != 1)).any()):
+            raise KVPassError("attention_mask must hold 0 (padding) and 1 (token) only")
+        return new
+
+    def _write(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Run one checked chunk: write its tokens after the cached ones and return their logits."""
+        b, t = input_ids.shape
+        start, end = self._seen, self._seen + t
         rows = self.batch_size
         ids = torch.zeros(rows, t, dtype=torch.long, device=self.device)
         ids[:b] = input_ids.to(self.device)
@@ -128,11 +166,32 @@ class KVPassModel(nn.Module):
         self._seen = end
         return logits[:b]
 
-    def _chunk_mask(self, mask: torch.Tensor | None, b: int, t: int, i: int, chunk: int) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        new = mask[:, -t:] if mask.shape[1] != t else mask  # the mask of the new tokens
-        return new[:, i:i + chunk]
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        """Token ids as a ``[B, T]`` integer tensor (lists and numpy arrays are taken), each in the vocabulary."""
+        if not isinstance(input_ids, torch.Tensor):
+            try:
+                input_ids = torch.as_tensor(input_ids)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise KVPassError(f"input_ids must be token ids [batch, tokens]; could not read {type(input_ids).__name__}"
+                                  f" as a tensor ({err})") from err
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise KVPassError(f"input_ids must be integer token ids, got {input_ids.dtype}; pass ids.long()")
+        if input_ids.ndim != 2:
+            hint = "; for one sequence pass ids[None]" if input_ids.ndim == 1 else ""
+            raise KVPassError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}{hint}")
+        if input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise KVPassError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per row")
+        vocab = getattr(self.config, "vocab_size", None)
+        if vocab and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+            raise KVPassError(f"input_ids hold {bad[0].item()}, outside the model's vocabulary [0, {vocab}); "
+                              "tokenize with the model's own tokenizer")
+        return input_ids
+
+    def _check_room(self, t: int, fix: str) -> None:
+        if self._seen + t > self.max_cache_len:
+            raise KVPassError(f"context too long: {self._seen} cached + {t} new tokens = {self._seen + t} > "
+                              f"max_cache_len={self.max_cache_len}; {fix}")
 
     def _check_batch(self, b: int) -> None:
         if b > self.batch_size:
@@ -143,11 +202,7 @@ class KVPassModel(nn.Module):
 
     def _module_step(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
-        if self._seen + t > self.max_cache_len:
-            raise KVPassError(
-                f"context too long: {self._seen} cached + {t} new tokens > max_cache_len={self.max_cache_len} "
-                "(the size of the module's cache buffers); allocate larger cache buffers in the module"
-            )
+        self._check_room(t, "max_cache_len is the length of the module's own cache buffers: allocate longer ones")
         positions = torch.arange(self._seen, self._seen + t, device=self.device)
         out = self.graph_module(tokens.to(self.device), positions)
         self._seen += t
@@ -175,9 +230,10 @@ class KVPassModel(nn.Module):
         sampling distribution (transformers' logits warpers). Rows stop at ``eos_token_id`` (default: the
         model's generation config) and are padded with ``pad_token_id`` afterwards.
         """
-        if input_ids.ndim != 2:
-            raise KVPassError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        input_ids = self._check_ids(input_ids)
         b, t0 = input_ids.shape
+        if max_new_tokens < 1:
+            raise KVPassError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.info.kind == "module" and attention_mask is not None and not bool((attention_mask != 0).all()):
             raise KVPassError("padding masks need a transformers model; this module's step takes (tokens, positions)")
         if self.info.kind == "module":
@@ -187,11 +243,17 @@ class KVPassModel(nn.Module):
                     f"generate() needs a module called as (tokens, positions) -> logits; this one takes {params}"
                 )
         if t0 + max_new_tokens > self.max_cache_len:
+            fix = (f"compile with kvpass.compile(..., max_cache_len={t0 + max_new_tokens}) or more"
+                   if self.info.kind == "hf" else "allocate longer cache buffers in the module")
             raise KVPassError(
                 f"prompt of {t0} tokens + max_new_tokens={max_new_tokens} = {t0 + max_new_tokens} exceeds "
-                f"max_cache_len={self.max_cache_len}; compile with kvpass.compile(..., max_cache_len="
-                f"{t0 + max_new_tokens}) or more, or ask for fewer tokens"
+                f"max_cache_len={self.max_cache_len}; {fix}, or ask for fewer tokens"
             )
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask)
+            if attention_mask.shape == input_ids.shape and bool((attention_mask[:, -1] == 0).any()):
+                warnings.warn("right padding detected in attention_mask: decoder-only models generate after the last "
+                              "token of each row, so pad on the left (tokenizer.padding_side = 'left')", stacklevel=2)
         self._check_batch(b)
         eos = self._eos(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else self._pad(eos)
@@ -261,3 +323,9 @@ class KVPassModel(nn.Module):
         """Bytes of every cache buffer, bits per element and the full-precision bytes replaced, per layer."""
         dense = str(self.sites[0].dtype).replace("torch.", "") if self.sites else "float16"
         return build_report(self.method, self.layouts, dict(self.graph_module.named_buffers()), self.buffers, dense)
+
+
+def _attr(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

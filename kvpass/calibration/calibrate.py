@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvpass.calibration.record import record, token_samples
 from kvpass.calibration.store import Calibration, config_hash
+from kvpass.errors import KVPassError
 from kvpass.methods.base import MethodConfig, get_method
 from kvpass.pipeline.capture import capture_model
 from kvpass.pipeline.handler import FitData, handler_for
@@ -22,6 +23,10 @@ def calibrate(
     """Fit ``method``'s static tensors on ``texts`` (strings, with ``tokenizer``, or token-id tensors)."""
     m = get_method(method)
     samples = token_samples(texts, tokenizer, n_samples, seq_len, seed)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab and any(bool(((s < 0) | (s >= vocab)).any()) for s in samples):
+        raise KVPassError(f"calibration token ids fall outside the model's vocabulary [0, {vocab}); tokenize with the "
+                          "model's own tokenizer")
     model.eval()
     captured = capture_model(model, max_cache_len=seq_len, batch_size=1)  # one export for recording and ranking
     acts = record(model, samples, m, captured)

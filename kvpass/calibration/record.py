@@ -17,6 +17,11 @@ from kvpass.pipeline.locate import locate
 
 def token_samples(texts, tokenizer, n_samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """``n_samples`` windows of ``seq_len`` token ids drawn from the concatenated texts (deterministic)."""
+    for name, value, least in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise KVPassError(f"calibration {name} must be an int >= {least}, got {value!r}")
+    if isinstance(texts, (list, tuple)) and not texts:
+        raise KVPassError("no calibration texts given; pass strings (with tokenizer=) or token-id tensors")
     streams = []
     for t in texts if isinstance(texts, (list, tuple)) else [texts]:
         if isinstance(t, str):
@@ -30,6 +35,8 @@ def token_samples(texts, tokenizer, n_samples: int, seq_len: int, seed: int) -> 
                     raise InputError("calibration data contains NaN/inf; pass clean token ids")
                 if not torch.equal(t, t.round()):
                     raise InputError("calibration token ids must be integers")
+            if t.dtype == torch.bool or t.is_complex():
+                raise InputError(f"calibration token ids must be integers, got {t.dtype}")
             streams.append(t.reshape(-1).long())
         else:
             raise KVPassError(f"calibration texts must be strings or token-id tensors, not {type(t).__name__}")

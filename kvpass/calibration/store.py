@@ -64,6 +64,12 @@ class Calibration:
     def __post_init__(self) -> None:
         self.tensors = {CalibKey.parse(k): v for k, v in self.tensors.items()}
 
+    def check_finite(self) -> None:
+        bad = next((k for k, t in self.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                   None)
+        if bad is not None:
+            raise KVPassError(f"calibration tensor {bad} holds NaN or inf; calibrate again (on finite activations)")
+
     def for_layer(self, layer: int, which: str) -> dict[str, torch.Tensor]:
         """The tensors of one layer's keys or values by name."""
         return {k.name: v for k, v in self.tensors.items() if k.layer == layer and k.which == which}
@@ -86,8 +92,23 @@ class Calibration:
         meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not meta_path.exists() or not tensor_path.exists():
             raise KVPassError(f"no calibration at {path}: expected {meta_path.name} and {tensor_path.name}")
-        meta = json.loads(meta_path.read_text())
-        return cls(meta["method"], meta["model_hash"], load_file(str(tensor_path)), meta.get("meta", {}))
+        try:
+            meta = json.loads(meta_path.read_text())
+            method, model_hash = meta["method"], meta["model_hash"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise KVPassError(f"{meta_path} is not a kvpass calibration ({type(err).__name__}: {err}); save one with "
+                              "Calibration.save or calibrate again") from err
+        try:
+            tensors = load_file(str(tensor_path))
+        except Exception as err:  # safetensors raises its own error type for a truncated or foreign file
+            raise KVPassError(f"{tensor_path} cannot be read ({err}); the file is damaged or not a calibration: "
+                              "calibrate again") from err
+        try:
+            calibration = cls(method, model_hash, tensors, meta.get("meta", {}))
+            calibration.check_finite()
+        except KVPassError as err:
+            raise KVPassError(f"{tensor_path}: {err}") from err
+        return calibration
 
     @property
     def promoted_layers(self) -> tuple[int, ...]:
@@ -95,6 +116,8 @@ class Calibration:
         return tuple(self.meta.get("promoted_layers", ()))
 
     def check(self, model, method: MethodConfig) -> None:
+        """Raise a :class:`KVPassError` unless this calibration fits ``method`` and ``model``, with finite tensors."""
+        self.check_finite()
         if self.method != method.name:
             raise KVPassError(f"this calibration is for method {self.method!r}, not {method.name!r}; calibrate with "
                               f"kvpass.calibrate(model, texts, method={method.name!r})")

@@ -207,6 +207,21 @@ def run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget) -> Record:
     return rec
 
 
+def check_numbers(cfg: EvalConfig) -> None:
+    """Every count and fraction of ``cfg`` in its range, named by its command-line flag."""
+    least = {"context": 4, "windows": 1, "passkey_trials": 1, "calibration_samples": 1, "calibration_len": 2}
+    for name, low in least.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise KVPassError(f"--{name.replace('_', '-')} must be at least {low}, got {value!r}")
+    if not cfg.passkey_lengths or min(cfg.passkey_lengths) < 2:
+        raise KVPassError(f"--passkey-lengths must be prompt lengths of at least 2 tokens, got {cfg.passkey_lengths}")
+    if not cfg.passkey_depths or not all(0.0 <= d <= 1.0 for d in cfg.passkey_depths):
+        raise KVPassError(f"--passkey-depths are fractions of the prompt, each in [0, 1], got {cfg.passkey_depths}")
+    if not cfg.memory_budget_gb > 0:
+        raise KVPassError(f"--memory-budget-gb must be > 0, got {cfg.memory_budget_gb}")
+
+
 def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | None = None,
         on_method: Callable[[dict], None] | None = None) -> dict:
     """Run every method of ``cfg``; returns the JSON-ready result (records plus machine, versions and date).
@@ -219,8 +234,7 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
     wanted = list(PEERS) if cfg.peers is None else cfg.peers
     names += [p for p in wanted if PEERS[p].installed and p not in names]
     validate_methods(names)
-    if cfg.passkey_trials < 1:
-        raise KVPassError(f"--passkey-trials must be at least 1, got {cfg.passkey_trials}")
+    check_numbers(cfg)
     loaded = loaded or load(cfg.model, cfg.gguf_file)
     model, tokenizer = loaded.model, loaded.tokenizer
     text = load_text(cfg.text, cfg.dataset)

@@ -89,12 +89,27 @@ def validate_input(x: torch.Tensor, spec: QuantSpec) -> None:
             f"(value {x[where].item()}); remove NaN/inf before quantizing (check the upstream activations or "
             "the calibration data)"
         )
-    if spec.scale_dtype == torch.float16 and metadata_bound(float(x.detach().abs().max()), spec) > FP16_MAX:
-        raise InputError(
-            f"input magnitude {float(x.detach().abs().max()):.4g} gives scales or zero points beyond fp16's "
-            f"range; add ':scale_fp32' to the spec ('{spec}:scale_fp32')"
-        )
+    problem = fp16_metadata_problem(float(x.detach().abs().max()), spec)
+    if problem:
+        raise InputError(problem)
 
+
+FP16_STEP_FLOOR = 2.0**-23  # two of fp16's smallest subnormal steps: a scale below it keeps almost no precision
+
+
+def fp16_metadata_problem(amax: float, spec: QuantSpec) -> str | None:
+    """Why inputs bounded by ``amax`` cannot be coded faithfully with ``spec``'s fp16 scales (None when they can):
+    scales or zero points past fp16's range, or quantization steps so small that fp16 stores them with a bit or two."""
+    if spec.scale_dtype != torch.float16 or spec.kind not in ("int", "nuq", "fp8"):
+        return None
+    fix = f"add ':scale_fp32' to the spec ('{spec}:scale_fp32')"
+    if metadata_bound(amax, spec) > FP16_MAX:
+        return f"input magnitude {amax:.4g} gives scales or zero points beyond fp16's range; {fix}"
+    step = 2 * amax / ((1 << spec.bits) - 1) if spec.kind == "int" else amax / (1 << (spec.bits - 1))
+    if spec.kind != "fp8" and 0 < step < FP16_STEP_FLOOR:
+        return (f"input magnitude {amax:.3g} is too small for fp16 scales: its steps of {step:.2g} fall among fp16's "
+                f"subnormals and lose most of their precision; {fix}, or rescale the input")
+    return None
 
 FP16_MAX = torch.finfo(torch.float16).max
 

@@ -13,6 +13,7 @@ import torch
 
 from kvpass.formats.base import Format, register_format
 from kvpass.formats.spec import FLOAT_DTYPES, FP8_VARIANTS, QuantSpec
+from kvpass.formats.uniform import round_up
 
 
 def amax_axes(ndim: int, granularity: str) -> tuple[int, ...]:
@@ -34,7 +35,7 @@ class FP8Format(Format):
         scale = params.get("scale")
         if scale is None:
             amax = x.float().abs().amax(dim=amax_axes(x.ndim, spec.granularity), keepdim=True)
-            scale = (amax / fmax).to(spec.scale_dtype)
+            scale = round_up(amax / fmax, spec.scale_dtype)  # rounded up: a tiny tensor keeps a nonzero scale
         s = scale.float()
         s = torch.where(s > 0, s, torch.ones_like(s))
         codes = (x.float() / s).clamp(-fmax, fmax).to(fp8).view(torch.uint8)

@@ -154,8 +154,14 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
         fields.update(kind="float", bits=16, float_dtype=None if name == "none" else name)
         if name in ("fp32",):
             fields["bits"] = 32
+    seen: dict[str, str] = {}
     for opt in options:
         g = _GROUP.match(opt)
+        kind = "granularity" if opt in GRANULARITIES else "group" if g else opt
+        if kind in seen:
+            clash = f"{opt!r} is given twice" if seen[kind] == opt else f"{seen[kind]!r} and {opt!r} both set the {kind}"
+            raise SpecError(f"cannot parse spec {spec!r}: {clash}; keep one")
+        seen[kind] = opt
         if opt in GRANULARITIES:
             fields["granularity"] = opt
         elif g:
@@ -170,6 +176,8 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
             fields["scale_dtype"] = torch.float32
         else:
             raise SpecError(f"cannot parse spec {spec!r}: unknown option {opt!r}; {GRAMMAR_HELP}")
+    if len(extras) > 1:
+        raise SpecError(f"cannot parse spec {spec!r}: outliers are given {len(extras)} times; keep one")
     for extra in extras:
         o = _OUTLIERS.match(extra)
         if not o:

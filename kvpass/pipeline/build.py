@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from kvpass.calibration.store import Calibration
@@ -27,6 +28,10 @@ def build(captured: Captured, method: MethodConfig, calibration: Calibration | N
     gm = captured.graph_module if reuse_graph else captured.instantiate()
     sites = locate(gm, captured.name)
     layouts = plan(sites, method, captured.info.sliding_window, calibration)
+    if layouts and sum(lay.nbytes for lay in layouts) > sum(lay.dense_nbytes for lay in layouts):
+        warnings.warn(f"method {method.name!r} at max_cache_len={captured.info.max_cache_len} takes more bytes than the "
+                      "full-precision cache (its windows, rings or tables are fixed costs); compile with a longer "
+                      "max_cache_len, or use a method without them", stacklevel=3)
     records = rewrite(gm, sites, layouts, method, attention, calibration,
                       free_old=reuse_graph and captured.info.kind == "hf")  # the user's own module keeps its buffers
     chunk = min(prefill_chunk, method.max_chunk or prefill_chunk)

@@ -138,10 +138,29 @@ def capture_hf(model: nn.Module, batch_size: int, max_cache_len: int) -> tuple[t
     tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
     dynamic = ({1: tokens}, {0: tokens}, None, {1: tokens})
     with torch.no_grad(), quiet_export():
-        ep = torch.export.export(step, example_hf_inputs(batch_size, max_cache_len, model.device), dynamic_shapes=dynamic,
-                                 strict=True)
+        try:
+            ep = torch.export.export(step, example_hf_inputs(batch_size, max_cache_len, model.device),
+                                     dynamic_shapes=dynamic, strict=True)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise KVPassError(
+                f"torch.export could not trace one step of {type(model).__name__} over a static cache ({first}); "
+                "kvpass needs a decoder-only model whose attention reads transformers' StaticCache (SDPA or eager "
+                "attention; not flex_attention, encoder-decoder or custom cache classes)"
+            ) from err
     info = CaptureInfo("hf", batch_size, max_cache_len, dict(step.sliding_window))
     return ep.module(), info
+
+
+def check_learned_positions(model: nn.Module, max_cache_len: int) -> None:
+    """A model with a table of learned position embeddings (GPT-2, OPT) cannot place tokens past its end."""
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(mod, nn.Embedding) and (leaf in ("wpe", "embed_positions", "position_embeddings")):
+            limit = mod.num_embeddings - int(getattr(mod, "offset", 0))
+            if max_cache_len > limit:
+                raise KVPassError(f"{type(model).__name__} learned position embeddings for {limit} positions "
+                                  f"({name}); use max_cache_len <= {limit}")
 
 
 def capture_module(module: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, CaptureInfo]:
@@ -152,6 +171,9 @@ def capture_module(module: nn.Module, example_inputs: tuple) -> tuple[torch.fx.G
             "example_inputs must be (tokens [B, T], positions [T], ...) for a module that is not a transformers model"
         )
     tokens_in = example_inputs[0]
+    if not isinstance(tokens_in, torch.Tensor) or tokens_in.ndim != 2 or tokens_in.shape[1] < 2:
+        raise KVPassError("example_inputs[0] must be tokens [B, T] with T >= 2 (torch.export fixes a dimension of "
+                          f"size 1, so the program would take one token only); got {getattr(tokens_in, 'shape', tokens_in)}")
     cache_buffers = [b for b in module.buffers() if b.ndim == 4]
     if not cache_buffers:
         raise KVPassError(
@@ -183,8 +205,18 @@ def capture_model(
     example_inputs: tuple | None = None,
 ) -> Captured:
     """Export one step of ``model`` once, to compile it with several methods (``kvpass.compile(captured, m)``)."""
+    for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise KVPassError(f"{name} must be an int, got {value!r}")
     if batch_size < 1:
         raise KVPassError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(model, nn.Module):
+        raise KVPassError(f"kvpass.compile takes a torch module (a transformers causal LM or a decoder holding its "
+                          f"cache as buffers), got {type(model).__name__}")
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise KVPassError(f"{type(model).__name__} has weights on the meta device ({on_meta[0]}, ...); load real "
+                          "weights (from_pretrained without device_map='meta', or to_empty + load_state_dict) first")
     model.eval()
     if example_inputs is None:
         if not is_hf_causal_lm(model):
@@ -195,6 +227,7 @@ def capture_model(
         if max_cache_len is None:
             limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_CACHE_LEN
             max_cache_len = min(DEFAULT_MAX_CACHE_LEN, limit)
+        check_learned_positions(model, max_cache_len)
         gm, info = capture_hf(model, batch_size, max_cache_len)
     else:
         gm, info = capture_module(model, example_inputs)

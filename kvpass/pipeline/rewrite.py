@@ -30,7 +30,10 @@ def buffer_prefix(site: AttentionSite, which: str) -> str:
 def add_buffers(ctx: RewriteContext, site: AttentionSite, which: str, layout: CacheLayout,
                 static_values: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[str]]:
     """Register the per-token (state) and static (fixed) buffers of a site's key or value cache (``which``)."""
-    cache, static = layout.allocate(ctx.device, static_values)
+    try:
+        cache, static = layout.allocate(ctx.device, static_values)
+    except KVPassError as err:
+        raise KVPassError(f"layer {site.index} {'keys' if which == 'k' else 'values'}: {err}") from err
     spec, prefix = layout.spec, buffer_prefix(site, which)
     cache_targets = [ctx.buffers.add(f"{prefix}_{n}", t, site.index, Role.STATE) for n, t in zip(cache_names(spec), cache)]
     static_targets = [ctx.buffers.add(f"{prefix}_static_{n}", t, site.index, Role.FIXED)

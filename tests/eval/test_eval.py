@@ -199,6 +199,17 @@ def test_cli_errors(tiny_model_dir, tmp_path, monkeypatch):
     assert code == 2 and "unknown method 'int5'" in err and "hf-quanto-int4" in err
     code, err = run_cli("eval", "--model", str(tiny_model_dir), "--no-peers", "--passkey-trials", "0")
     assert code == 2 and "--passkey-trials must be at least 1" in err
+    for flag, value, said in (("--windows", "0", "--windows must be at least 1, got 0"),
+                              ("--windows", "-1", "--windows must be at least 1, got -1"),
+                              ("--context", "1", "--context must be at least 4, got 1"),
+                              ("--passkey-depths", "1.5", "each in [0, 1], got [1.5]"),
+                              ("--passkey-depths", "-0.5", "each in [0, 1], got [-0.5]"),
+                              ("--memory-budget-gb", "-1", "--memory-budget-gb must be > 0, got -1.0"),
+                              ("--calibration-samples", "0", "--calibration-samples must be at least 1, got 0")):
+        code, err = run_cli("eval", "--model", str(tiny_model_dir), "--no-peers", flag, value)
+        assert code == 2 and said in err, (flag, value, err)
+    code, err = run_cli("demo", "--tokens", "0")
+    assert code == 2 and "--tokens must be at least 2, got 0" in err
     monkeypatch.setattr(Peer, "installed", property(lambda self: False))
     code, err = run_cli("eval", "--model", str(tiny_model_dir), "--methods", "hf-hqq-int2")
     assert code == 2 and "needs hqq" in err and "kvpass[eval]" in err
@@ -303,3 +314,13 @@ def test_methods_command_lists_every_method_and_peer(capsys):
     out = capsys.readouterr().out
     for name in [*kvpass.methods(), *PEERS]:
         assert name in out
+
+
+def test_demo_fits_its_groups_to_the_model():
+    from kvpass.demo import fit_to
+    from kvpass.formats import parse_spec
+
+    shape = torch.Size((1, 2, 10, 16))  # head dim 16, 10 tokens
+    assert str(fit_to(parse_spec("int4:per_token:g64"), shape)) == "int4:per_token"
+    assert str(fit_to(parse_spec("int2:per_channel:g32"), shape)) == "int2:per_channel"
+    assert str(fit_to(parse_spec("int4:per_token:g8"), shape)) == "int4:per_token:g8"

@@ -48,7 +48,7 @@ def build(arch: str, attn: str = "sdpa") -> torch.nn.Module:
                                eos_token_id=2, pad_token_id=0)
         cls = tf.GPTNeoXForCausalLM
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1,
                             eos_token_id=2, pad_token_id=0)
         cls = tf.GPT2LMHeadModel
     elif arch == "opt":

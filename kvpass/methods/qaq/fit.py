@@ -64,11 +64,14 @@ def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfi
         target -= 8.0 * fixed / (config.target_context * (dk + dv))
     lowest, highest = average(1e30), average(1e-30)
     if not lowest <= target <= highest:
+        near = (lowest + 0.05 if target < lowest else highest - 0.05) + config.target_bits - target
         raise KVPassError(
             f"QAQ target_bits={config.target_bits} is outside what these tiers can average: "
             f"{lowest + config.target_bits - target:.2f} to {highest + config.target_bits - target:.2f} bits per element "
             f"(tier map included{', window and calibrated tensors at target_context' if config.target_context else ''}"
-            "); choose a target in that range or other tiers")
+            "); choose a target in that range, e.g. dataclasses.replace(method, qaq=dataclasses.replace(method.qaq, "
+            f"target_bits={near:.2f})), or "
+            "other tiers (a small head dim makes the tier map and window cost more bits per element)")
     lo, hi = -30.0, 30.0  # log10 eps
     for _ in range(60):
         mid = (lo + hi) / 2

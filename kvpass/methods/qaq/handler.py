@@ -57,6 +57,11 @@ class QAQHandler(MethodHandler):
         return True, any(static_names(parse_cache_spec(t)) for which in "kv" for t in method.qaq.tiers_for(which))
 
     def fit(self, calibration: Calibration, method: MethodConfig, data: FitData) -> None:
+        seq_len = int(data.samples[0].numel())
+        if seq_len <= method.qaq.window:
+            raise KVPassError(f"method {method.name!r} decides a token's tier after its window of {method.qaq.window} "
+                              f"tokens; calibrate on windows longer than that (seq_len > {method.qaq.window}, got "
+                              f"{seq_len})")
         dtype = next(data.model.parameters()).dtype
         calibration.tensors, calibration.meta["eps"] = fit_qaq(data.acts, data.layers, method.qaq, data.seed, dtype)
 
