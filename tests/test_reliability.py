@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import transformers
 from helpers.plain_decoder import PlainDecoder
 from helpers.tiny_models import VOCAB, build
 
@@ -17,7 +18,7 @@ import kvpass
 from kvpass.calibration.store import CalibKey, Calibration
 from kvpass.errors import KVPassError
 from kvpass.formats import parse_spec, quantize
-from kvpass.methods import MethodConfig
+from kvpass.methods import MethodConfig, QAQConfig
 
 KVQUANT = MethodConfig("kvquant-3bit-rel", "", "nuq3:per_channel:static:channel_lut+outliers1%|sink=1",
                        "nuq3:per_token+outliers1%|sink=1", pre_rope_keys=True)
@@ -82,6 +83,13 @@ def test_s2_values_beyond_fp16_scales_are_an_error_and_scale_fp32_serves():
     wide = MethodConfig("int8-wide", "", "int8:per_token:scale_fp32", "int8:per_token:scale_fp32")
     logits = kvpass.compile(model, wide, max_cache_len=32).step(ids(6))
     assert torch.isfinite(logits).all()
+    tiers = MethodConfig("qaq-wide-test", "", "none", "none", max_chunk=8,
+                         qaq=QAQConfig(eps=1.0, tiers=("int4:per_token", "none"), window=3))
+    cal = kvpass.calibrate(build("llama"), texts(), tiers, n_samples=1, seq_len=32)
+    q = kvpass.compile(model, tiers, max_cache_len=32, calibration=Calibration(tiers.name, cal.model_hash,
+                                                                               cal.tensors, cal.meta))
+    with pytest.raises(KVPassError, match="past what the fp16 scales of 'int4:per_token'"):
+        q.step(ids(6))
 
 
 # S3 / U3: calibrations that are damaged, foreign or hold NaN
@@ -225,6 +233,11 @@ def test_u1_capture_errors(monkeypatch):
         on_meta = build("llama")
     with pytest.raises(KVPassError, match="weights on the meta device"):
         kvpass.compile(on_meta, "int4", max_cache_len=32)
+
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                      num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(KVPassError, match="could not trace one step of FalconForCausalLM"):
+        kvpass.compile(falcon, "int4", max_cache_len=32)
 
     def refuse(*args, **kwargs):
         raise RuntimeError("Dynamo does not know this attention\nlong trace")

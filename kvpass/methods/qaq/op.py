@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass.errors import KVPassError
-from kvpass.kvcache import CacheSpec, parse_cache_spec
+from kvpass.kvcache import CacheSpec, check_range, parse_cache_spec
 from kvpass.methods.qaq.config import from_ring, pack_map, tier_bits, to_ring, unpack_map
 from kvpass.methods.qaq.formulas import key_bits, quantile_norm, to_tier, token_range, value_bits
 from kvpass.methods.qaq.storage import assign, promote, read, split_buffers, write
@@ -84,6 +84,9 @@ def kv_qaq_attention_(
     k_packed, v_packed, k_ring, v_ring, ring_score, q_stats, *retained = state
     k_map, v_map = unpack_map(k_packed), unpack_map(v_packed)
     kspecs, vspecs = _tier_specs(m.key_tiers), _tier_specs(m.tiers)
+    for specs, new in ((kspecs, new_k), (vspecs, new_v)):  # before anything is written
+        for cs in specs:
+            check_range(new, cs)
     kb, vb = split_buffers(k_bufs, kspecs), split_buffers(v_bufs, vspecs)
     b, hkv, t, dk = new_k.shape
     dv, r = new_v.shape[-1], window - 1
