@@ -96,7 +96,7 @@ class KVPassModel(nn.Module):
         self._seen = 0
         self._mask.zero_()
         for record in self.buffers:
-            if record.role is Role.STATE:
+            if record.role.per_sequence:
                 self.graph_module.get_buffer(record.name).zero_()
 
     @torch.no_grad()
@@ -118,15 +118,19 @@ class KVPassModel(nn.Module):
         self._check_room(t, "compile with a larger max_cache_len (kvpass.compile(..., max_cache_len=...)) or call reset()")
         new_mask = self._new_mask(attention_mask, b, t)
         chunk = self.method.max_chunk or t  # methods that choose what to keep from attention write prompts in pieces
-        # every input is checked before the first chunk is written; should a kernel still fail, the token count and
-        # the padding mask go back to where they were (rings and scores may not: docs/reliability.md)
+        # every input is checked before the first chunk is written; should a kernel still fail, the token count, the
+        # padding mask and the caches' rings go back to where they were (an overlay's or QAQ's state may not)
         seen, mask = self._seen, self._mask.clone()
+        rings = {r.name: self.graph_module.get_buffer(r.name) for r in self.buffers if r.role is Role.RING}
+        kept = {name: buf.clone() for name, buf in rings.items()}
         try:
             return torch.cat([self._write(input_ids[:, i:i + chunk], new_mask[:, i:i + chunk])
                               for i in range(0, t, chunk)], dim=1)
         except BaseException:
             self._seen = seen
             self._mask.copy_(mask)
+            for name, buf in rings.items():
+                buf.copy_(kept[name])
             raise
 
     def _new_mask(self, attention_mask, b: int, t: int) -> torch.Tensor:

@@ -70,6 +70,22 @@ def test_s1_out_of_vocabulary_id_deep_in_a_chunked_prompt_writes_nothing(llama):
     torch.testing.assert_close(q.step(nxt), ref.step(nxt), rtol=0, atol=0)
 
 
+def test_s1_a_step_failing_mid_way_restores_the_rings_of_the_layers_it_wrote():
+    model = build("llama")
+    q = kvpass.compile(model, "kivi-2bit", max_cache_len=160)
+    q.step(ids(120))
+    rings = {r.name: q.graph_module.get_buffer(r.name).clone() for r in q.buffers if r.role.name == "RING"}
+    assert any(name.endswith("_residual") for name in rings) and any(name.endswith("_state") for name in rings)
+    with torch.no_grad():  # the second layer's values leave fp16 scales' range: its store raises after the first's
+        model.model.layers[1].self_attn.v_proj.weight.mul_(1e6)
+    with pytest.raises(KVPassError, match="past what the fp16 scales"):
+        q.step(ids(12, seed=1))  # crosses the residual block at 128
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.div_(1e6)
+    assert q.seen_tokens == 120
+    assert all(torch.equal(q.graph_module.get_buffer(n), t) for n, t in rings.items())
+
+
 # S2: keys or values past fp16's range in an fp32 model: a clear error, and scale_fp32 keeps them finite
 def test_s2_values_beyond_fp16_scales_are_an_error_and_scale_fp32_serves():
     model = build("llama")

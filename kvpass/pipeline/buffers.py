@@ -1,5 +1,6 @@
 """The buffers a rewrite adds to the module, one typed record each: which layer holds it and whether it is
-per-sequence state (zeroed when a new sequence starts) or fixed (calibrated or constant, kept across sequences)."""
+per-sequence state (zeroed when a new sequence starts; a ring is also restored when a step fails) or fixed
+(calibrated or constant, kept across sequences)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from torch.fx import GraphModule
 
 
 class Role(enum.Enum):
-    STATE = "state"  # written as tokens arrive: codes, scales, rings, maps, scores
+    STATE = "state"  # written at the slots of the tokens that arrive: codes, scales, zero points
+    RING = "ring"  # small state rewritten in place, not by slot (a residual ring and its count, a recent ring)
     FIXED = "fixed"  # calibrated or constant: LUTs, ranges, tier tensors
+
+    @property
+    def per_sequence(self) -> bool:
+        """Emptied when a new sequence starts."""
+        return self is not Role.FIXED
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from kvpass.pipeline.rope import RopeTables
 
 aten = torch.ops.aten
 ATTENTION_MODES = ("fused", "load")
+RINGS = ("residual", "state", "recent")  # the per-token buffers of a cache that are not written by slot
 
 
 def buffer_prefix(site: AttentionSite, which: str) -> str:
@@ -35,7 +36,8 @@ def add_buffers(ctx: RewriteContext, site: AttentionSite, which: str, layout: Ca
     except KVPassError as err:
         raise KVPassError(f"layer {site.index} {'keys' if which == 'k' else 'values'}: {err}") from err
     spec, prefix = layout.spec, buffer_prefix(site, which)
-    cache_targets = [ctx.buffers.add(f"{prefix}_{n}", t, site.index, Role.STATE) for n, t in zip(cache_names(spec), cache)]
+    cache_targets = [ctx.buffers.add(f"{prefix}_{n}", t, site.index, Role.RING if n in RINGS else Role.STATE)
+                     for n, t in zip(cache_names(spec), cache)]
     static_targets = [ctx.buffers.add(f"{prefix}_static_{n}", t, site.index, Role.FIXED)
                       for n, t in zip(static_names(spec), static)]
     return cache_targets, static_targets
