@@ -7,8 +7,8 @@ For each context and batch: a prompt of ``context`` random tokens per row is wri
 on the bundled text (``--calibration-samples`` windows of ``--calibration-len`` tokens). Contexts past the model's
 ``max_position_embeddings`` are skipped and said so.
 
-Run: ``python benchmarks/bench_decode_model.py --out benchmarks/RESULTS.md`` (default contexts 2048,8192, batch 1
-and 4: hours with the reference kernels; ``--contexts 2048 --batches 1`` for a first look).
+Run: ``python benchmarks/bench_decode_model.py --out benchmarks/RESULTS.md`` (default contexts 2048 and 8184, 8k less
+the decode steps; batch 1 and 4: hours with the reference kernels; ``--contexts 2048 --batches 1`` for a first look).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     from kvpass.models import load
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--contexts", default="2048,8192")
+    p.add_argument("--contexts", default="2048,8184")  # SmolLM2 places 8192 positions: 8k less the steps
     p.add_argument("--batches", default="1,4")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per run")
     p.add_argument("--methods", help="comma-separated kvpass methods (default: all) ")
