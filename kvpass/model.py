@@ -54,6 +54,7 @@ class KVPassModel(nn.Module):
         self.prefill_chunk = prefill_chunk
         self.device = next((b.device for b in graph_module.buffers()), torch.device("cpu"))
         self._seen = 0
+        self._broken = False  # a step failed part-way over state that cannot be put back
         self._mask = torch.zeros(info.batch_size, info.max_cache_len, dtype=torch.long, device=self.device)
 
     def __deepcopy__(self, memo: dict) -> KVPassModel:
@@ -69,6 +70,7 @@ class KVPassModel(nn.Module):
                           self.buffers, self.config, self.generation_config, self.prefill_chunk)
         new._seen = self._seen
         new._mask.copy_(self._mask)
+        new._broken = self._broken
         return new
 
     def __reduce_ex__(self, protocol):
@@ -94,6 +96,7 @@ class KVPassModel(nn.Module):
     def reset(self) -> None:
         """Empty the cache (zero its buffers) so the next call starts at position 0."""
         self._seen = 0
+        self._broken = False
         self._mask.zero_()
         for record in self.buffers:
             if record.role.per_sequence:
@@ -112,6 +115,10 @@ class KVPassModel(nn.Module):
         ``attention_mask`` covers the new tokens (``[B, T]``) or everything so far (``[B, cached + T]``); 0 marks
         padding. Position ids continue each row's own count of real tokens, as transformers' generate does.
         """
+        if self._broken:
+            raise KVPassError(f"an earlier step failed part-way, and method {self.method.name!r} keeps state (overlay "
+                              "entries, QAQ tiers) that cannot be put back; call reset() (generate() does) and start "
+                              "the sequence again")
         input_ids = self._check_ids(input_ids)
         b, t = input_ids.shape
         self._check_batch(b)
@@ -131,6 +138,7 @@ class KVPassModel(nn.Module):
             self._mask.copy_(mask)
             for name, buf in rings.items():
                 buf.copy_(kept[name])
+            self._broken = any(r.role is Role.ENTRY for r in self.buffers)
             raise
 
     def _new_mask(self, attention_mask, b: int, t: int) -> torch.Tensor:

@@ -86,6 +86,22 @@ def test_s1_a_step_failing_mid_way_restores_the_rings_of_the_layers_it_wrote():
     assert all(torch.equal(q.graph_module.get_buffer(n), t) for n, t in rings.items())
 
 
+def test_s1_a_step_failing_mid_way_over_overlay_state_asks_for_a_reset():
+    model = build("llama")
+    q = kvpass.compile(model, "mikv", max_cache_len=64)
+    q.step(ids(10))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.mul_(1e6)
+    with pytest.raises(KVPassError, match="past what the fp16 scales"):
+        q.step(ids(3, seed=1))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight.div_(1e6)
+    with pytest.raises(KVPassError, match=r"failed part-way.*call reset\(\)"):
+        q.step(ids(3, seed=2))
+    ref = kvpass.compile(model, "mikv", max_cache_len=64)
+    torch.testing.assert_close(q.generate(ids(6), max_new_tokens=3), ref.generate(ids(6), max_new_tokens=3))
+
+
 # S2: keys or values past fp16's range in an fp32 model: a clear error, and scale_fp32 keeps them finite
 def test_s2_values_beyond_fp16_scales_are_an_error_and_scale_fp32_serves():
     model = build("llama")

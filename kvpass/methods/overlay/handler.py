@@ -12,6 +12,7 @@ from kvpass.methods.base import MethodConfig
 from kvpass.methods.overlay.config import OverlayConfig, overlay_nbytes
 from kvpass.methods.overlay.op import OverlayMeta
 from kvpass.methods.specs import SpecHandler
+from kvpass.pipeline.buffers import Role
 from kvpass.pipeline.handler import LayerPlan, RewriteContext, register_handler
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
@@ -57,7 +58,7 @@ def overlay_attention_node(ctx: RewriteContext, site: AttentionSite, k: tuple, v
     dtype = overlay.dtype(site.dtype)
     buffers = {"k": torch.zeros(*shape, c, site.head_dim, dtype=dtype), "v": torch.zeros(*shape, c, site.v_head_dim, dtype=dtype),
                "slot": torch.zeros(*shape, c, dtype=torch.int32), "score": torch.zeros(*shape, site.max_len)}
-    ov = {name: g.get_attr(ctx.buffers.add(f"{prefix}_{name}", t.to(ctx.device), site.index))
+    ov = {name: g.get_attr(ctx.buffers.add(f"{prefix}_{name}", t.to(ctx.device), site.index, Role.ENTRY))
           for name, t in buffers.items()}
     g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
                     (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,

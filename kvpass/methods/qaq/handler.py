@@ -84,7 +84,7 @@ def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayou
     for which, tl in zip("kv", layout.detail):
         fitted = ctx.fitted(site.index, which)
         for name, t in tl.allocate(device).items():
-            role, target = Role.STATE, f"{prefix}_{which}_{name}"
+            role, target = Role.ENTRY, f"{prefix}_{which}_{name}"
             if name in tl.static_buffers():
                 if t.numel():  # (a tier of capacity 0 holds none)
                     if name not in fitted:
@@ -94,7 +94,8 @@ def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayou
                     t = fitted[name].to(device=device, dtype=t.dtype).reshape(t.shape)
                 role, target = Role.FIXED, f"{prefix}_{which}_static_{name}"
             names[f"{which}_{name}"] = ctx.buffers.add(target, t, site.index, role)
-    q_stats = ctx.buffers.add(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device), site.index)
+    q_stats = ctx.buffers.add(f"{prefix}_q_stats", torch.zeros(site.batch, site.kv_heads, 3, device=device), site.index,
+                              Role.ENTRY)
     k_bufs = [names[n] for n in names if n.startswith("k_t")]
     v_bufs = [names[n] for n in names if n.startswith("v_t")]
     state = [names["k_map"], names["v_map"], names["k_ring"], names["v_ring"], names["k_ring_score"], q_stats]
