@@ -8,7 +8,7 @@ from torch import nn
 
 from kvpass.calibration.calibrate import calibrate
 from kvpass.calibration.store import Calibration
-from kvpass.errors import KVPassError
+from kvpass.errors import KVPassError, is_int
 from kvpass.methods.base import MethodConfig, get_method
 from kvpass.model import KVPassModel
 from kvpass.pipeline.build import build
@@ -74,7 +74,7 @@ def compile(
     ``calibration``: a :class:`Calibration`, a path to a saved one, or texts (or token ids) to calibrate on.
     """
     config = get_method(method)
-    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+    if not is_int(prefill_chunk) or prefill_chunk < 1:
         raise KVPassError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
     fresh = not isinstance(model, Captured)
     if fresh:

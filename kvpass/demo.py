@@ -16,7 +16,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from kvpass import formats
-from kvpass.errors import KVPassError
+from kvpass.errors import KVPassError, is_int
 from kvpass.models import bundled_texts, load
 
 DEMO_SPECS = [
@@ -76,7 +76,7 @@ def tiny_model():
 
 def run(model_name: str = "smollm2", tokens: int = 1024, console: Console | None = None) -> list[dict]:
     console = console or Console()
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+    if not is_int(tokens) or tokens < 2:
         raise KVPassError(f"--tokens must be at least 2, got {tokens!r}")
     start = time.time()
     try:

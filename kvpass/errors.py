@@ -11,3 +11,8 @@ class SpecError(KVPassError):
 
 class InputError(KVPassError):
     """A tensor that cannot be quantized as given (dtype, NaN/inf, shape)."""
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (``True`` would pass ``isinstance(value, int)``), for checking counts and sizes."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -233,6 +233,7 @@ class CacheLayout:
 
 
 UNCODED = ("residual", "state", "sink", "recent")  # per-token buffers at model precision (or bookkeeping)
+RINGS = ("residual", "state", "recent")  # of those, the ones rewritten in place rather than at a token's slot
 
 
 def _params(cs: CacheSpec, static: list[torch.Tensor]) -> dict[str, torch.Tensor]:

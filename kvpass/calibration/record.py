@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvpass.errors import InputError, KVPassError
+from kvpass.errors import InputError, KVPassError, is_int
 from kvpass.methods.base import MethodConfig
 from kvpass.pipeline.capture import capture_model, example_hf_inputs
 from kvpass.pipeline.handler import handler_for
@@ -18,7 +18,7 @@ from kvpass.pipeline.locate import locate
 def token_samples(texts, tokenizer, n_samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """``n_samples`` windows of ``seq_len`` token ids drawn from the concatenated texts (deterministic)."""
     for name, value, least in (("n_samples", n_samples, 1), ("seq_len", seq_len, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not is_int(value) or value < least:
             raise KVPassError(f"calibration {name} must be an int >= {least}, got {value!r}")
     if isinstance(texts, (list, tuple)) and not texts:
         raise KVPassError("no calibration texts given; pass strings (with tokenizer=) or token-id tensors")

@@ -11,7 +11,7 @@ from rich.console import Console
 from tqdm import tqdm
 
 import kvpass
-from kvpass.errors import KVPassError
+from kvpass.errors import KVPassError, is_int
 from kvpass.eval import passkey
 from kvpass.eval.data import adds_bos, load_text, tokenize, windows
 from kvpass.eval.measure import PeakMemory, decode_tokens_per_s
@@ -212,7 +212,7 @@ def check_numbers(cfg: EvalConfig) -> None:
     least = {"context": 4, "windows": 1, "passkey_trials": 1, "calibration_samples": 1, "calibration_len": 2}
     for name, low in least.items():
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise KVPassError(f"--{name.replace('_', '-')} must be at least {low}, got {value!r}")
     if not cfg.passkey_lengths or min(cfg.passkey_lengths) < 2:
         raise KVPassError(f"--passkey-lengths must be prompt lengths of at least 2 tokens, got {cfg.passkey_lengths}")

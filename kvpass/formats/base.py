@@ -94,9 +94,6 @@ def validate_input(x: torch.Tensor, spec: QuantSpec) -> None:
         raise InputError(problem)
 
 
-FP16_STEP_FLOOR = 2.0**-23  # two of fp16's smallest subnormal steps: a scale below it keeps almost no precision
-
-
 def fp16_metadata_problem(amax: float, spec: QuantSpec) -> str | None:
     """Why inputs bounded by ``amax`` cannot be coded faithfully with ``spec``'s fp16 scales (None when they can):
     scales or zero points past fp16's range, or quantization steps so small that fp16 stores them with a bit or two."""
@@ -111,7 +108,9 @@ def fp16_metadata_problem(amax: float, spec: QuantSpec) -> str | None:
                 f"subnormals and lose most of their precision; {fix}, or rescale the input")
     return None
 
+
 FP16_MAX = torch.finfo(torch.float16).max
+FP16_STEP_FLOOR = 2.0**-23  # two of fp16's smallest subnormal steps: a scale below it keeps almost no precision
 
 
 def metadata_bound(amax: float, spec: QuantSpec) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kvpass.errors import KVPassError
+from kvpass.errors import KVPassError, is_int
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def capture_model(
 ) -> Captured:
     """Export one step of ``model`` once, to compile it with several methods (``kvpass.compile(captured, m)``)."""
     for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_int(value):
             raise KVPassError(f"{name} must be an int, got {value!r}")
     if batch_size < 1:
         raise KVPassError(f"batch_size must be >= 1, got {batch_size}")

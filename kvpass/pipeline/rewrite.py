@@ -10,7 +10,7 @@ from torch.fx import GraphModule, Node
 
 from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
-from kvpass.kvcache import CacheLayout, cache_names, static_names
+from kvpass.kvcache import RINGS, CacheLayout, cache_names, static_names
 from kvpass.ops import balance as _balance_op  # noqa: F401  (registers kv_balance_)
 from kvpass.ops.meta import AttentionMeta
 from kvpass.pipeline.buffers import BufferRecord, BufferTable, Role
@@ -21,7 +21,6 @@ from kvpass.pipeline.rope import RopeTables
 
 aten = torch.ops.aten
 ATTENTION_MODES = ("fused", "load")
-RINGS = ("residual", "state", "recent")  # the per-token buffers of a cache that are not written by slot
 
 
 def buffer_prefix(site: AttentionSite, which: str) -> str:
@@ -71,11 +70,15 @@ def rope_args(gm: GraphModule, site: AttentionSite, tables: tuple[Node | str, No
     return tuple(t if isinstance(t, Node) else gm.graph.get_attr(t) for t in tables)
 
 
+def rope_fields(site: AttentionSite, tables: tuple | None) -> tuple[str, int]:
+    """The ``rope`` variant and ``rotary_dim`` an op's metadata records: ``("", 0)`` unless keys are stored before RoPE."""
+    return (site.rope.variant, site.rope.rotary_dim) if tables is not None else ("", 0)
+
+
 def attention_meta(site: AttentionSite, layout: KVLayout, tables: tuple | None, need_mass: bool = False) -> AttentionMeta:
     """The op metadata of a site's attention over the caches ``layout`` plans."""
-    rope = (site.rope.variant, site.rope.rotary_dim) if tables is not None else ("", 0)
     return AttentionMeta(str(layout.key.spec), str(layout.value.spec), site.head_dim, site.v_head_dim, site.max_len,
-                         float(site.scale), *rope, need_mass)
+                         float(site.scale), *rope_fields(site, tables), need_mass)
 
 
 def add_balancer(ctx: RewriteContext, site: AttentionSite) -> None:

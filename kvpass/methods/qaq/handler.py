@@ -18,7 +18,7 @@ from kvpass.pipeline.buffers import Role
 from kvpass.pipeline.handler import FitData, LayerPlan, MethodHandler, RewriteContext, register_handler
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
-from kvpass.pipeline.rewrite import get_attrs, positions_node, rope_args
+from kvpass.pipeline.rewrite import get_attrs, positions_node, rope_args, rope_fields
 
 
 class QAQHandler(MethodHandler):
@@ -102,10 +102,9 @@ def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayou
     if "k_retained" in names:
         state += [names["k_retained"], names["v_retained"]]
     kt, vt = layout.detail
-    rope = (site.rope.variant, site.rope.rotary_dim) if tables is not None else ("", 0)
     meta = QAQMeta(";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")), tuple(kt.capacity),
                    tuple(vt.capacity), float(ctx.calibration.meta["eps"]), kt.config.window,
-                   kt.config.quantile, kt.config.sink, site.max_len, float(site.scale), *rope)
+                   kt.config.quantile, kt.config.sink, site.max_len, float(site.scale), *rope_fields(site, tables))
     positions_node(gm, site.key)
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
     return g.call_function(
