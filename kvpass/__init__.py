@@ -5,6 +5,7 @@ from kvpass.calibration.calibrate import calibrate
 from kvpass.calibration.store import Calibration
 from kvpass.compile import compile
 from kvpass.errors import InputError, KVPassError, SpecError
+from kvpass.lowering import cpu as _cpu_lowering  # noqa: F401  (the native CPU kernel of kv_attention)
 from kvpass.lowering import triton as _triton_lowering  # noqa: F401  (the CUDA kernel of kv_attention)
 from kvpass.methods import MethodConfig, get_method, methods, register_method
 from kvpass.model import KVPassModel

@@ -19,6 +19,8 @@ long the chunk. Attention is mostly local, so a few exact neighbours take most o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kvpass import kvcache
@@ -123,17 +125,31 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     kvcache.store(v_cache, v_static, new_v, positions, vs)
 
     n = visible_length(mask, q_positions, meta.max_len)
-    k = load_keys(k_cache, k_static, meta.key_read, q.dtype, rope_cos, rope_sin, n)
-    v = load_keys(v_cache, v_static, meta.value_read, q.dtype, None, None, n)
-    hkv = k.shape[1]
-    groups = hq // hkv
     add, allowed = additive_mask(mask, q_positions, t, n, q.device)
     in_band = torch.arange(n, device=q.device)[None, :] > positions[:, None] - w  # [T, n]
+    far_add, far_seen = add.masked_fill(in_band, float("-inf")), (allowed & ~in_band).any(-1)
+    hkv = k_cache[0].shape[1]
+    groups = hq // hkv
+    band = max(0, start - w), min(n, start + -(-t // max(w, 32)) * max(w, 32))  # the slots near_attention reads
 
-    out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                       add.masked_fill(in_band, float("-inf")), allowed & ~in_band, scale)
+    from kvpass.lowering import cpu  # the native kernels (imported here: kvpass.lowering imports this module)
 
-    out_near, lse_near = near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, rope_sin, meta)
+    if cpu.applies(q, meta):
+        out_far, lse_far, _ = cpu.attend(q, k_cache, k_static, v_cache, v_static, far_add, None, rope_cos, rope_sin,
+                                         replace(meta, need_mass=False), n)
+        k = cpu.decode_slots(k_cache, k_static, meta.key_read, rope_cos, rope_sin, *band)
+        v = cpu.decode_slots(v_cache, v_static, meta.value_read, None, None, *band)
+        lo = band[0]
+    else:
+        k = load_keys(k_cache, k_static, meta.key_read, q.dtype, rope_cos, rope_sin, n)
+        v = load_keys(v_cache, v_static, meta.value_read, q.dtype, None, None, n)
+        out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                           far_add, allowed & ~in_band, scale)
+        lo = 0
+    seen = far_seen.expand(lse_far.shape)  # rows that see only masked-out entries get nothing from the far part
+    out_far, lse_far = out_far.masked_fill(~seen[..., None], 0.0), lse_far.masked_fill(~seen, float("-inf"))
+
+    out_near, lse_near = near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, rope_sin, meta, lo)
 
     lse_far = lse_far.reshape(b, hkv, groups, t)
     # a row that sees nothing at all (a padding token) comes out as zeros, as SDPA gives it
@@ -147,11 +163,12 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
 
 
 def near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, rope_sin,
-                   meta: AttentionMeta) -> tuple[torch.Tensor, torch.Tensor]:
+                   meta: AttentionMeta, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query over its band of w tokens ``p - w < j <= p``, token j exact on a side where the query reads it
     exact and coded elsewhere: ``[B, Hkv, G, T, Dv]`` and the log-sum-exp ``[B, Hkv, G, T]``. The chunk's queries go
     in blocks of c = max(w, 32), each block against the c + w positions its bands cover (a strided view, not a
-    per-query gather of [T, w, D]: a KIVI band is 127 tokens), the scores outside each query's band masked."""
+    per-query gather of [T, w, D]: a KIVI band is 127 tokens), the scores outside each query's band masked.
+    ``k``/``v`` hold the decoded slots from ``lo`` on (at least up to the last slot the bands reach)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     groups = hq // hkv
@@ -172,7 +189,7 @@ def near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, r
     band_add = band_add.reshape(band_add.shape[0], *heads, nb, c, c + w)
 
     def sides(coded: torch.Tensor, cs: CacheSpec, new: torch.Tensor, before: torch.Tensor | None, keys: bool):
-        coded_b = blocks(coded[:, :, idx].float(), c, w)
+        coded_b = blocks(coded[:, :, idx - lo].float(), c, w)
         if not reads_exact(cs):
             return coded_b, None, None
         pad = new.new_zeros(*new.shape[:2], nb * c - t, new.shape[-1])

@@ -1,0 +1,658 @@
+// Fused dequantize + attention over packed KV caches on the CPU (flash-decoding).
+//
+// One task takes a (sequence, KV head, split of the cached tokens): it decodes a tile of keys straight from the
+// packed codes into a small float buffer, scores every query row of the GQA group against it (all heads of the
+// group and all new tokens share the decoded tile), keeps an online softmax, decodes the value tile and
+// accumulates. The splits are merged by their log-sum-exp; with need_mass the raw scores are kept so that the
+// attention mass of every cached token follows from the final log-sum-exp. No dequantized copy of the cache is
+// made: per task only a tile of TILE tokens lives in floats.
+//
+// Every cache format kvpass stores decodes as, element (t, d) of head h:
+//   v = table ? table[code] (or table[h, d, code]) : code             the code's value (identity for int)
+//   v = v * ch_mul[h, d] + ch_add[h, d]                               calibrated per-channel ranges, fp8 scale
+//   x = tok_zero[t, g] + tok_scale[t, g] * v                          per-token (or per-block) scale, zero point
+//   x[t, idx] = outlier value                                         dense-and-sparse outliers
+// with rows (codes [B, H, S, P]) or, for per-channel groups coded a residual block at a time, blocks of tokens
+// (codes [B, H, NB, D, P], the block's tokens along the last axis); the first sink_n tokens and the tokens of an
+// unfinished residual block come from dense model-precision buffers; keys stored before RoPE are rotated here.
+// The Python side (kvpass/lowering/cpu.py) turns a cache spec and its buffers into these fields.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int TILE = 32;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+enum Kind : int64_t { DENSE = 0, ROWS = 1, BLOCKS = 2 };
+enum Rope : int64_t { NO_ROPE = 0, HALF = 1, INTERLEAVED = 2 };
+
+// The fields of one cache, in the order kvpass/lowering/cpu.py passes them.
+enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, N_TENSORS };
+enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, N_INTS };
+
+// A strided view of a tensor whose last axis is contiguous; dtype read per element.
+struct View {
+  const char* ptr = nullptr;
+  bool present = false;  // given (an empty tensor, e.g. a cache shorter than one residual block, has no data)
+  at::ScalarType dtype = at::kFloat;
+  int64_t item = 0;
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  explicit operator bool() const { return present; }
+
+  static View of(const c10::optional<at::Tensor>& t) {
+    View v;
+    if (!t.has_value() || !t->defined()) return v;
+    TORCH_CHECK(t->device().is_cpu(), "kvpass cpu kernel: tensors must be on the CPU");
+    TORCH_CHECK(t->dim() == 0 || t->stride(-1) == 1 || t->size(-1) == 1, "kvpass cpu kernel: last axis must be contiguous");
+    v.present = true;
+    v.ptr = static_cast<const char*>(t->data_ptr());
+    v.dtype = t->scalar_type();
+    v.item = t->element_size();
+    for (int64_t i = 0; i < std::min<int64_t>(4, t->dim()); ++i) v.stride[i] = t->stride(i);
+    return v;
+  }
+  // Element offset of the row at leading indices (a, b, c) (a 3- or 4-axis tensor's first axes).
+  int64_t at3(int64_t a, int64_t b, int64_t c) const { return a * stride[0] + b * stride[1] + c * stride[2]; }
+  int64_t at4(int64_t a, int64_t b, int64_t c, int64_t d) const { return at3(a, b, c) + d * stride[3]; }
+
+  float f(int64_t i) const {
+    switch (dtype) {
+      case at::kFloat: return reinterpret_cast<const float*>(ptr)[i];
+      case at::kHalf: return static_cast<float>(reinterpret_cast<const at::Half*>(ptr)[i]);
+      case at::kBFloat16: return static_cast<float>(reinterpret_cast<const at::BFloat16*>(ptr)[i]);
+      default: TORCH_CHECK(false, "kvpass cpu kernel: unsupported float dtype ", dtype);
+    }
+  }
+  int64_t i(int64_t k) const {
+    switch (dtype) {
+      case at::kByte: return reinterpret_cast<const uint8_t*>(ptr)[k];
+      case at::kShort: return reinterpret_cast<const int16_t*>(ptr)[k];
+      case at::kInt: return reinterpret_cast<const int32_t*>(ptr)[k];
+      case at::kLong: return reinterpret_cast<const int64_t*>(ptr)[k];
+      default: TORCH_CHECK(false, "kvpass cpu kernel: unsupported index dtype ", dtype);
+    }
+  }
+  // A row of n floats starting at element offset `off`, converted into `out`.
+  void row(int64_t off, int64_t n, float* __restrict out) const {
+    if (dtype == at::kFloat) {
+      std::memcpy(out, reinterpret_cast<const float*>(ptr) + off, n * sizeof(float));
+    } else if (dtype == at::kHalf) {
+      const at::Half* p = reinterpret_cast<const at::Half*>(ptr) + off;
+      for (int64_t d = 0; d < n; ++d) out[d] = static_cast<float>(p[d]);
+    } else if (dtype == at::kBFloat16) {
+      const at::BFloat16* p = reinterpret_cast<const at::BFloat16*>(ptr) + off;
+      for (int64_t d = 0; d < n; ++d) out[d] = static_cast<float>(p[d]);
+    } else {
+      TORCH_CHECK(false, "kvpass cpu kernel: unsupported float dtype ", dtype);
+    }
+  }
+};
+
+struct Cache {
+  int64_t kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block;
+  int64_t nout = 0, ntable = 0;
+  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin;
+};
+
+Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRef n) {
+  TORCH_CHECK(t.size() == N_TENSORS && n.size() == N_INTS, "kvpass cpu kernel: a cache takes ", N_TENSORS,
+              " tensors and ", N_INTS, " ints");
+  Cache c;
+  c.kind = n[KIND]; c.bits = n[BITS]; c.dim = n[DIM]; c.gsize = n[GSIZE]; c.chan_table = n[CHAN_TABLE];
+  c.sink_n = n[SINK_N]; c.ring_r = n[RING_R]; c.ring_from = n[RING_FROM]; c.ring_to = n[RING_TO];
+  c.rope = n[ROPE]; c.rdim = n[RDIM]; c.block = n[BLOCK];
+  c.main = View::of(t[MAIN]); c.table = View::of(t[TABLE]); c.ch_mul = View::of(t[CH_MUL]);
+  c.ch_add = View::of(t[CH_ADD]); c.scale = View::of(t[TOK_SCALE]); c.zero = View::of(t[TOK_ZERO]);
+  c.out_val = View::of(t[OUT_VAL]); c.out_idx = View::of(t[OUT_IDX]); c.sink = View::of(t[SINK]);
+  c.ring = View::of(t[RING]); c.cos = View::of(t[COS]); c.sin = View::of(t[SIN]);
+  TORCH_CHECK(c.main, "kvpass cpu kernel: a cache needs its data or codes");
+  if (c.kind != DENSE) TORCH_CHECK(c.main.dtype == at::kByte, "kvpass cpu kernel: codes must be uint8");
+  if (c.table) {
+    TORCH_CHECK(c.table.dtype == at::kFloat, "kvpass cpu kernel: the table must be float32");
+    c.ntable = t[TABLE]->size(-1);
+  }
+  for (const View* v : {&c.ch_mul, &c.ch_add, &c.cos, &c.sin})
+    TORCH_CHECK(!*v || v->dtype == at::kFloat, "kvpass cpu kernel: channel ranges and RoPE tables must be float32");
+  if (c.out_val) c.nout = t[OUT_VAL]->size(-1);
+  return c;
+}
+
+// Code i of a little-endian bit stream of `bits`-bit codes (kvpass.formats.packing: code i starts at bit i*bits).
+inline uint32_t code_at(const uint8_t* p, int64_t bits, int64_t i) {
+  int64_t bit = i * bits, byte = bit >> 3, shift = bit & 7;
+  uint32_t word = p[byte];
+  if (shift + bits > 8) word |= static_cast<uint32_t>(p[byte + 1]) << 8;
+  return (word >> shift) & ((1u << bits) - 1u);
+}
+
+// Eight floats: GCC's vector extension compiles it to one AVX register (or two SSE ones) on any x86 and to NEON
+// pairs on ARM, so the hot loops below are vectorized without intrinsics.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v8 splat(float x) { return v8{x, x, x, x, x, x, x, x}; }
+inline float hsum(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+inline v8i widen8(const uint8_t* p) {  // eight bytes zero-extended to eight int32 lanes
+#ifdef __AVX2__
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  v8i v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+#else
+  return v8i{p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
+#endif
+}
+inline v8 tofloat(v8i v) { return __builtin_convertvector(v, v8); }
+
+// The `n` codes of one packed row as floats (eight or more codes at a time in vector registers).
+inline void unpack_row(const uint8_t* __restrict p, int64_t bits, int64_t n, float* __restrict out) {
+  int64_t d = 0;
+  if (bits == 8) {
+    for (; d + 8 <= n; d += 8) store8(out + d, tofloat(widen8(p + d)));
+  } else if (bits == 4) {
+    for (; d + 16 <= n; d += 16) {
+      const v8i w = widen8(p + d / 2), lo = w & 15, hi = w >> 4;
+      store8(out + d, tofloat(__builtin_shufflevector(lo, hi, 0, 8, 1, 9, 2, 10, 3, 11)));
+      store8(out + d + 8, tofloat(__builtin_shufflevector(lo, hi, 4, 12, 5, 13, 6, 14, 7, 15)));
+    }
+  } else if (bits == 2) {
+    for (; d + 32 <= n; d += 32) {
+      const v8i w = widen8(p + d / 4), c0 = w & 3, c1 = (w >> 2) & 3, c2 = (w >> 4) & 3, c3 = w >> 6;
+      const v8i a = __builtin_shufflevector(c0, c1, 0, 8, 1, 9, 2, 10, 3, 11);  // codes 0, 1 of bytes 0..3
+      const v8i b = __builtin_shufflevector(c2, c3, 0, 8, 1, 9, 2, 10, 3, 11);  // codes 2, 3 of bytes 0..3
+      const v8i c = __builtin_shufflevector(c0, c1, 4, 12, 5, 13, 6, 14, 7, 15);
+      const v8i e = __builtin_shufflevector(c2, c3, 4, 12, 5, 13, 6, 14, 7, 15);
+      store8(out + d, tofloat(__builtin_shufflevector(a, b, 0, 1, 8, 9, 2, 3, 10, 11)));
+      store8(out + d + 8, tofloat(__builtin_shufflevector(a, b, 4, 5, 12, 13, 6, 7, 14, 15)));
+      store8(out + d + 16, tofloat(__builtin_shufflevector(c, e, 0, 1, 8, 9, 2, 3, 10, 11)));
+      store8(out + d + 24, tofloat(__builtin_shufflevector(c, e, 4, 5, 12, 13, 6, 7, 14, 15)));
+    }
+  }
+  for (; d < n; ++d) out[d] = static_cast<float>(code_at(p, bits, d));
+}
+
+// Codes (as floats) to values through the table, shared or per channel of head h.
+inline void lookup_row(const Cache& c, int64_t h, float* __restrict v) {
+  const float* tab = reinterpret_cast<const float*>(c.table.ptr);
+  const int64_t D = c.dim, K = c.ntable;
+  if (c.chan_table) {
+    const float* base = tab + h * D * K;
+    for (int64_t d = 0; d < D; ++d) v[d] = base[d * K + static_cast<int64_t>(v[d])];
+  } else {
+    for (int64_t d = 0; d < D; ++d) v[d] = tab[static_cast<int64_t>(v[d])];
+  }
+}
+
+inline void channel_affine(const Cache& c, int64_t h, float* __restrict v) {
+  const float* mul = reinterpret_cast<const float*>(c.ch_mul.ptr) + h * c.ch_mul.stride[0];
+  const float* add = reinterpret_cast<const float*>(c.ch_add.ptr) + h * c.ch_add.stride[0];
+  for (int64_t d = 0; d < c.dim; ++d) v[d] = v[d] * mul[d] + add[d];
+}
+
+void apply_rope(const Cache& c, int64_t b, int64_t t, float* __restrict r) {
+  const float* cs = reinterpret_cast<const float*>(c.cos.ptr) + c.cos.at3(b, 0, t);
+  const float* sn = reinterpret_cast<const float*>(c.sin.ptr) + c.sin.at3(b, 0, t);
+  float tmp[1024];
+  const int64_t rd = c.rdim;
+  std::memcpy(tmp, r, rd * sizeof(float));
+  if (c.rope == HALF) {
+    const int64_t h = rd / 2;
+    for (int64_t i = 0; i < h; ++i) r[i] = tmp[i] * cs[i] - tmp[i + h] * sn[i];
+    for (int64_t i = h; i < rd; ++i) r[i] = tmp[i] * cs[i] + tmp[i - h] * sn[i];
+  } else {
+    for (int64_t i = 0; i < rd; i += 2) {
+      r[i] = tmp[i] * cs[i] - tmp[i + 1] * sn[i];
+      r[i + 1] = tmp[i + 1] * cs[i + 1] + tmp[i] * sn[i + 1];
+    }
+  }
+}
+
+// Token t of head (b, h), decoded into `row` [dim].
+void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __restrict row) {
+  const int64_t D = c.dim;
+  if (t < c.sink_n) {
+    c.sink.row(c.sink.at3(b, h, t), D, row);
+  } else if (c.ring && t >= c.ring_from) {
+    if (t < c.ring_to) c.ring.row(c.ring.at3(b, h, t % c.ring_r), D, row);
+    else std::fill(row, row + D, 0.0f);
+  } else if (c.kind == DENSE) {
+    c.main.row(c.main.at3(b, h, t), D, row);
+  } else if (c.kind == ROWS) {
+    const uint8_t* codes = reinterpret_cast<const uint8_t*>(c.main.ptr) + c.main.at3(b, h, t);
+    unpack_row(codes, c.bits, D, row);
+    if (c.table) lookup_row(c, h, row);
+    if (c.ch_mul) channel_affine(c, h, row);
+    if (c.scale) {
+      const int64_t off = c.scale.at3(b, h, t), ng = D / c.gsize;
+      for (int64_t g = 0; g < ng; ++g) {
+        const float s = c.scale.f(off + g), z = c.zero ? c.zero.f(c.zero.at3(b, h, t) + g) : 0.0f;
+        float* x = row + g * c.gsize;
+        int64_t d = 0;
+        for (; d + 8 <= c.gsize; d += 8) store8(x + d, load8(x + d) * s + z);
+        for (; d < c.gsize; ++d) x[d] = z + s * x[d];
+      }
+    }
+    if (c.nout) {
+      const int64_t vo = c.out_val.at3(b, h, t), io = c.out_idx.at3(b, h, t);
+      for (int64_t k = 0; k < c.nout; ++k) row[c.out_idx.i(io + k)] = c.out_val.f(vo + k);
+    }
+  } else {  // BLOCKS: the block's tokens run along the last axis of each channel's codes
+    const int64_t blk = t / c.block, i = t % c.block, g = i / c.gsize;
+    const uint8_t* base = reinterpret_cast<const uint8_t*>(c.main.ptr);
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(code_at(base + c.main.at4(b, h, blk, d), c.bits, i));
+    if (c.table) lookup_row(c, h, row);
+    if (c.ch_mul) channel_affine(c, h, row);
+    if (c.scale) {
+      for (int64_t d = 0; d < D; ++d) {
+        const float s = c.scale.f(c.scale.at4(b, h, blk, d) + g);
+        const float z = c.zero ? c.zero.f(c.zero.at4(b, h, blk, d) + g) : 0.0f;
+        row[d] = z + s * row[d];
+      }
+    }
+    for (int64_t d = 0; d < D && c.nout; ++d) {
+      const int64_t vo = c.out_val.at4(b, h, blk, d), io = c.out_idx.at4(b, h, blk, d);
+      for (int64_t k = 0; k < c.nout; ++k)
+        if (c.out_idx.i(io + k) == i) row[d] = c.out_val.f(vo + k);
+    }
+  }
+  if (c.rope != NO_ROPE) apply_rope(c, b, t, row);
+}
+
+// Keys [t0, t0 + nt) of a BLOCKS cache as columns of kT [dim][TILE]: each channel's codes of a block are one
+// packed run along the tokens, so a run of a tile's tokens is unpacked at once per channel.
+void decode_block_tile(const Cache& c, int64_t b, int64_t h, int64_t t0, int64_t nt, float* __restrict kT) {
+  const int64_t D = c.dim;
+  float tmp[TILE], row[1024];
+  int64_t j = 0;
+  while (j < nt) {
+    const int64_t t = t0 + j;
+    const bool coded = t >= c.sink_n && !(c.ring && t >= c.ring_from);
+    if (!coded) {  // a sink token, or one of an unfinished block: a dense row
+      decode_token(c, b, h, t, row);
+      for (int64_t d = 0; d < D; ++d) kT[d * TILE + j] = row[d];
+      ++j;
+      continue;
+    }
+    const int64_t blk = t / c.block, i0 = t % c.block;
+    int64_t len = std::min(nt - j, c.block - i0);
+    if (c.ring) len = std::min(len, c.ring_from - t);
+    const bool aligned = (i0 * c.bits) % 8 == 0;
+    const float* tab = c.table ? reinterpret_cast<const float*>(c.table.ptr) : nullptr;
+    for (int64_t d = 0; d < D; ++d) {
+      const uint8_t* codes = reinterpret_cast<const uint8_t*>(c.main.ptr) + c.main.at4(b, h, blk, d);
+      if (aligned) {
+        unpack_row(codes + i0 * c.bits / 8, c.bits, len, tmp);
+      } else {
+        for (int64_t k = 0; k < len; ++k) tmp[k] = static_cast<float>(code_at(codes, c.bits, i0 + k));
+      }
+      if (tab) {
+        const float* td = c.chan_table ? tab + (h * D + d) * c.ntable : tab;
+        for (int64_t k = 0; k < len; ++k) tmp[k] = td[static_cast<int64_t>(tmp[k])];
+      }
+      if (c.ch_mul) {
+        const float mul = reinterpret_cast<const float*>(c.ch_mul.ptr)[h * c.ch_mul.stride[0] + d];
+        const float add = reinterpret_cast<const float*>(c.ch_add.ptr)[h * c.ch_add.stride[0] + d];
+        for (int64_t k = 0; k < len; ++k) tmp[k] = tmp[k] * mul + add;
+      }
+      float* col = kT + d * TILE + j;
+      if (c.scale) {
+        const int64_t so = c.scale.at4(b, h, blk, d), zo = c.zero ? c.zero.at4(b, h, blk, d) : 0;
+        for (int64_t k = 0; k < len;) {
+          const int64_t g = (i0 + k) / c.gsize, end = std::min(len, (g + 1) * c.gsize - i0);
+          const float sc = c.scale.f(so + g), z = c.zero ? c.zero.f(zo + g) : 0.0f;
+          for (; k < end; ++k) col[k] = z + sc * tmp[k];
+        }
+      } else {
+        for (int64_t k = 0; k < len; ++k) col[k] = tmp[k];
+      }
+      if (c.nout) {
+        const int64_t vo = c.out_val.at4(b, h, blk, d), io = c.out_idx.at4(b, h, blk, d);
+        for (int64_t k = 0; k < c.nout; ++k) {
+          const int64_t i = c.out_idx.i(io + k);
+          if (i >= i0 && i < i0 + len) col[i - i0] = c.out_val.f(vo + k);
+        }
+      }
+    }
+    j += len;
+  }
+}
+
+// Scores of every query row against keys held as columns of kT [Dp][TILE].
+inline void score_columns(const float* const* q, int64_t R, const float* kT, int64_t D, float* const* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    v8 a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; ++d) {
+      const v8 qd = splat(q[r][d]);
+      const float* k = kT + d * TILE;
+      a0 += qd * load8(k);
+      a1 += qd * load8(k + 8);
+      a2 += qd * load8(k + 16);
+      a3 += qd * load8(k + 24);
+    }
+    store8(out[r], a0);
+    store8(out[r] + 8, a1);
+    store8(out[r] + 16, a2);
+    store8(out[r] + 24, a3);
+  }
+}
+
+// exp(x) for x <= 0 on eight lanes (Cody-Waite reduction, degree-6 polynomial: a few ulp); -inf and anything below
+// -87 give 0.
+inline v8 exp8(v8 x) {
+  const v8 lo = splat(-87.0f);
+  const v8i under = x < lo;
+  x = under ? lo : x;
+  const v8i ni = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i);  // round half away (x <= 0)
+  const v8 n = __builtin_convertvector(ni, v8);
+  const v8 r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  v8 p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v8i bits = (ni + 127) << 23;
+  v8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const v8 out = p * scale;
+  return under ? splat(0.0f) : out;
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, G, T, D, Dv, n, splits, split_len, rows;
+  float scale;
+  bool need_mass;
+  const float* q;            // [B, Hq, T, D] contiguous float32
+  View mask;                 // float32 additive, strided over [B, Hq, T, n] (stride 0 broadcasts)
+  const int64_t* qpos;       // [T] causal positions, or null
+  float *m, *l, *acc;        // per task and row: running max, sum, unnormalized output [Dv]
+  float* scores;             // [B, Hkv, rows, n] when need_mass
+};
+
+inline int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// Scores of up to four query rows against the TILE decoded keys (rows of Dp floats, zero-padded).
+template <int NR>
+inline void score_rows(const float* const* q, const float* k, int64_t Dp, int64_t nt, float* const* out) {
+  for (int64_t j = 0; j < nt; ++j) {
+    const float* kj = k + j * Dp;
+    v8 a[NR];
+    for (int r = 0; r < NR; ++r) a[r] = splat(0.0f);
+    for (int64_t c = 0; c < Dp; c += 8) {
+      const v8 kv = load8(kj + c);
+      for (int r = 0; r < NR; ++r) a[r] += load8(q[r] + c) * kv;
+    }
+    for (int r = 0; r < NR; ++r) out[r][j] = hsum(a[r]);
+  }
+}
+
+void run_task(const Problem& P, const Cache& kc, const Cache& vc, int64_t task) {
+  const int64_t split = task % P.splits, bh = task / P.splits, h = bh % P.Hkv, b = bh / P.Hkv;
+  const int64_t s0 = split * P.split_len, s1 = std::min(P.n, s0 + P.split_len);
+  const int64_t R = P.rows, D = P.D, Dv = P.Dv, Dp = pad8(D), Dvp = pad8(Dv);
+  float* m = P.m + task * R;
+  float* l = P.l + task * R;
+  float* acc_out = P.acc + task * R * Dv;
+  std::fill(m, m + R, NEG_INF);
+  std::fill(l, l + R, 0.0f);
+  std::fill(acc_out, acc_out + R * Dv, 0.0f);
+  if (s0 >= s1) return;
+
+  int64_t last = s1;  // one past the last slot any row of this task may see
+  if (P.qpos) {
+    int64_t mx = -1;
+    for (int64_t t = 0; t < P.T; ++t) mx = std::max(mx, P.qpos[t]);
+    last = std::min(last, mx + 1);
+  }
+  std::vector<float> kt(TILE * Dp, 0.0f), vt(TILE * Dvp, 0.0f), s(R * TILE), qs(R * Dp, 0.0f), acc(R * Dvp, 0.0f);
+  const bool columns = kc.kind == BLOCKS && kc.rope == NO_ROPE;  // keys decoded straight into columns
+  std::vector<float> kT(columns ? D * TILE : 0);
+  std::vector<const float*> qrow(R);
+  std::vector<float*> srow(R);
+  for (int64_t r = 0; r < R; ++r) {  // the query rows, scaled and zero-padded
+    const int64_t g = r / P.T, t = r % P.T;
+    const float* src = P.q + ((b * P.Hq + h * P.G + g) * P.T + t) * D;
+    for (int64_t d = 0; d < D; ++d) qs[r * Dp + d] = src[d] * P.scale;
+    qrow[r] = qs.data() + r * Dp;
+    srow[r] = s.data() + r * TILE;
+  }
+  for (int64_t t0 = s0; t0 < last; t0 += TILE) {
+    const int64_t nt = std::min<int64_t>(TILE, last - t0);
+    int64_t r = 0;
+    if (columns) {
+      decode_block_tile(kc, b, h, t0, nt, kT.data());
+      score_columns(qrow.data(), R, kT.data(), D, srow.data());
+      r = R;
+    } else {
+      for (int64_t j = 0; j < nt; ++j) decode_token(kc, b, h, t0 + j, kt.data() + j * Dp);
+    }
+    for (; r < R; r += 6) {  // up to six rows share each key row read
+      const float* const* qr = qrow.data() + r;
+      float* const* sr = srow.data() + r;
+      switch (std::min<int64_t>(6, R - r)) {
+        case 6: score_rows<6>(qr, kt.data(), Dp, nt, sr); break;
+        case 5: score_rows<5>(qr, kt.data(), Dp, nt, sr); break;
+        case 4: score_rows<4>(qr, kt.data(), Dp, nt, sr); break;
+        case 3: score_rows<3>(qr, kt.data(), Dp, nt, sr); break;
+        case 2: score_rows<2>(qr, kt.data(), Dp, nt, sr); break;
+        default: score_rows<1>(qr, kt.data(), Dp, nt, sr); break;
+      }
+    }
+
+    bool any = false;
+    for (r = 0; r < R; ++r) {
+      const int64_t t = r % P.T, hq = h * P.G + r / P.T;
+      float* sr = srow[r];
+      for (int64_t j = nt; j < TILE; ++j) sr[j] = NEG_INF;
+      if (P.mask) {
+        const float* mk = reinterpret_cast<const float*>(P.mask.ptr) + P.mask.at4(b, hq, t, t0);
+        const int64_t ms = P.mask.stride[3];
+        for (int64_t j = 0; j < nt; ++j) sr[j] += mk[j * ms];
+      } else if (P.qpos) {
+        for (int64_t j = std::max<int64_t>(0, P.qpos[t] + 1 - t0); j < nt; ++j) sr[j] = NEG_INF;
+      }
+      if (P.need_mass) std::memcpy(P.scores + ((b * P.Hkv + h) * R + r) * P.n + t0, sr, nt * sizeof(float));
+      v8 mx = splat(NEG_INF);
+      for (int j = 0; j < TILE; j += 8) {
+        const v8 x = load8(sr + j);
+        mx = x > mx ? x : mx;
+      }
+      const float mt = std::max(std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3])),
+                                std::max(std::max(mx[4], mx[5]), std::max(mx[6], mx[7])));
+      if (mt == NEG_INF) {
+        std::fill(sr, sr + TILE, 0.0f);
+        continue;
+      }
+      any = true;
+      const float mnew = std::max(m[r], mt);
+      const float corr = m[r] == NEG_INF ? 0.0f : std::exp(m[r] - mnew);
+      v8 sum = splat(0.0f);
+      for (int j = 0; j < TILE; j += 8) {
+        const v8 p = exp8(load8(sr + j) - mnew);
+        store8(sr + j, p);
+        sum += p;
+      }
+      l[r] = l[r] * corr + hsum(sum);
+      m[r] = mnew;
+      if (corr != 1.0f) {
+        float* ar = acc.data() + r * Dvp;
+        for (int64_t c = 0; c < Dvp; c += 8) store8(ar + c, load8(ar + c) * corr);
+      }
+    }
+    if (!any) continue;
+    for (int64_t j = 0; j < nt; ++j) decode_token(vc, b, h, t0 + j, vt.data() + j * Dvp);
+    for (r = 0; r < R; ++r) {
+      const float* pr = srow[r];
+      float* ar = acc.data() + r * Dvp;
+      for (int64_t c0 = 0; c0 < Dvp; c0 += 64) {  // eight vectors of the accumulator stay in registers
+        const int64_t nc = std::min<int64_t>(64, Dvp - c0);
+        v8 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = i * 8 < nc ? load8(ar + c0 + i * 8) : splat(0.0f);
+        for (int64_t j = 0; j < nt; ++j) {
+          const float p = pr[j];
+          if (p == 0.0f) continue;
+          const v8 pv = splat(p);
+          const float* vr = vt.data() + j * Dvp + c0;
+          for (int i = 0; i < 8; ++i)
+            if (i * 8 < nc) a[i] += pv * load8(vr + i * 8);
+        }
+        for (int i = 0; i < 8; ++i)
+          if (i * 8 < nc) store8(ar + c0 + i * 8, a[i]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) std::memcpy(acc_out + r * Dv, acc.data() + r * Dvp, Dv * sizeof(float));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
+    const at::Tensor& q, const std::vector<c10::optional<at::Tensor>>& k_tensors, at::IntArrayRef k_ints,
+    const std::vector<c10::optional<at::Tensor>>& v_tensors, at::IntArrayRef v_ints,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& q_positions, int64_t n, double scale,
+    bool need_mass, int64_t kv_heads) {
+  TORCH_CHECK(q.dim() == 4 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "kvpass cpu kernel: q must be a contiguous float32 [B, Hq, T, D] tensor");
+  const Cache kc = make_cache(k_tensors, k_ints), vc = make_cache(v_tensors, v_ints);
+  Problem P;
+  P.B = q.size(0); P.Hq = q.size(1); P.T = q.size(2); P.D = q.size(3); P.Hkv = kv_heads;
+  TORCH_CHECK(P.Hq % P.Hkv == 0, "kvpass cpu kernel: query heads must be a multiple of KV heads");
+  TORCH_CHECK(kc.dim == P.D, "kvpass cpu kernel: query and key head dims differ");
+  P.G = P.Hq / P.Hkv; P.Dv = vc.dim; P.n = n; P.rows = P.G * P.T;
+  P.scale = static_cast<float>(scale); P.need_mass = need_mass; P.q = q.data_ptr<float>();
+  at::Tensor mask_f, qpos;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->dim() == 4 && mask->scalar_type() == at::kFloat,
+                "kvpass cpu kernel: the mask must be float32 [B, Hq, T, n] (broadcast strides allowed)");
+    mask_f = *mask;
+    P.mask = View::of(mask_f);
+    for (int i = 0; i < 4; ++i) P.mask.stride[i] = mask_f.size(i) == 1 ? 0 : mask_f.stride(i);
+  }
+  P.qpos = nullptr;
+  if (!P.mask && q_positions.has_value() && q_positions->defined()) {
+    qpos = q_positions->to(at::kLong).contiguous();
+    P.qpos = qpos.data_ptr<int64_t>();
+  }
+  // Enough splits that both the threads and the context are shared out; each split a whole number of tiles.
+  const int64_t threads = at::get_num_threads(), heads = P.B * P.Hkv;
+  const int64_t want = std::max<int64_t>(1, (4 * threads + heads - 1) / heads);
+  const int64_t tiles = (std::max<int64_t>(n, 1) + TILE - 1) / TILE;
+  const int64_t per = std::max<int64_t>(8, (tiles + want - 1) / want);
+  P.split_len = per * TILE;
+  P.splits = std::max<int64_t>(1, (n + P.split_len - 1) / P.split_len);
+  const int64_t tasks = heads * P.splits;
+
+  auto f32 = q.options();
+  at::Tensor m = at::empty({tasks, P.rows}, f32), l = at::empty({tasks, P.rows}, f32);
+  at::Tensor acc = at::empty({tasks, P.rows, P.Dv}, f32);
+  at::Tensor scores = need_mass ? at::empty({heads, P.rows, n}, f32) : at::empty({0}, f32);
+  P.m = m.data_ptr<float>(); P.l = l.data_ptr<float>(); P.acc = acc.data_ptr<float>();
+  P.scores = need_mass ? scores.data_ptr<float>() : nullptr;
+  if (need_mass && n) scores.fill_(NEG_INF);
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) run_task(P, kc, vc, task);
+  });
+
+  at::Tensor out = at::zeros({P.B, P.Hq, P.T, P.Dv}, f32);
+  at::Tensor lse = at::empty({P.B, P.Hq, P.T}, f32);
+  float* o = out.data_ptr<float>();
+  float* ls = lse.data_ptr<float>();
+  at::parallel_for(0, heads * P.rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / P.rows, r = row % P.rows, g = r / P.T, t = r % P.T;
+      const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+      const int64_t dst = (b * P.Hq + h * P.G + g) * P.T + t;
+      float M = NEG_INF;
+      for (int64_t sp = 0; sp < P.splits; ++sp) M = std::max(M, P.m[(bh * P.splits + sp) * P.rows + r]);
+      if (M == NEG_INF) {
+        ls[dst] = NEG_INF;
+        continue;
+      }
+      float L = 0.0f;
+      float* od = o + dst * P.Dv;
+      for (int64_t sp = 0; sp < P.splits; ++sp) {
+        const int64_t tk = (bh * P.splits + sp) * P.rows + r;
+        if (P.m[tk] == NEG_INF) continue;
+        const float w = std::exp(P.m[tk] - M);
+        L += P.l[tk] * w;
+        const float* a = P.acc + tk * P.Dv;
+        for (int64_t d = 0; d < P.Dv; ++d) od[d] += w * a[d];
+      }
+      for (int64_t d = 0; d < P.Dv; ++d) od[d] /= L;
+      ls[dst] = M + std::log(L);
+    }
+  });
+
+  at::Tensor mass = need_mass ? at::zeros({P.B, P.Hkv, n}, f32) : at::empty({0}, f32);
+  if (need_mass && n) {
+    float* ms = mass.data_ptr<float>();
+    const int64_t chunk = 256, nchunks = (n + chunk - 1) / chunk;
+    at::parallel_for(0, heads * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t bh = w / nchunks, c0 = (w % nchunks) * chunk, c1 = std::min(n, c0 + chunk);
+        const int64_t b = bh / P.Hkv, h = bh % P.Hkv;
+        float* dst = ms + bh * n;
+        for (int64_t r = 0; r < P.rows; ++r) {
+          const int64_t g = r / P.T, t = r % P.T;
+          const float lr = ls[(b * P.Hq + h * P.G + g) * P.T + t];
+          if (lr == NEG_INF) continue;
+          const float* sc = P.scores + (bh * P.rows + r) * n;
+          for (int64_t j = c0; j < c1; ++j)
+            if (sc[j] != NEG_INF) dst[j] += std::exp(sc[j] - lr);
+        }
+      }
+    });
+  }
+  return {out, lse, mass};
+}
+
+// Tokens [s0, s1) of every head, decoded to float32 [B, H, s1 - s0, dim] (for the exact-window op's band).
+at::Tensor decode(const std::vector<c10::optional<at::Tensor>>& tensors, at::IntArrayRef ints, int64_t s0, int64_t s1) {
+  const Cache c = make_cache(tensors, ints);
+  const at::Tensor& main = *tensors[MAIN];
+  const int64_t B = main.size(0), H = main.size(1), n = std::max<int64_t>(s1 - s0, 0);
+  at::Tensor out = at::empty({B, H, n, c.dim}, main.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, B * H * n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / n, t = s0 + row % n;
+      decode_token(c, bh / H, bh % H, t, o + row * c.dim);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvpass_cpu, m) {
+  m.def("attend(Tensor q, Tensor?[] k, int[] k_ints, Tensor?[] v, int[] v_ints, Tensor? mask, Tensor? q_positions, "
+        "int n, float scale, bool need_mass, int kv_heads) -> (Tensor, Tensor, Tensor)");
+  m.def("decode(Tensor?[] cache, int[] ints, int s0, int s1) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {
+  m.impl("attend", attend);
+  m.impl("decode", decode);
+}
