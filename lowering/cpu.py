@@ -12,6 +12,8 @@ an extern kernel) all take it.
 from __future__ import annotations
 
 import functools
+import weakref
+from dataclasses import replace
 
 import torch
 from kvpass.lowering import cpu_build
@@ -20,10 +22,11 @@ from kvpass import kvcache
 from kvpass.formats.api import transposed
 from kvpass.formats.spec import FP8_VARIANTS
 from kvpass.formats.uniform import safe
-from kvpass.kvcache import CacheSpec
+from kvpass.kvcache import CacheSpec, parse_cache_spec
 from kvpass.ops.attention import visible_length
-from kvpass.ops.cache import kv_attention, reference_kv_attention
+from kvpass.ops.cache import kv_attention, kv_store_, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta, CacheRead
+from kvpass.ops.recent import kv_recent_attention_, recent_attention, reference_reads, ring_of, write_ring
 
 MAX_ROWS = 256  # query rows (GQA group x new tokens) past which a chunk's matmuls outweigh reading the cache
 ROPE = {"": 0, "half": 1, "interleaved": 2}
@@ -58,10 +61,13 @@ def _heads_by_dim(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 
 
 def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, rope_cos: torch.Tensor | None,
-             rope_sin: torch.Tensor | None) -> tuple[list[torch.Tensor | None], list[int]]:
-    """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp``
+             rope_sin: torch.Tensor | None, newest: int | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
+    """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp``.
+    With ``newest`` = p, a ``recent=W`` cache reads positions ``p - W < j <= p`` from its ring (which must hold them)
+    and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads).
+    
     (main, table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin; kind, bits, dim,
-    gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block)."""
+    gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8)."""
     cs, d = read.cache_spec, read.head_dim
     f = cs.format
     bufs = dict(zip(kvcache.cache_names(cs), cache))
@@ -112,15 +118,36 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
         tensors[9] = bufs["residual"]
         ring_r, ring_to = cs.residual, int(bufs["state"])
         ring_from = min(ring_to // ring_r, bufs["codes"].shape[2] if "codes" in bufs else 0) * ring_r
+    elif cs.recent and newest is not None:
+        tensors[9] = bufs["recent"]
+        ring_r, ring_from, ring_to = cs.recent, max(newest - cs.recent + 1, 0), newest + 1
     if read.rope:
         tensors[10], tensors[11] = rope_cos.float().contiguous(), rope_sin.float().contiguous()
     if transposed(f):
         gsize = f.group or cs.residual
     else:
         gsize = f.group or d
+    fp8 = {"e4m3": 1, "e5m2": 2}.get(f.fp8_variant, 0) if f.kind == "fp8" else 0
     ints = [kind, f.bits, d, gsize, table_per_channel, cs.sink, ring_r, ring_from, ring_to, ROPE[read.rope],
-            read.rotary_dim, block]
+            read.rotary_dim, block, fp8]
     return [t if t is None or t.stride(-1) == 1 else t.contiguous() for t in tensors], ints
+
+
+_last_mask: list = [None, None]  # (weak reference to a mask, (version, n, additive)): every layer gets the same mask
+
+
+def visible_and_additive(mask: torch.Tensor | None, q_positions: torch.Tensor | None,
+                         max_len: int) -> tuple[int, torch.Tensor | None]:
+    """The visible length and the kernel's additive mask, converted once per step rather than once per layer."""
+    if mask is None:
+        return visible_length(None, q_positions, max_len), None
+    ref, hit = _last_mask
+    if ref is not None and ref() is mask and hit[0] == mask._version:
+        return hit[1], hit[2]
+    n = visible_length(mask, q_positions, max_len)
+    add = additive(mask, n)
+    _last_mask[:] = [weakref.ref(mask), (mask._version, n, add)]
+    return n, add
 
 
 def additive(mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -135,11 +162,12 @@ def additive(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def attend(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, meta: AttentionMeta,
-           n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           n: int, newest: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The native kernel over slots ``[0, n)``: float32 output ``[B, Hq, T, Dv]``, its log-sum-exp ``[B, Hq, T]``
-    (``-inf`` where a row sees nothing; its output is then 0) and, with ``need_mass``, the mass ``[B, Hkv, n]``."""
-    kt, ki = describe(k_cache, k_static, meta.key_read, rope_cos, rope_sin)
-    vt, vi = describe(v_cache, v_static, meta.value_read, None, None)
+    (``-inf`` where a row sees nothing; its output is then 0) and, with ``need_mass``, the mass ``[B, Hkv, n]``
+    (``newest``: see :func:`describe`)."""
+    kt, ki = describe(k_cache, k_static, meta.key_read, rope_cos, rope_sin, newest)
+    vt, vi = describe(v_cache, v_static, meta.value_read, None, None, newest)
     add = additive(mask, n) if mask is not None else None
     return cpu_build.ops().attend(q.float().contiguous(), kt, ki, vt, vi, add, q_positions, n, meta.scale,
                                        meta.need_mass, k_cache[0].shape[1])
@@ -157,8 +185,72 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope
     m = AttentionMeta.parse(meta)
     if not applies(q, m):
         return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m)
-    n = visible_length(mask, q_positions, m.max_len)
-    out, _, mass = attend(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m, n)
+    n, add = visible_and_additive(mask, q_positions, m.max_len)
+    out, _, mass = attend(q, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin, m, n)
     if m.need_mass and n < m.max_len:
         mass = torch.nn.functional.pad(mass, (0, m.max_len - n))
     return out.to(q.dtype), mass
+
+
+def stores_natively(cs: CacheSpec) -> bool:
+    """Whether the native store codes new tokens of this spec: per-token int (min/max groups) and fp8 per token,
+    without outliers or a residual ring (the others are quantized by :func:`kvpass.kvcache.store`)."""
+    f = cs.format
+    return (f.granularity == "per_token" and not f.outlier_frac and not cs.residual and not f.static
+            and f.kind in ("int", "fp8") and f.scale_dtype in (torch.float16, torch.float32))
+
+
+@kv_store_.register_kernel("cpu")
+def _(cache, static, new, positions, spec):
+    cs = parse_cache_spec(spec)
+    if not (stores_natively(cs) and cpu_build.available()):
+        return kvcache.store(cache, static, new, positions, cs)
+    kvcache.check_range(new, cs)
+    bufs = dict(zip(kvcache.cache_names(cs), cache))
+    f = cs.format
+    if cs.sink:
+        keep = positions < cs.sink
+        if bool(keep.any()):
+            bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
+    kind = 0 if f.kind == "int" else 1
+    variant = 1 if f.fp8_variant == "e5m2" else 0
+    cpu_build.ops().store_rows(new, positions, bufs["codes"], bufs["scale"], bufs.get("zero"), kind, f.bits,
+                               f.group or new.shape[-1], variant)
+
+
+def native_reads(q, k_cache, k_static, v_cache, v_static, far_add, far_allowed, rope_cos, rope_sin,
+                 meta: AttentionMeta, n: int, band: tuple[int, int]):
+    """:func:`kvpass.ops.recent.reference_reads` through the native kernel: the far attention straight from the
+    codes, and only the band's slots decoded."""
+    out, lse, _ = attend(q, k_cache, k_static, v_cache, v_static, far_add, None, rope_cos, rope_sin,
+                         replace(meta, need_mass=False), n)
+    k = decode_slots(k_cache, k_static, meta.key_read, rope_cos, rope_sin, *band)
+    v = decode_slots(v_cache, v_static, meta.value_read, None, None, *band)
+    return out, lse, k, v, band[0]
+
+
+def recent_decode(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos,
+                  rope_sin, meta: AttentionMeta) -> torch.Tensor:
+    """``kv_recent_attention_`` for one new token at p in one fused call: once the token is stored, the tokens
+    p reads exact are the ones the rings hold (a residual ring holds p's unfinished block; a recent ring, with p
+    written first, the W newest), so the kernel reads them from there and the rest from the codes."""
+    p = int(positions[0])
+    for cache, static, new, cs in ((k_cache, k_static, new_k, meta.key_spec), (v_cache, v_static, new_v, meta.value_spec)):
+        kvcache.store(cache, static, new, positions, cs)
+        if cs.recent:
+            write_ring(ring_of(cache, cs), new, positions)
+    n, add = visible_and_additive(mask, q_positions, meta.max_len)
+    out, _, _ = attend(q, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin,
+                       replace(meta, need_mass=False), n, newest=p)
+    return out.to(q.dtype)
+
+
+@kv_recent_attention_.register_kernel("cpu")
+def _(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, meta):
+    m = AttentionMeta.parse(meta)
+    if q.shape[2] == 1 and new_k.shape[2] == 1 and applies(q, m):
+        return recent_decode(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions,
+                             rope_cos, rope_sin, m)
+    reads = native_reads if applies(q, m) else reference_reads
+    return recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions,
+                            rope_cos, rope_sin, m, reads)

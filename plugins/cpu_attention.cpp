@@ -19,6 +19,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,7 +44,8 @@ enum Rope : int64_t { NO_ROPE = 0, HALF = 1, INTERLEAVED = 2 };
 
 // The fields of one cache, in the order kvpass/lowering/cpu.py passes them.
 enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, N_TENSORS };
-enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, N_INTS };
+enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, FP8, N_INTS };
+enum Fp8 : int64_t { NOT_FP8 = 0, E4M3 = 1, E5M2 = 2 };
 
 // A strided view of a tensor whose last axis is contiguous; dtype read per element.
 struct View {
@@ -105,7 +108,8 @@ struct View {
 
 struct Cache {
   int64_t kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block;
-  int64_t nout = 0, ntable = 0;
+  int64_t fp8 = NOT_FP8, nout = 0, ntable = 0;
+  float small_table[16] = {0};  // a shared table of up to 16 entries, padded, for in-register lookups
   View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin;
 };
 
@@ -115,7 +119,7 @@ Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRe
   Cache c;
   c.kind = n[KIND]; c.bits = n[BITS]; c.dim = n[DIM]; c.gsize = n[GSIZE]; c.chan_table = n[CHAN_TABLE];
   c.sink_n = n[SINK_N]; c.ring_r = n[RING_R]; c.ring_from = n[RING_FROM]; c.ring_to = n[RING_TO];
-  c.rope = n[ROPE]; c.rdim = n[RDIM]; c.block = n[BLOCK];
+  c.rope = n[ROPE]; c.rdim = n[RDIM]; c.block = n[BLOCK]; c.fp8 = n[FP8];
   c.main = View::of(t[MAIN]); c.table = View::of(t[TABLE]); c.ch_mul = View::of(t[CH_MUL]);
   c.ch_add = View::of(t[CH_ADD]); c.scale = View::of(t[TOK_SCALE]); c.zero = View::of(t[TOK_ZERO]);
   c.out_val = View::of(t[OUT_VAL]); c.out_idx = View::of(t[OUT_IDX]); c.sink = View::of(t[SINK]);
@@ -125,6 +129,7 @@ Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRe
   if (c.table) {
     TORCH_CHECK(c.table.dtype == at::kFloat, "kvpass cpu kernel: the table must be float32");
     c.ntable = t[TABLE]->size(-1);
+    if (!c.chan_table && c.ntable <= 16) std::memcpy(c.small_table, c.table.ptr, c.ntable * sizeof(float));
   }
   for (const View* v : {&c.ch_mul, &c.ch_add, &c.cos, &c.sin})
     TORCH_CHECK(!*v || v->dtype == at::kFloat, "kvpass cpu kernel: channel ranges and RoPE tables must be float32");
@@ -197,12 +202,52 @@ inline void unpack_row(const uint8_t* __restrict p, int64_t bits, int64_t n, flo
 inline void lookup_row(const Cache& c, int64_t h, float* __restrict v) {
   const float* tab = reinterpret_cast<const float*>(c.table.ptr);
   const int64_t D = c.dim, K = c.ntable;
+  int64_t d = 0;
+#ifdef __AVX2__
+  if (c.chan_table) {  // one gather of eight channels' entries
+    const float* base = tab + h * D * K;
+    const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(K));
+    for (; d + 8 <= D; d += 8) {
+      const __m256i code = _mm256_cvttps_epi32(_mm256_loadu_ps(v + d));
+      const __m256i off = _mm256_add_epi32(_mm256_add_epi32(lane, _mm256_set1_epi32(d * K)), code);
+      _mm256_storeu_ps(v + d, _mm256_i32gather_ps(base, off, 4));
+    }
+  } else if (K <= 16) {  // the table in two registers: a permute each, blended on the code's high bit
+    const __m256 lo = _mm256_loadu_ps(c.small_table), hi = _mm256_loadu_ps(c.small_table + 8);
+    for (; d + 8 <= D; d += 8) {
+      const __m256i code = _mm256_cvttps_epi32(_mm256_loadu_ps(v + d));
+      const __m256 a = _mm256_permutevar8x32_ps(lo, code), b = _mm256_permutevar8x32_ps(hi, code);
+      const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
+      _mm256_storeu_ps(v + d, _mm256_blendv_ps(a, b, high));
+    }
+  }
+#endif
   if (c.chan_table) {
     const float* base = tab + h * D * K;
-    for (int64_t d = 0; d < D; ++d) v[d] = base[d * K + static_cast<int64_t>(v[d])];
+    for (; d < D; ++d) v[d] = base[d * K + static_cast<int64_t>(v[d])];
   } else {
-    for (int64_t d = 0; d < D; ++d) v[d] = tab[static_cast<int64_t>(v[d])];
+    for (; d < D; ++d) v[d] = tab[static_cast<int64_t>(v[d])];
   }
+}
+
+// fp8 codes to floats: e5m2 is the high byte of an fp16, e4m3 is an fp16 with its exponent 8 lower, so F16C
+// converts eight at a time exactly (subnormals included); the value table serves where F16C is missing.
+inline void fp8_row(const Cache& c, const uint8_t* __restrict p, float* __restrict out) {
+  int64_t d = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+  const __m128i sign = _mm_set1_epi16(0x80), rest = _mm_set1_epi16(0x7f);
+  for (; d + 8 <= c.dim; d += 8) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + d)));
+    if (c.fp8 == E5M2) {
+      _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_slli_epi16(b, 8)));
+    } else {
+      const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sign), 8), _mm_slli_epi16(_mm_and_si128(b, rest), 7));
+      _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f)));
+    }
+  }
+#endif
+  const float* tab = reinterpret_cast<const float*>(c.table.ptr);
+  for (; d < c.dim; ++d) out[d] = tab[p[d]];
 }
 
 inline void channel_affine(const Cache& c, int64_t h, float* __restrict v) {
@@ -241,8 +286,12 @@ void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __rest
     c.main.row(c.main.at3(b, h, t), D, row);
   } else if (c.kind == ROWS) {
     const uint8_t* codes = reinterpret_cast<const uint8_t*>(c.main.ptr) + c.main.at3(b, h, t);
-    unpack_row(codes, c.bits, D, row);
-    if (c.table) lookup_row(c, h, row);
+    if (c.fp8 != NOT_FP8) {
+      fp8_row(c, codes, row);
+    } else {
+      unpack_row(codes, c.bits, D, row);
+      if (c.table) lookup_row(c, h, row);
+    }
     if (c.ch_mul) channel_affine(c, h, row);
     if (c.scale) {
       const int64_t off = c.scale.at3(b, h, t), ng = D / c.gsize;
@@ -577,6 +626,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
 
   at::Tensor out = at::zeros({P.B, P.Hq, P.T, P.Dv}, f32);
   at::Tensor lse = at::empty({P.B, P.Hq, P.T}, f32);
+  // the merged max and sum apart: next to a -3.4e38 mask entry, max + log(sum) rounds back to the max
+  std::vector<float> row_max(P.B * P.Hq * P.T, NEG_INF), row_sum(P.B * P.Hq * P.T, 0.0f);
   float* o = out.data_ptr<float>();
   float* ls = lse.data_ptr<float>();
   at::parallel_for(0, heads * P.rows, 16, [&](int64_t begin, int64_t end) {
@@ -602,6 +653,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
       }
       for (int64_t d = 0; d < P.Dv; ++d) od[d] /= L;
       ls[dst] = M + std::log(L);
+      row_max[dst] = M;
+      row_sum[dst] = L;
     }
   });
 
@@ -616,11 +669,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend(
         float* dst = ms + bh * n;
         for (int64_t r = 0; r < P.rows; ++r) {
           const int64_t g = r / P.T, t = r % P.T;
-          const float lr = ls[(b * P.Hq + h * P.G + g) * P.T + t];
-          if (lr == NEG_INF) continue;
+          const int64_t src = (b * P.Hq + h * P.G + g) * P.T + t;
+          const float mr = row_max[src], inv = 1.0f / row_sum[src];
+          if (mr == NEG_INF) continue;
           const float* sc = P.scores + (bh * P.rows + r) * n;
           for (int64_t j = c0; j < c1; ++j)
-            if (sc[j] != NEG_INF) dst[j] += std::exp(sc[j] - lr);
+            if (sc[j] != NEG_INF) dst[j] += std::exp(sc[j] - mr) * inv;
         }
       }
     });
@@ -644,15 +698,110 @@ at::Tensor decode(const std::vector<c10::optional<at::Tensor>>& tensors, at::Int
   return out;
 }
 
+// The smallest value of ST above h (C's nextafter toward +inf), on the bits of an fp16 or as float.
+inline at::Half next_up(at::Half h) {
+  uint16_t bits = h.x;
+  if ((bits & 0x7fff) > 0x7c00) return h;  // NaN
+  if ((bits & 0x7fff) == 0) bits = 0x0001;
+  else if (bits & 0x8000) bits -= 1;
+  else bits += 1;
+  return at::Half(bits, at::Half::from_bits());
+}
+inline float next_up(float f) { return std::nextafter(f, std::numeric_limits<float>::infinity()); }
+
+// kvpass.formats.uniform.round_up: the scale in ST, never below its float value.
+template <typename ST>
+inline ST round_up(float v) {
+  ST stored = static_cast<ST>(v);
+  return static_cast<float>(stored) < v ? next_up(stored) : stored;
+}
+
+// Code `code` at position i of a packed little-endian bit stream of `bits`-bit codes (bytes zeroed beforehand).
+inline void put_code(uint8_t* p, int64_t bits, int64_t i, uint32_t code) {
+  const int64_t bit = i * bits, byte = bit >> 3, shift = bit & 7;
+  p[byte] |= static_cast<uint8_t>(code << shift);
+  if (shift + bits > 8) p[byte + 1] |= static_cast<uint8_t>(code >> (8 - shift));
+}
+
+// Quantize rows `x` [B, H, T, D] (any float dtype) and write them at token `positions` of a per-token cache, exactly
+// as kvpass.formats does: intB min/max per group (kind 0), or fp8 with an amax scale per token (kind 1, variant 0
+// e4m3fn, 1 e5m2). Scales (and zero points) in ST.
+template <typename ST>
+void store_rows_impl(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& codes, const at::Tensor& scale,
+                     const c10::optional<at::Tensor>& zero, int64_t kind, int64_t bits, int64_t gsize, int64_t variant) {
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), P = codes.size(3);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const float* xs = xf.data_ptr<float>();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  uint8_t* cs = codes.data_ptr<uint8_t>();
+  ST* ss = scale.data_ptr<ST>();
+  ST* zs = zero.has_value() ? zero->data_ptr<ST>() : nullptr;
+  const int64_t ng = kind == 0 ? D / gsize : 1, levels = (1 << bits) - 1;
+  const float fmax = variant == 0 ? 448.0f : 57344.0f;
+  at::parallel_for(0, B * H * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t t = row % T, bh = row / T, b = bh / H, h = bh % H, p = ps[t];
+      const float* xr = xs + row * D;
+      uint8_t* cr = cs + b * codes.stride(0) + h * codes.stride(1) + p * codes.stride(2);
+      ST* sr = ss + b * scale.stride(0) + h * scale.stride(1) + p * scale.stride(2);
+      if (kind == 1) {
+        float amax = 0.0f;
+        for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(xr[d]));
+        const ST sc = round_up<ST>(amax / fmax);
+        const float sf = static_cast<float>(sc) > 0 ? static_cast<float>(sc) : 1.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = std::min(std::max(xr[d] / sf, -fmax), fmax);
+          cr[d] = variant == 0 ? c10::Float8_e4m3fn(v).x : c10::Float8_e5m2(v).x;
+        }
+        sr[0] = sc;
+        continue;
+      }
+      ST* zr = zs + b * zero->stride(0) + h * zero->stride(1) + p * zero->stride(2);
+      std::fill(cr, cr + P, 0);
+      for (int64_t g = 0; g < ng; ++g) {
+        const float* xg = xr + g * gsize;
+        float lo = xg[0], hi = xg[0];
+        for (int64_t d = 1; d < gsize; ++d) {
+          lo = std::min(lo, xg[d]);
+          hi = std::max(hi, xg[d]);
+        }
+        const ST z = static_cast<ST>(lo);
+        const float zf = static_cast<float>(z);
+        const ST sc = round_up<ST>((hi - zf) / static_cast<float>(levels));
+        const float sf = static_cast<float>(sc) > 0 ? static_cast<float>(sc) : 1.0f;
+        for (int64_t d = 0; d < gsize; ++d) {
+          const float c = std::nearbyint((xg[d] - zf) / sf);
+          put_code(cr, bits, g * gsize + d, static_cast<uint32_t>(std::min(std::max(c, 0.0f), static_cast<float>(levels))));
+        }
+        sr[g] = sc;
+        zr[g] = z;
+      }
+    }
+  });
+}
+
+void store_rows(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& codes, const at::Tensor& scale,
+                const c10::optional<at::Tensor>& zero, int64_t kind, int64_t bits, int64_t gsize, int64_t variant) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.stride(3) == 1 && scale.stride(3) == 1,
+              "kvpass cpu store: codes must be uint8 with contiguous rows");
+  if (scale.scalar_type() == at::kHalf) store_rows_impl<at::Half>(x, positions, codes, scale, zero, kind, bits, gsize, variant);
+  else if (scale.scalar_type() == at::kFloat) store_rows_impl<float>(x, positions, codes, scale, zero, kind, bits, gsize, variant);
+  else TORCH_CHECK(false, "kvpass cpu store: scales must be fp16 or fp32");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvpass_cpu, m) {
   m.def("attend(Tensor q, Tensor?[] k, int[] k_ints, Tensor?[] v, int[] v_ints, Tensor? mask, Tensor? q_positions, "
         "int n, float scale, bool need_mass, int kv_heads) -> (Tensor, Tensor, Tensor)");
   m.def("decode(Tensor?[] cache, int[] ints, int s0, int s1) -> Tensor");
+  m.def("store_rows(Tensor x, Tensor positions, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int kind, int bits, "
+        "int gsize, int variant) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {
   m.impl("attend", attend);
   m.impl("decode", decode);
+  m.impl("store_rows", store_rows);
 }

@@ -29,6 +29,7 @@ def test_wheel_layout(wheel):
     tops = {n.split("/")[0] for n in names}
     assert "lowering" not in tops and "plugins" not in tops
     assert "kvpass/lowering/__init__.py" in names and "kvpass/plugins/__init__.py" in names
+    assert "kvpass/plugins/cpu_attention.cpp" in names  # the native CPU kernels build from it on first use
     assert any(n.startswith("kvpass/data/sotu/") and n.endswith(".txt") for n in names)
 
 
@@ -44,6 +45,7 @@ def test_wheel_imports_in_a_fresh_venv(wheel, tmp_path):
         "import importlib.util, kvpass, kvpass.lowering, kvpass.plugins, kvpass.ops;"
         "assert importlib.util.find_spec('lowering') is None and importlib.util.find_spec('plugins') is None;"
         "import kvpass.models; assert len(kvpass.models.bundled_texts()) == 10, kvpass.models.TEXT_DIR;"
+        "from kvpass.lowering import cpu_build; assert cpu_build.SOURCE.is_file(), cpu_build.SOURCE;"
         "print(kvpass.__file__)"
     )
     res = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)

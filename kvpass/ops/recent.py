@@ -19,8 +19,6 @@ long the chunk. Attention is mostly local, so a few exact neighbours take most o
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from kvpass import kvcache
@@ -68,6 +66,12 @@ def blocks(x: torch.Tensor, c: int, w: int) -> torch.Tensor:
     return x.unfold(2, c + w, c).transpose(-1, -2)
 
 
+def query_block(w: int, t: int) -> int:
+    """Queries per block of :func:`near_attention`: at least 32 (fewer, larger matmuls for a short window), never
+    more than the chunk has (a decoded token is one query, not a padded block of w)."""
+    return min(max(w, 32), t)
+
+
 def write_ring(ring: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
     w = ring.shape[2]
     keep = min(w, new.shape[2])
@@ -106,12 +110,26 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, add: torc
     return out.masked_fill(~seen[..., None], 0.0), lse.masked_fill(~seen, float("-inf"))
 
 
+def reference_reads(q, k_cache, k_static, v_cache, v_static, far_add, far_allowed, rope_cos, rope_sin,
+                    meta: AttentionMeta, n: int, band: tuple[int, int]):
+    """The reads of :func:`recent_attention` through the reference kernels: the far attention (output and
+    log-sum-exp, float32) over the visible slots dequantized, and those dequantized keys and values for the bands
+    (from slot 0). A backend passes its own (``kvpass.lowering.cpu``: the native kernels, only the band decoded)."""
+    groups = q.shape[1] // k_cache[0].shape[1]
+    k = load_keys(k_cache, k_static, meta.key_read, q.dtype, rope_cos, rope_sin, n)
+    v = load_keys(v_cache, v_static, meta.value_read, q.dtype, None, None, n)
+    out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), far_add,
+                                       far_allowed, meta.scale)
+    return out_far, lse_far, k, v, 0
+
+
 def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos,
-                     rope_sin, meta: AttentionMeta) -> torch.Tensor:
+                     rope_sin, meta: AttentionMeta, reads=reference_reads) -> torch.Tensor:
     """Store the chunk, then two attentions merged by their log-sum-exp (as flash-decoding merges splits): the
     fused kernel over the coded tokens older than every query's band of w tokens, and a small one over each band,
-    each token there exact on the side that holds it exact for that query and coded on the other."""
-    ks, vs, scale = meta.key_spec, meta.value_spec, meta.scale
+    each token there exact on the side that holds it exact for that query and coded on the other. ``reads`` (see
+    :func:`reference_reads`) is how the coded cache is read."""
+    ks, vs = meta.key_spec, meta.value_spec
     b, hq, t, _ = q.shape
     if new_k.shape[2] != t:
         raise KVPassError(f"recent tokens read exact need one query per new token, got {t} queries for "
@@ -130,22 +148,10 @@ def recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_s
     far_add, far_seen = add.masked_fill(in_band, float("-inf")), (allowed & ~in_band).any(-1)
     hkv = k_cache[0].shape[1]
     groups = hq // hkv
-    band = max(0, start - w), min(n, start + -(-t // max(w, 32)) * max(w, 32))  # the slots near_attention reads
-
-    from kvpass.lowering import cpu  # the native kernels (imported here: kvpass.lowering imports this module)
-
-    if cpu.applies(q, meta):
-        out_far, lse_far, _ = cpu.attend(q, k_cache, k_static, v_cache, v_static, far_add, None, rope_cos, rope_sin,
-                                         replace(meta, need_mass=False), n)
-        k = cpu.decode_slots(k_cache, k_static, meta.key_read, rope_cos, rope_sin, *band)
-        v = cpu.decode_slots(v_cache, v_static, meta.value_read, None, None, *band)
-        lo = band[0]
-    else:
-        k = load_keys(k_cache, k_static, meta.key_read, q.dtype, rope_cos, rope_sin, n)
-        v = load_keys(v_cache, v_static, meta.value_read, q.dtype, None, None, n)
-        out_far, lse_far = attend_with_lse(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-                                           far_add, allowed & ~in_band, scale)
-        lo = 0
+    c = query_block(w, t)
+    band = max(0, start - w), min(n, start + -(-t // c) * c)  # the slots near_attention reads
+    out_far, lse_far, k, v, lo = reads(q, k_cache, k_static, v_cache, v_static, far_add, allowed & ~in_band,
+                                       rope_cos, rope_sin, meta, n, band)
     seen = far_seen.expand(lse_far.shape)  # rows that see only masked-out entries get nothing from the far part
     out_far, lse_far = out_far.masked_fill(~seen[..., None], 0.0), lse_far.masked_fill(~seen, float("-inf"))
 
@@ -166,14 +172,14 @@ def near_attention(q, k, v, new_k, new_v, pre, positions, add, w, n, rope_cos, r
                    meta: AttentionMeta, lo: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query over its band of w tokens ``p - w < j <= p``, token j exact on a side where the query reads it
     exact and coded elsewhere: ``[B, Hkv, G, T, Dv]`` and the log-sum-exp ``[B, Hkv, G, T]``. The chunk's queries go
-    in blocks of c = max(w, 32), each block against the c + w positions its bands cover (a strided view, not a
-    per-query gather of [T, w, D]: a KIVI band is 127 tokens), the scores outside each query's band masked.
+    in blocks of c (:func:`query_block`), each block against the c + w positions its bands cover (a strided view,
+    not a per-query gather of [T, w, D]: a KIVI band is 127 tokens), the scores outside each query's band masked.
     ``k``/``v`` hold the decoded slots from ``lo`` on (at least up to the last slot the bands reach)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     groups = hq // hkv
     ks, vs, rope = meta.key_spec, meta.value_spec, meta.rope
-    c = max(w, 32)  # at least 32 queries a block: fewer, larger matmuls for a short window
+    c = query_block(w, t)
     nb = -(-t // c)
     start = int(positions[0])
     dev = q.device
