@@ -23,6 +23,7 @@ from kvpass.formats.api import transposed
 from kvpass.formats.spec import FP8_VARIANTS
 from kvpass.formats.uniform import safe
 from kvpass.kvcache import CacheSpec, parse_cache_spec
+from kvpass.methods.overlay.op import OverlayMeta, kv_overlay_attention_, reference_overlay_attention
 from kvpass.ops.attention import visible_length
 from kvpass.ops.cache import kv_attention, kv_store_, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta, CacheRead
@@ -61,10 +62,13 @@ def _heads_by_dim(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 
 
 def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, rope_cos: torch.Tensor | None,
-             rope_sin: torch.Tensor | None, newest: int | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
+             rope_sin: torch.Tensor | None, newest: int | None = None,
+             overlay: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
     """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp``.
     With ``newest`` = p, a ``recent=W`` cache reads positions ``p - W < j <= p`` from its ring (which must hold them)
-    and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads).
+    and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads). ``overlay`` =
+    (rows ``[B, H, C, D]``, map ``[B, H, n]`` int32 of the entry holding each slot or -1) substitutes MiKV's
+    high-precision rows.
     
     (main, table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin; kind, bits, dim,
     gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8)."""
@@ -73,7 +77,7 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
     bufs = dict(zip(kvcache.cache_names(cs), cache))
     params = dict(zip(kvcache.static_names(cs), static))
     heads = cache[0].shape[1]
-    tensors: list[torch.Tensor | None] = [None] * 12
+    tensors: list[torch.Tensor | None] = [None] * 14
     kind, block, table_per_channel = 1, 0, 0
     rows = cs.residual and not transposed(f)  # per-token codes in residual blocks: rows once the blocks are joined
 
@@ -123,6 +127,8 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
         ring_r, ring_from, ring_to = cs.recent, max(newest - cs.recent + 1, 0), newest + 1
     if read.rope:
         tensors[10], tensors[11] = rope_cos.float().contiguous(), rope_sin.float().contiguous()
+    if overlay is not None:
+        tensors[12], tensors[13] = overlay
     if transposed(f):
         gsize = f.group or cs.residual
     else:
@@ -162,12 +168,15 @@ def additive(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def attend(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, meta: AttentionMeta,
-           n: int, newest: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           n: int, newest: int | None = None, overlay: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The native kernel over slots ``[0, n)``: float32 output ``[B, Hq, T, Dv]``, its log-sum-exp ``[B, Hq, T]``
     (``-inf`` where a row sees nothing; its output is then 0) and, with ``need_mass``, the mass ``[B, Hkv, n]``
-    (``newest``: see :func:`describe`)."""
-    kt, ki = describe(k_cache, k_static, meta.key_read, rope_cos, rope_sin, newest)
-    vt, vi = describe(v_cache, v_static, meta.value_read, None, None, newest)
+    (``newest``: see :func:`describe`; ``overlay``: the overlay's K rows, V rows and slot map)."""
+    kt, ki = describe(k_cache, k_static, meta.key_read, rope_cos, rope_sin, newest,
+                      None if overlay is None else (overlay[0], overlay[2]))
+    vt, vi = describe(v_cache, v_static, meta.value_read, None, None, newest,
+                      None if overlay is None else (overlay[1], overlay[2]))
     add = additive(mask, n) if mask is not None else None
     return cpu_build.ops().attend(q.float().contiguous(), kt, ki, vt, vi, add, q_positions, n, meta.scale,
                                        meta.need_mass, k_cache[0].shape[1])
@@ -254,3 +263,58 @@ def _(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_
     reads = native_reads if applies(q, m) else reference_reads
     return recent_attention(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_static, mask, q_positions,
                             rope_cos, rope_sin, m, reads)
+
+
+def overlay_map(ov_slot: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, H, n]`` int32: the overlay entry holding each cache slot, -1 where none (``ov_slot`` holds slot + 1)."""
+    b, h, c = ov_slot.shape
+    slots = ov_slot.long() - 1
+    target = torch.where((slots >= 0) & (slots < n), slots, torch.full_like(slots, n))  # invalid: a scratch column
+    entries = torch.arange(c, dtype=torch.int32).expand(b, h, c)
+    return torch.full((b, h, n + 1), -1, dtype=torch.int32).scatter_(-1, target, entries)[..., :n].contiguous()
+
+
+def overlay_only(q, mask, q_positions, ov_k, ov_v, ov_slot, m: OverlayMeta, n: int):
+    """H2O / StreamingLLM: attention over the overlay's entries alone (a dense cache of C rows, each masked as its
+    slot is), with the mass of each entry. Returns output ``[B, Hq, T, Dv]`` and mass ``[B, Hkv, C]``."""
+    b, hkv, c = ov_slot.shape
+    groups, t = q.shape[1] // hkv, q.shape[2]
+    slots = ov_slot.long() - 1
+    valid = (slots >= 0) & (slots < n)
+    allowed = valid[:, :, None, :].expand(b, hkv, t, c)
+    if mask is not None:
+        add = additive(mask, n).expand(b, q.shape[1], t, n)
+        per_entry = add.gather(-1, slots.clamp(0, n - 1).repeat_interleave(groups, 1)[:, :, None, :].expand(-1, -1, t, -1))
+    else:
+        per_entry = torch.zeros(b, q.shape[1], t, c)
+        if q_positions is not None:
+            allowed = allowed & (slots[:, :, None, :] <= q_positions[None, None, :, None])
+    per_entry = per_entry.masked_fill(~allowed.repeat_interleave(groups, 1), float("-inf")).contiguous()
+    spec = "fp16" if ov_k.dtype == torch.float16 else "none"
+    meta = AttentionMeta(spec, spec, ov_k.shape[-1], ov_v.shape[-1], c, m.scale, need_mass=m.accumulate)
+    out, _, mass = attend(q, [ov_k], [], [ov_v], [], per_entry, None, None, None, meta, c)
+    return out, mass
+
+
+@kv_overlay_attention_.register_kernel("cpu")
+def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov_slot, score, meta):
+    m = OverlayMeta.parse(meta)
+    rows = q.shape[1] * q.shape[2]
+    specs = [] if m.evict else [(parse_cache_spec(m.k), ov_k.shape[-1]), (parse_cache_spec(m.v), ov_v.shape[-1])]
+    if not (rows <= MAX_ROWS and all(supports(cs, d) for cs, d in specs) and cpu_build.available()):
+        return reference_overlay_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v,
+                                           ov_slot, score, m)
+    n, add = visible_and_additive(mask, q_positions, m.max_len)
+    if m.evict:
+        out, mass = overlay_only(q, mask, q_positions, ov_k, ov_v, ov_slot, m, n)
+        if m.accumulate:
+            slots = ov_slot.long() - 1
+            valid = (slots >= 0) & (slots < n)
+            score.scatter_add_(-1, torch.where(valid, slots, 0), mass.masked_fill(~valid, 0.0))
+        return out.to(q.dtype)
+    meta_a = AttentionMeta(m.k, m.v, ov_k.shape[-1], ov_v.shape[-1], m.max_len, m.scale, need_mass=m.accumulate)
+    ov = (ov_k, ov_v, overlay_map(ov_slot, n))
+    out, _, mass = attend(q, k_cache, k_static, v_cache, v_static, add, q_positions, None, None, meta_a, n, overlay=ov)
+    if m.accumulate:
+        score[:, :, :n] += mass
+    return out.to(q.dtype)

@@ -43,7 +43,8 @@ enum Kind : int64_t { DENSE = 0, ROWS = 1, BLOCKS = 2 };
 enum Rope : int64_t { NO_ROPE = 0, HALF = 1, INTERLEAVED = 2 };
 
 // The fields of one cache, in the order kvpass/lowering/cpu.py passes them.
-enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, N_TENSORS };
+enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, OV_ROWS, OV_MAP,
+                  N_TENSORS };
 enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, FP8, N_INTS };
 enum Fp8 : int64_t { NOT_FP8 = 0, E4M3 = 1, E5M2 = 2 };
 
@@ -110,7 +111,12 @@ struct Cache {
   int64_t kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block;
   int64_t fp8 = NOT_FP8, nout = 0, ntable = 0;
   float small_table[16] = {0};  // a shared table of up to 16 entries, padded, for in-register lookups
-  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin;
+  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map;
+
+  // the overlay entry holding token t of head (b, h) at high precision, or -1
+  int64_t overlay_entry(int64_t b, int64_t h, int64_t t) const {
+    return ov_map ? reinterpret_cast<const int32_t*>(ov_map.ptr)[ov_map.at3(b, h, t)] : -1;
+  }
 };
 
 Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRef n) {
@@ -124,6 +130,8 @@ Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRe
   c.ch_add = View::of(t[CH_ADD]); c.scale = View::of(t[TOK_SCALE]); c.zero = View::of(t[TOK_ZERO]);
   c.out_val = View::of(t[OUT_VAL]); c.out_idx = View::of(t[OUT_IDX]); c.sink = View::of(t[SINK]);
   c.ring = View::of(t[RING]); c.cos = View::of(t[COS]); c.sin = View::of(t[SIN]);
+  c.ov_rows = View::of(t[OV_ROWS]); c.ov_map = View::of(t[OV_MAP]);
+  TORCH_CHECK(!c.ov_map || c.ov_map.dtype == at::kInt, "kvpass cpu kernel: the overlay map must be int32");
   TORCH_CHECK(c.main, "kvpass cpu kernel: a cache needs its data or codes");
   if (c.kind != DENSE) TORCH_CHECK(c.main.dtype == at::kByte, "kvpass cpu kernel: codes must be uint8");
   if (c.table) {
@@ -277,7 +285,9 @@ void apply_rope(const Cache& c, int64_t b, int64_t t, float* __restrict r) {
 // Token t of head (b, h), decoded into `row` [dim].
 void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __restrict row) {
   const int64_t D = c.dim;
-  if (t < c.sink_n) {
+  if (const int64_t e = c.overlay_entry(b, h, t); e >= 0) {  // MiKV's high-precision copy wins over every source
+    c.ov_rows.row(c.ov_rows.at3(b, h, e), D, row);
+  } else if (t < c.sink_n) {
     c.sink.row(c.sink.at3(b, h, t), D, row);
   } else if (c.ring && t >= c.ring_from) {
     if (t < c.ring_to) c.ring.row(c.ring.at3(b, h, t % c.ring_r), D, row);
@@ -337,7 +347,7 @@ void decode_block_tile(const Cache& c, int64_t b, int64_t h, int64_t t0, int64_t
   int64_t j = 0;
   while (j < nt) {
     const int64_t t = t0 + j;
-    const bool coded = t >= c.sink_n && !(c.ring && t >= c.ring_from);
+    const bool coded = t >= c.sink_n && !(c.ring && t >= c.ring_from) && c.overlay_entry(b, h, t) < 0;
     if (!coded) {  // a sink token, or one of an unfinished block: a dense row
       decode_token(c, b, h, t, row);
       for (int64_t d = 0; d < D; ++d) kT[d * TILE + j] = row[d];
@@ -347,6 +357,8 @@ void decode_block_tile(const Cache& c, int64_t b, int64_t h, int64_t t0, int64_t
     const int64_t blk = t / c.block, i0 = t % c.block;
     int64_t len = std::min(nt - j, c.block - i0);
     if (c.ring) len = std::min(len, c.ring_from - t);
+    for (int64_t k = 1; k < len && c.ov_map; ++k)  // a run of coded tokens stops at an overlaid one
+      if (c.overlay_entry(b, h, t + k) >= 0) len = k;
     const bool aligned = (i0 * c.bits) % 8 == 0;
     const float* tab = c.table ? reinterpret_cast<const float*>(c.table.ptr) : nullptr;
     for (int64_t d = 0; d < D; ++d) {

@@ -114,7 +114,13 @@ def kv_overlay_attention_(
 ) -> torch.Tensor:
     """Attention over the low-precision cache with the overlay substituted (only the overlay if ``evict``);
     adds each token's attention mass to ``score`` when ``accumulate``. ``meta`` is an :class:`OverlayMeta`."""
-    m = OverlayMeta.parse(meta)
+    return reference_overlay_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v,
+                                       ov_slot, score, OverlayMeta.parse(meta))
+
+
+def reference_overlay_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov_slot,
+                                score, m: OverlayMeta) -> torch.Tensor:
+    """``kv_overlay_attention_`` in plain torch (every device): the caches dequantized, the overlay scattered in."""
     max_len, scale, evict, accumulate = m.max_len, m.scale, m.evict, m.accumulate
     k_spec, v_spec = m.k, m.v
     n = visible_length(mask, q_positions, max_len)
@@ -146,4 +152,5 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov
     return q.new_empty((b, hq, t, ov_v.shape[-1]))
 
 
-__all__ = ["OverlayMeta", "attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "with_overlay"]
+__all__ = ["OverlayMeta", "attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "reference_overlay_attention",
+           "with_overlay"]
