@@ -53,6 +53,7 @@ class KVPassModel(nn.Module):
         self.generation_config = generation_config
         self.prefill_chunk = prefill_chunk
         self.device = next((b.device for b in graph_module.buffers()), torch.device("cpu"))
+        self._graph = graph_module  # what a step calls: the graph module, or its torch.compile'd form
         self._seen = 0
         self._broken = False  # a step failed part-way over state that cannot be put back
         self._mask = torch.zeros(info.batch_size, info.max_cache_len, dtype=torch.long, device=self.device)
@@ -101,6 +102,13 @@ class KVPassModel(nn.Module):
         for record in self.buffers:
             if record.role.per_sequence:
                 self.graph_module.get_buffer(record.name).zero_()
+
+    def compile_step(self, backend: str = "inductor", **options: Any) -> KVPassModel:
+        """Run every later step through ``torch.compile(graph_module, backend=backend, dynamic=True, **options)``:
+        Inductor fuses the model's own ops around the kvpass ops, which it calls as extern kernels. The first
+        prefill and the first decode step compile (minutes for a real model). Returns ``self``."""
+        self._graph = torch.compile(self.graph_module, backend=backend, dynamic=True, **options)
+        return self
 
     @torch.no_grad()
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -174,7 +182,7 @@ class KVPassModel(nn.Module):
         full_mask = self._mask.clone()
         full_mask[:, end:] = 1  # future slots: hidden by causality, kept 1 so no row is fully masked
         cache_position = torch.arange(start, end, device=self.device)
-        logits = self.graph_module(ids, cache_position, full_mask, positions)
+        logits = self._graph(ids, cache_position, full_mask, positions)
         self._seen = end
         return logits[:b]
 
@@ -216,7 +224,7 @@ class KVPassModel(nn.Module):
         t = tokens.shape[1]
         self._check_room(t, "max_cache_len is the length of the module's own cache buffers: allocate longer ones")
         positions = torch.arange(self._seen, self._seen + t, device=self.device)
-        out = self.graph_module(tokens.to(self.device), positions)
+        out = self._graph(tokens.to(self.device), positions)
         self._seen += t
         return out
 

@@ -23,7 +23,13 @@ from kvpass.formats.api import transposed
 from kvpass.formats.spec import FP8_VARIANTS
 from kvpass.formats.uniform import safe
 from kvpass.kvcache import CacheSpec, parse_cache_spec
-from kvpass.methods.overlay.op import OverlayMeta, kv_overlay_attention_, reference_overlay_attention
+from kvpass.methods.overlay.op import (
+    OverlayMeta,
+    kv_overlay_attention_,
+    kv_overlay_store_,
+    reference_overlay_attention,
+    reference_overlay_store,
+)
 from kvpass.ops.attention import visible_length
 from kvpass.ops.cache import kv_attention, kv_store_, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta, CacheRead
@@ -318,3 +324,11 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov
     if m.accumulate:
         score[:, :, :n] += mass
     return out.to(q.dtype)
+
+
+@kv_overlay_store_.register_kernel("cpu")
+def _(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score):
+    contiguous = all(t.is_contiguous() for t in (ov_k, ov_v, ov_slot, score))
+    if not (contiguous and ov_slot.dtype == torch.int32 and score.dtype == torch.float32 and cpu_build.available()):
+        return reference_overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score)
+    cpu_build.ops().overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score)

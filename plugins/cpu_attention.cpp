@@ -802,6 +802,71 @@ void store_rows(const at::Tensor& x, const at::Tensor& positions, const at::Tens
   else TORCH_CHECK(false, "kvpass cpu store: scales must be fp16 or fp32");
 }
 
+// One float row written into a float tensor of any dtype.
+inline void put_row(char* base, at::ScalarType dtype, int64_t off, const float* src, int64_t n) {
+  if (dtype == at::kFloat) {
+    std::memcpy(reinterpret_cast<float*>(base) + off, src, n * sizeof(float));
+  } else if (dtype == at::kHalf) {
+    at::Half* d = reinterpret_cast<at::Half*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<at::Half>(src[i]);
+  } else if (dtype == at::kBFloat16) {
+    at::BFloat16* d = reinterpret_cast<at::BFloat16*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<at::BFloat16>(src[i]);
+  } else {
+    TORCH_CHECK(false, "kvpass cpu kernel: unsupported float dtype ", dtype);
+  }
+}
+
+// kvpass.methods.overlay.op.kv_overlay_store_: each new token at p takes an overlay entry of its head (a free one,
+// else the lowest score or the oldest, sparing the first `sink` slots and the `recent` newest; the oldest non-sink
+// entry when all are spared), after any entry still holding p is dropped and p's score zeroed.
+void overlay_store(at::Tensor& ov_k, at::Tensor& ov_v, at::Tensor& ov_slot, at::Tensor& score, const at::Tensor& new_k,
+                   const at::Tensor& new_v, const at::Tensor& positions, int64_t recent, int64_t sink, bool by_score) {
+  TORCH_CHECK(ov_slot.scalar_type() == at::kInt && score.scalar_type() == at::kFloat && ov_slot.is_contiguous() &&
+                  score.is_contiguous() && ov_k.is_contiguous() && ov_v.is_contiguous(),
+              "kvpass cpu overlay store: int32 slots, float32 scores, contiguous buffers");
+  const int64_t B = ov_slot.size(0), H = ov_slot.size(1), C = ov_slot.size(2), S = score.size(2);
+  const int64_t Dk = ov_k.size(3), Dv = ov_v.size(3), T = new_k.size(2);
+  const at::Tensor nk = new_k.to(at::kFloat).contiguous(), nv = new_v.to(at::kFloat).contiguous();
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  int32_t* slots = ov_slot.data_ptr<int32_t>();
+  float* sc = score.data_ptr<float>();
+  char* kb = static_cast<char*>(ov_k.data_ptr());
+  char* vb = static_cast<char*>(ov_v.data_ptr());
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      int32_t* sl = slots + bh * C;
+      float* srow = sc + bh * S;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t p = ps[t];
+        for (int64_t e = 0; e < C; ++e)
+          if (sl[e] == p + 1) sl[e] = 0;
+        srow[p] = 0.0f;
+        int64_t choice = 0, oldest = 0;
+        float best = inf, oldest_key = inf;
+        bool found = false;
+        for (int64_t e = 0; e < C; ++e) {
+          const int64_t s = static_cast<int64_t>(sl[e]) - 1;
+          const bool free = s < 0, pinned = !free && s < sink, spared = pinned || s >= p - recent;
+          float key = by_score ? srow[std::max<int64_t>(s, 0)] : static_cast<float>(s);
+          if (spared) key = inf;
+          if (free) key = -inf;
+          if (!found || key < best) choice = e, best = key, found = true;
+          const float age = pinned ? inf : static_cast<float>(s);
+          if (e == 0 || age < oldest_key) oldest = e, oldest_key = age;
+        }
+        const int64_t entry = best == inf ? oldest : choice;
+        sl[entry] = static_cast<int32_t>(p + 1);
+        const int64_t b = bh / H, h = bh % H;
+        put_row(kb, ov_k.scalar_type(), (bh * C + entry) * Dk, nk.data_ptr<float>() + ((b * H + h) * T + t) * Dk, Dk);
+        put_row(vb, ov_v.scalar_type(), (bh * C + entry) * Dv, nv.data_ptr<float>() + ((b * H + h) * T + t) * Dv, Dv);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvpass_cpu, m) {
@@ -810,10 +875,13 @@ TORCH_LIBRARY(kvpass_cpu, m) {
   m.def("decode(Tensor?[] cache, int[] ints, int s0, int s1) -> Tensor");
   m.def("store_rows(Tensor x, Tensor positions, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int kind, int bits, "
         "int gsize, int variant) -> ()");
+  m.def("overlay_store(Tensor(a!) ov_k, Tensor(b!) ov_v, Tensor(c!) ov_slot, Tensor(d!) score, Tensor new_k, "
+        "Tensor new_v, Tensor positions, int recent, int sink, bool by_score) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {
   m.impl("attend", attend);
   m.impl("decode", decode);
   m.impl("store_rows", store_rows);
+  m.impl("overlay_store", overlay_store);
 }

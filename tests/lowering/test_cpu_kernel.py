@@ -223,3 +223,33 @@ def test_overlay_op_natively_equals_the_reference(evict, accumulate, t, groups, 
     ref = reference_overlay_attention(q, kc, ks, vc, vs, mask, q_positions, ov_k, ov_v, slot, ref_score, meta)
     torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(score, ref_score, atol=ATOL, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(by_score=st.booleans(), recent=st.sampled_from([0, 3]), sink=st.sampled_from([0, 2]),
+       chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6), rewrite=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.float32]), seed=st.integers(0, 2**16))
+def test_native_overlay_store_leaves_the_reference_state(by_score, recent, sink, chunks, rewrite, dtype, seed):
+    """Prompt chunks then tokens into an overlay smaller than the text: the same entries, slots, rows and scores
+    as the reference's one-token-at-a-time loop (rewriting a slot drops the entry that held it)."""
+    from kvpass.methods.overlay.op import kv_overlay_store_, reference_overlay_store
+
+    gen = torch.Generator().manual_seed(seed)
+    b, h, c, d, s = 2, 2, 5, 8, 40
+    state = [torch.zeros(b, h, c, d, dtype=dtype), torch.zeros(b, h, c, d, dtype=dtype),
+             torch.zeros(b, h, c, dtype=torch.int32), torch.zeros(b, h, s)]
+    twin = [x.clone() for x in state]
+    start = 0
+    for size in chunks + ([2] if rewrite else []):
+        if rewrite and size == 2 and start > 4:
+            start = 2  # write over slots already held
+        new_k, new_v = torch.randn(b, h, size, d, generator=gen), torch.randn(b, h, size, d, generator=gen)
+        positions = torch.arange(start, start + size)
+        kv_overlay_store_(*state, new_k, new_v, positions, recent, sink, by_score)
+        reference_overlay_store(*twin, new_k, new_v, positions, recent, sink, by_score)
+        bump = torch.rand(b, h, s, generator=gen)  # the attention that accumulates between writes
+        state[3] += bump
+        twin[3] += bump
+        start += size
+    for got, ref in zip(state, twin):
+        assert torch.equal(got, ref)

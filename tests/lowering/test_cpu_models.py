@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers.generation import prompt
 from helpers.tiny_models import build
+from kvpass.lowering import cpu_build
 
 import kvpass
-from kvpass.lowering import cpu_build
 
 pytestmark = pytest.mark.skipif(not cpu_build.available(), reason=f"native CPU kernels unavailable: {cpu_build.load()}")
 CALIB_TOKENS = torch.randint(3, 96, (3000,), generator=torch.Generator().manual_seed(0))
@@ -53,3 +53,15 @@ def test_native_kernels_decode_as_the_reference(method, monkeypatch):
     for a, b in zip(native, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert torch.equal(native_tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("method", ["int4", "kivi-2bit"])
+def test_inductor_compiled_step_generates_as_eager(method):
+    """``compile_step()``: the rewritten step under torch.compile (Inductor calls the native kernels as extern
+    kernels) generates the eager step's tokens."""
+    model = build("llama")
+    qm = kvpass.compile(model, method, max_cache_len=48, batch_size=2)
+    ids, mask = prompt(2)
+    eager = qm.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    compiled = qm.compile_step().generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(compiled, eager)

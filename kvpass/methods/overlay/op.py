@@ -54,6 +54,12 @@ def kv_overlay_store_(
     by_score: bool,
 ) -> None:
     """Place new tokens ``[B, H, T, D]`` at ``positions`` into the overlay, evicting by score or age."""
+    reference_overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score)
+
+
+def reference_overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent: int, sink: int,
+                            by_score: bool) -> None:
+    """``kv_overlay_store_`` in plain torch, one token at a time (every device)."""
     b, h = ov_slot.shape[:2]
     for t, p in enumerate(positions.tolist()):
         # a slot being (re)written starts afresh: drop any entry still holding it and zero its score
@@ -153,4 +159,4 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, ov_k, ov_v, ov
 
 
 __all__ = ["OverlayMeta", "attention_mass", "kv_overlay_attention_", "kv_overlay_store_", "reference_overlay_attention",
-           "with_overlay"]
+           "reference_overlay_store", "with_overlay"]
