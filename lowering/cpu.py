@@ -3,10 +3,10 @@
 ``kvpass::kv_attention``'s CPU kernel decodes tiles of keys and values straight from the packed buffers
 (:func:`describe` turns a cache spec and its buffers into the kernel's fields) for decoding and short prompt chunks,
 where reading the cache is the cost; long prompt chunks, where the matmuls are, and calls the kernel cannot take
-run the reference kernel (dequantize the visible slots, then SDPA). The exact-window op
-(:mod:`kvpass.ops.recent`) reads its coded part through :func:`attend` and its bands through :func:`decode_slots`.
-Registered as the op's CPU kernel, so eager calls, ``torch.export`` programs and Inductor (which calls the op as
-an extern kernel) all take it.
+run the reference kernel (dequantize the visible slots, then SDPA). The exact-window op decodes a token in one
+fused call (:func:`recent_decode`) and reads a chunk through :func:`native_reads`; the overlay ops (MiKV, H2O,
+StreamingLLM) and the per-token int/fp8 store have native kernels too. Each is registered as its op's CPU kernel,
+so eager calls, ``torch.export`` programs and Inductor (which calls the ops as extern kernels) all take it.
 """
 
 from __future__ import annotations
@@ -70,14 +70,14 @@ def _heads_by_dim(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, rope_cos: torch.Tensor | None,
              rope_sin: torch.Tensor | None, newest: int | None = None,
              overlay: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
-    """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp``.
+    """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp`` (main,
+    table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map; kind, bits,
+    dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8).
+
     With ``newest`` = p, a ``recent=W`` cache reads positions ``p - W < j <= p`` from its ring (which must hold them)
     and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads). ``overlay`` =
     (rows ``[B, H, C, D]``, map ``[B, H, n]`` int32 of the entry holding each slot or -1) substitutes MiKV's
-    high-precision rows.
-    
-    (main, table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin; kind, bits, dim,
-    gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8)."""
+    high-precision rows."""
     cs, d = read.cache_spec, read.head_dim
     f = cs.format
     bufs = dict(zip(kvcache.cache_names(cs), cache))
