@@ -257,6 +257,14 @@ def check_range(new: torch.Tensor, cs: CacheSpec) -> None:
                           f"use a spec with ':scale_fp32' (e.g. '{spec}:scale_fp32') for this model")
 
 
+def store_sink(bufs: dict[str, torch.Tensor], new: torch.Tensor, positions: torch.Tensor, cs: CacheSpec) -> None:
+    """Keep the new tokens at positions below ``sink=S`` at model precision as well."""
+    if cs.sink:
+        keep = positions < cs.sink
+        if bool(keep.any()):
+            bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
+
+
 def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
           cs: CacheSpec) -> None:
     """Write ``new`` ``[B, H, T, D]`` at token ``positions`` ``[T]`` of every per-token buffer."""
@@ -265,10 +273,7 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
     bufs = dict(zip(names, cache))
     coded_names = [n for n in names if n not in UNCODED]
     params = _params(cs, static)
-    if cs.sink:
-        keep = positions < cs.sink
-        if bool(keep.any()):
-            bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
+    store_sink(bufs, new, positions, cs)
     if not cs.residual:
         _write_coded(bufs, quantize(new, cs.format, check=False, **params).tensors, coded_names, positions)
         return

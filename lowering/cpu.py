@@ -215,22 +215,24 @@ def stores_natively(cs: CacheSpec) -> bool:
             and f.kind in ("int", "fp8") and f.scale_dtype in (torch.float16, torch.float32))
 
 
-@kv_store_.register_kernel("cpu")
-def _(cache, static, new, positions, spec):
-    cs = parse_cache_spec(spec)
+def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
+          cs: CacheSpec) -> None:
+    """:func:`kvpass.kvcache.store` through the native store where it codes the spec, the same bytes."""
     if not (stores_natively(cs) and cpu_build.available()):
         return kvcache.store(cache, static, new, positions, cs)
     kvcache.check_range(new, cs)
     bufs = dict(zip(kvcache.cache_names(cs), cache))
     f = cs.format
-    if cs.sink:
-        keep = positions < cs.sink
-        if bool(keep.any()):
-            bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
+    kvcache.store_sink(bufs, new, positions, cs)
     kind = 0 if f.kind == "int" else 1
     variant = 1 if f.fp8_variant == "e5m2" else 0
     cpu_build.ops().store_rows(new, positions, bufs["codes"], bufs["scale"], bufs.get("zero"), kind, f.bits,
                                f.group or new.shape[-1], variant)
+
+
+@kv_store_.register_kernel("cpu")
+def _(cache, static, new, positions, spec):
+    store(cache, static, new, positions, parse_cache_spec(spec))
 
 
 def native_reads(q, k_cache, k_static, v_cache, v_static, far_add, far_allowed, rope_cos, rope_sin,
@@ -251,7 +253,7 @@ def recent_decode(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_stat
     written first, the W newest), so the kernel reads them from there and the rest from the codes."""
     p = int(positions[0])
     for cache, static, new, cs in ((k_cache, k_static, new_k, meta.key_spec), (v_cache, v_static, new_v, meta.value_spec)):
-        kvcache.store(cache, static, new, positions, cs)
+        store(cache, static, new, positions, cs)
         if cs.recent:
             write_ring(ring_of(cache, cs), new, positions)
     n, add = visible_and_additive(mask, q_positions, meta.max_len)
