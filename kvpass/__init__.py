@@ -7,6 +7,7 @@ from kvpass.compile import compile
 from kvpass.errors import InputError, KVPassError, SpecError
 from kvpass.lowering import cpu as _cpu_lowering  # noqa: F401  (the native CPU kernel of kv_attention)
 from kvpass.lowering import triton as _triton_lowering  # noqa: F401  (the CUDA kernel of kv_attention)
+from kvpass.lowering.onnx import export_onnx
 from kvpass.methods import MethodConfig, get_method, methods, register_method
 from kvpass.model import KVPassModel
 from kvpass.pipeline.capture import capture_model
@@ -24,6 +25,7 @@ __all__ = [
     "calibrate",
     "capture_model",
     "compile",
+    "export_onnx",
     "formats",
     "get_method",
     "methods",

@@ -45,8 +45,19 @@ def round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``scale`` in ``dtype``, never below its float value: a scale rounded down (coarsely so when it is an fp16
     subnormal, below 6e-5) would push the group's maximum past the top code, where it is clipped by whole steps."""
     stored = scale.to(dtype)
-    up = torch.nextafter(stored, torch.full_like(stored, math.inf))
-    return torch.where(stored.float() < scale, up, stored)
+    if dtype == torch.float32:
+        return stored
+    # chosen in float32: ONNX Runtime's CPU runs a float16 Where in float32 and drops the rounding casts around it
+    return torch.where(stored.float() < scale, next_up(stored).float(), stored.float()).to(dtype)
+
+
+def next_up(x: torch.Tensor) -> torch.Tensor:
+    """``torch.nextafter(x, inf)`` for finite ``x >= 0`` of a 16-bit float dtype, in arithmetic that exports to
+    ONNX (prims.nextafter has no ONNX function): adding 3/4 to 3/2 of an ulp rounds to exactly one ulp up."""
+    info = torch.finfo(x.dtype)
+    xf = x.float()
+    step = torch.maximum(xf * (0.75 * info.eps), torch.full_like(xf, info.smallest_normal * info.eps))
+    return (xf + step).to(x.dtype)
 
 
 def safe(scale: torch.Tensor) -> torch.Tensor:

@@ -32,3 +32,27 @@ def test_bit_order_is_little_endian_within_a_unit():
     assert packing.pack(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.uint8), 1).tolist() == [0x81, 1]
     three = packing.pack(torch.tensor([7, 0, 0, 0, 0, 0, 0, 1], dtype=torch.uint8), 3).tolist()
     assert three == [7, 0, 1 << 5]  # code 7 at bits 0-2, last code at bits 21-23
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_arithmetic_packing_is_the_same_bytes(bits):
+    """The shift-free packing the ONNX export traces writes and reads exactly the bytes of the bitwise one."""
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 13, 64):
+        codes = torch.randint(0, 1 << bits, (3, n), generator=g)
+        packed = packing.pack(codes, bits)
+        with packing.arithmetic():
+            assert torch.equal(packing.pack(codes, bits), packed)
+            unpacked = packing.unpack(packed, bits, n)
+        assert torch.equal(unpacked, packing.unpack(packed, bits, n))
+        assert torch.equal(unpacked.long(), codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_next_up_is_nextafter_for_every_non_negative_finite_value(dtype):
+    from kvpass.formats.uniform import next_up
+
+    top = 0x7C00 if dtype == torch.float16 else 0x7F80
+    values = torch.arange(0, top, dtype=torch.int32).to(torch.int16).view(dtype)
+    expected = torch.nextafter(values, torch.full_like(values, float("inf")))
+    assert torch.equal(next_up(values).view(torch.int16), expected.view(torch.int16))

@@ -1,0 +1,194 @@
+"""ONNX export of a compiled model: one step with the packed cache as explicit inputs and outputs.
+
+The exported step takes the step's own inputs (``input_ids [B, T]``, ``cache_position [T]``, ``attention_mask [B,
+max_cache_len]``, ``position_ids [B, T]`` for a transformers model; ``tokens [B, T]``, ``positions [T]`` for a plain
+module), with ``T`` dynamic so one model serves prefill chunks and decode, and every per-sequence cache buffer as an
+input ``past.<buffer>``; it returns ``logits`` and the written buffers as ``present.<buffer>``, byte for byte what the
+:class:`~kvpass.KVPassModel` holds after the same call. Calibrated tensors (LUTs, ranges) are initializers.
+
+How: a copy of the rewritten graph has its kvpass op nodes replaced by functional plain-torch kernels
+(:mod:`kvpass.lowering.onnx_kernels`); a wrapper module feeds the past tensors in as the graph's buffers (cloned, so
+the writes become outputs rather than silently dropped buffer mutations) and torch.onnx exports it at opset 21 with
+standard ops only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from kvpass.lowering.onnx_kernels import KERNELS
+from torch import nn
+
+from kvpass.errors import KVPassError
+from kvpass.formats import packing
+from kvpass.kvcache import parse_cache_spec
+from kvpass.ops.meta import AttentionMeta, CacheRead
+
+if TYPE_CHECKING:
+    from kvpass.model import KVPassModel
+
+FLAVORS = ("onnxruntime",)  # the TensorRT-parseable flavour is open work (see the README)
+OPSET = 21
+METADATA_KEY = "kvpass"
+HF_INPUTS = ("input_ids", "cache_position", "attention_mask", "position_ids")
+MODULE_INPUTS = ("tokens", "positions")
+
+
+def cache_names(qm: KVPassModel) -> list[str]:
+    """The per-sequence buffers that are the exported step's ``past.*`` inputs and ``present.*`` outputs."""
+    return [r.name for r in qm.buffers if r.role.per_sequence]
+
+
+def spec_problem(spec: str) -> str | None:
+    """Why a cache spec cannot be exported, or None when it can."""
+    cs = parse_cache_spec(spec)
+    if cs.format.kind == "fp8":
+        return ("fp8 codes are stored as raw bytes, and reading them back needs a bit reinterpretation (ONNX BitCast, "
+                "opset 26) that torch.onnx does not emit")
+    return None
+
+
+def check_exportable(qm: KVPassModel) -> None:
+    """Raise a :class:`KVPassError` naming the first op or spec of ``qm`` that does not export."""
+    if qm.info.kind == "module" and len(_placeholders(qm)) != 2:
+        raise KVPassError(f"only modules called as (tokens, positions) -> logits export; this one takes "
+                          f"{_placeholders(qm)}")
+    for node in qm.graph_module.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "kvpass":
+            continue
+        specs = _specs(node)
+        if node.target not in KERNELS:
+            raise KVPassError(
+                f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(specs) or 'state'}) "
+                f"are written and attended by {node.target.name()}, which has no ONNX lowering; the methods of "
+                "kv_store_ / kv_attention export (per-token and grouped int, nuq, calibrated ranges, outliers, sink)"
+            )
+        for spec in specs:
+            problem = spec_problem(spec)
+            if problem:
+                raise KVPassError(f"method {qm.method.name!r}: cache spec '{spec}' does not export to ONNX: {problem}")
+
+
+def _specs(node: torch.fx.Node) -> list[str]:
+    """The cache specs a kvpass op node carries (its spec argument or the specs inside its metadata)."""
+    out = []
+    for arg in node.args:
+        if isinstance(arg, str) and arg.startswith("k="):
+            meta = AttentionMeta.parse(arg)
+            out += [meta.k, meta.v]
+        elif isinstance(arg, str) and arg.startswith("spec="):
+            out.append(CacheRead.parse(arg).spec)
+        elif isinstance(arg, str) and _is_spec(arg):
+            out.append(arg)
+    return out
+
+
+def _is_spec(text: str) -> bool:
+    try:
+        parse_cache_spec(text)
+    except KVPassError:
+        return False
+    return True
+
+
+def _placeholders(qm: KVPassModel) -> list[str]:
+    return [n.name for n in qm.graph_module.graph.nodes if n.op == "placeholder"]
+
+
+class ExportStep(nn.Module):
+    """One step over explicit cache tensors: ``(*step inputs, *past) -> (logits, *present)``."""
+
+    def __init__(self, qm: KVPassModel) -> None:
+        super().__init__()
+        gm = copy.deepcopy(qm).graph_module  # the model keeps its own graph and cache
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in KERNELS:
+                node.target = KERNELS[node.target]
+        gm.recompile()
+        self.gm = gm
+        self.names = cache_names(qm)
+        self.inputs = len(_placeholders(qm))
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, past = args[:self.inputs], args[self.inputs:]
+        state = {name: p.clone() for name, p in zip(self.names, past)}
+        logits = torch.func.functional_call(self.gm, state, inputs, strict=False)
+        return (logits, *(state[name] for name in self.names))
+
+
+def example_inputs(qm: KVPassModel, tokens: int = 2) -> tuple[torch.Tensor, ...]:
+    """Inputs of a ``tokens``-long first step (the exporter traces with them; ``T`` stays dynamic)."""
+    b, n, dev = qm.batch_size, qm.max_cache_len, qm.device
+    ids = torch.ones(b, tokens, dtype=torch.long, device=dev)
+    positions = torch.arange(tokens, device=dev)
+    if qm.info.kind == "module":
+        return ids, positions
+    return ids, positions, torch.ones(b, n, dtype=torch.long, device=dev), positions[None].expand(b, tokens)
+
+
+def metadata(qm: KVPassModel, flavor: str) -> dict:
+    """What a runtime needs besides the graph: shapes, the I/O names, the tokens and the cache report's parts."""
+    buffers = dict(qm.graph_module.named_buffers())
+    gen = qm.generation_config
+    report = qm.cache_report().as_dict()
+    return {
+        "format": 1, "flavor": flavor, "method": qm.method.name, "kind": qm.info.kind,
+        "batch_size": qm.batch_size, "max_cache_len": qm.max_cache_len, "prefill_chunk": qm.prefill_chunk,
+        "vocab_size": getattr(qm.config, "vocab_size", None),
+        "eos_token_id": getattr(gen, "eos_token_id", None), "pad_token_id": getattr(gen, "pad_token_id", None),
+        "inputs": list(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS),
+        "cache": [{"name": r.name, "layer": r.layer, "role": r.role.value, "shape": list(buffers[r.name].shape),
+                   "dtype": str(buffers[r.name].dtype).replace("torch.", "")}
+                  for r in qm.buffers if r.role.per_sequence],
+        "fixed_bytes": {r.name: buffers[r.name].numel() * buffers[r.name].element_size()
+                        for r in qm.buffers if not r.role.per_sequence},
+        "report": {"dense_dtype": report["dense_dtype"],
+                   "layers": [{k: layer[k] for k in ("layer", "key_spec", "value_spec", "dense_nbytes", "elements",
+                                                     "sliding_window")} | {"buffers": list(layer["buffers"])}
+                              for layer in report["layers"]]},
+    }
+
+
+def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", *, opset: int = OPSET,
+                verbose: bool = False) -> Path:
+    """Export ``qm``'s step to the ONNX file ``path`` (standard ops only; runs in a stock ``onnxruntime``).
+
+    Inputs: the step's own inputs, then ``past.<buffer>`` for every per-sequence cache buffer; outputs: ``logits``
+    then ``present.<buffer>``. kvpass's description of the cache (names, shapes, batch, length) is stored in the
+    model's metadata under ``"kvpass"`` for :class:`kvpass.onnx.OrtModel`. Returns the path.
+    """
+    if flavor not in FLAVORS:
+        why = " (a TensorRT-parseable flavour is not built yet)" if flavor == "tensorrt" else ""
+        raise KVPassError(f"flavor={flavor!r} is not an export flavour{why}; use one of {FLAVORS}")
+    check_exportable(qm)
+    names = cache_names(qm)
+    buffers = dict(qm.graph_module.named_buffers())
+    past = tuple(torch.zeros_like(buffers[n]) for n in names)
+    inputs = example_inputs(qm)
+    tokens = torch.export.Dim("tokens", min=1, max=qm.max_cache_len)
+    dims = ({1: tokens}, {0: tokens}) if qm.info.kind == "module" else ({1: tokens}, {0: tokens}, None, {1: tokens})
+    step = ExportStep(qm).eval()
+    input_names = [*(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS), *(f"past.{n}" for n in names)]
+    output_names = ["logits", *(f"present.{n}" for n in names)]
+    with warnings.catch_warnings(), packing.arithmetic(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            ep = torch.export.export(step, (*inputs, *past), dynamic_shapes=((*dims, *([None] * len(past))),),
+                                     strict=False)
+            program = torch.onnx.export(ep, f=None, dynamo=True, opset_version=opset, input_names=input_names,
+                                        output_names=output_names, verbose=verbose)
+        except KVPassError:
+            raise
+        except Exception as err:
+            raise KVPassError(f"method {qm.method.name!r} failed to export to ONNX: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata(qm, flavor))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path

@@ -1,0 +1,81 @@
+"""The kvpass ops as functional plain-torch code that torch.export traces into standard ONNX ops.
+
+The exporter (:mod:`kvpass.lowering.onnx`) swaps each kvpass op node of the rewritten graph for one of these before
+exporting, because ONNX has no counterpart of a mutating custom op (the facts note: ``auto_functionalized`` does
+not convert). They compute what the reference kernels compute, the same bytes for the same inputs, with no
+data-dependent Python: the whole cache is dequantized (no visible-length cut), the sink is written through a
+spare slot instead of a boolean index, and codes are packed by integer arithmetic (:func:`packing.arithmetic`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvpass.formats import quantize
+from kvpass.formats.api import QuantizedTensor, dequantize
+from kvpass.kvcache import UNCODED, cache_names, parse_cache_spec, static_names
+from kvpass.ops.attention import apply_rope, attention_mass, attention_probs, causal_mask
+from kvpass.ops.meta import AttentionMeta, CacheRead
+
+
+def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
+          spec: str) -> None:
+    """``kv_store_`` on the (cloned) cache tensors of an export: quantize ``new`` and write it at ``positions``."""
+    cs = parse_cache_spec(spec)
+    bufs = dict(zip(cache_names(cs), cache))
+    if cs.sink:
+        sink = bufs["sink"]
+        b, h, s, d = sink.shape
+        spare = torch.cat([sink, sink.new_zeros(b, h, 1, d)], dim=2)  # tokens past the sink land in slot s
+        slots = torch.where(positions < s, positions, torch.full_like(positions, s))
+        sink.copy_(spare.index_copy(2, slots, new.to(sink.dtype))[:, :, :s])
+    coded = quantize(new, cs.format, check=False, **dict(zip(static_names(cs), static))).tensors
+    for name in cache_names(cs):
+        if name not in UNCODED:
+            bufs[name].index_copy_(2, positions, coded[name].to(bufs[name].dtype))
+
+
+def read(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, dtype: torch.dtype,
+         rope_cos: torch.Tensor | None, rope_sin: torch.Tensor | None) -> torch.Tensor:
+    """Every slot of a cache dequantized to ``[B, H, max_len, D]``, the sink exact, keys stored before RoPE rotated."""
+    cs = read.cache_spec
+    bufs = dict(zip(cache_names(cs), cache))
+    b, h = cache[0].shape[:2]
+    tensors = {n: bufs[n] for n in cache_names(cs) if n not in UNCODED} | dict(zip(static_names(cs), static))
+    dense = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, read.max_len, read.head_dim)), dtype, tensors))
+    if cs.sink:
+        dense = torch.cat([bufs["sink"].to(dtype), dense[:, :, cs.sink:]], dim=2)
+    if read.rope:
+        dense = apply_rope(dense, rope_cos, rope_sin, read.rope, read.rotary_dim)
+    return dense
+
+
+def load(cache, static, rope_cos, rope_sin, dtype: torch.dtype, meta: str) -> torch.Tensor:
+    """``kv_load``: the whole cache dequantized."""
+    return read(cache, static, CacheRead.parse(meta), dtype, rope_cos, rope_sin).clone()
+
+
+def attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin,
+              meta: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_attention``: dequantize every slot, then masked attention with GQA (and the attention mass)."""
+    m = AttentionMeta.parse(meta)
+    k = read(k_cache, k_static, m.key_read, q.dtype, rope_cos, rope_sin)
+    v = read(v_cache, v_static, m.value_read, q.dtype, None, None)
+    if mask is None and q_positions is not None:
+        mask = causal_mask(q_positions, m.max_len)
+    # softmax written out rather than SDPA: a query with nothing visible (a padding token) gets zeros, as in
+    # the reference kernels, so the keys later layers write at padded slots are the same bytes
+    probs = attention_probs(q, k, mask, None, m.scale)
+    groups = q.shape[1] // k.shape[1]
+    out = (probs.to(q.dtype) @ v.repeat_interleave(groups, 1)).to(q.dtype)
+    if not m.need_mass:
+        return out, q.new_zeros(0, dtype=torch.float32)
+    return out, attention_mass(probs, k.shape[1])
+
+
+KERNELS = {
+    torch.ops.kvpass.kv_store_.default: store,
+    torch.ops.kvpass.kv_load.default: load,
+    torch.ops.kvpass.kv_attention.default: attention,
+}
+"""The kvpass ops that export, each with the function that replaces it in the exported graph."""

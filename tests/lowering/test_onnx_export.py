@@ -1,0 +1,206 @@
+"""ONNX export: the exported step run in a stock ONNX Runtime against the torch model (KVPassModel.step).
+
+For every exportable method on tiny Llama (GQA, RoPE), Qwen2 (key bias), GPT-2 (no RoPE) and the plain decoder: a
+left-padded prompt then 8 greedy decode steps; logits within 1e-4 at every step, the same tokens, and the present
+buffers byte-equal to the torch model's buffers after every step (float buffers in the model's dtype within 1e-5:
+ONNX Runtime's float32 matmuls round differently from torch's). Also: the graph passes ``onnx.checker`` with
+``full_check``, uses the standard domain only, the cache is explicit I/O, and what does not export says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers.generation import prompt
+from helpers.plain_decoder import PlainDecoder
+from helpers.tiny_models import build
+from kvpass.lowering.onnx import cache_names
+
+import kvpass
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from kvpass.onnx import OrtModel
+
+CALIB_TOKENS = torch.randint(3, 96, (3000,), generator=torch.Generator().manual_seed(0))
+MAX_LEN = 32
+
+
+def compiled(arch: str, method: str, batch: int = 2) -> kvpass.KVPassModel:
+    model = build(arch)
+    cal = (kvpass.calibrate(model, [CALIB_TOKENS], method, n_samples=2, seq_len=MAX_LEN)
+           if kvpass.get_method(method).uses_calibration else None)
+    return kvpass.compile(model, method, max_cache_len=MAX_LEN, batch_size=batch, calibration=cal)
+
+
+def assert_same_cache(om: OrtModel, qm: kvpass.KVPassModel) -> None:
+    """Float buffers within 1e-5; coded buffers byte-equal but for at most 1% of their elements: the keys and values
+    themselves differ by float32 rounding between the runtimes, which moves a code or fp16 scale whose value sits
+    on a rounding boundary (given equal inputs the lowering writes equal bytes: the store test below)."""
+    for name in cache_names(qm):
+        ours, theirs = om.buffers[name], qm.graph_module.get_buffer(name).numpy()
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+        if ours.dtype == np.float32:  # exact tokens at model precision (a float cache, a sink)
+            np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0, err_msg=name)
+        else:
+            assert (ours != theirs).mean() <= 0.01, f"{name}: {(ours != theirs).sum()} of {ours.size} differ"
+
+
+def decode_both(qm, om, ids, mask, steps: int = 8) -> None:
+    qm.reset()
+    om.reset()
+    ref, got = qm.step(ids, attention_mask=mask), om.step(ids, attention_mask=mask)
+    for i in range(steps + 1):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        assert_same_cache(om, qm)
+        if i == steps:
+            break
+        nxt, nxt_ort = ref[:, -1].argmax(-1, keepdim=True), got[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(nxt, nxt_ort)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        ref, got = qm.step(nxt, attention_mask=mask), om.step(nxt, attention_mask=mask)
+
+
+@pytest.mark.parametrize(("arch", "method"), [
+    ("llama", "int4"), ("llama", "fp16"), ("qwen2", "kvquant-2bit"), ("gpt2", "int2"),
+])
+def test_exported_step_decodes_as_the_torch_model(arch, method, tmp_path):
+    qm = compiled(arch, method)
+    path = kvpass.export_onnx(qm, tmp_path / "model.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert {op.domain for op in model.opset_import} <= {"", "ai.onnx"}
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    names = cache_names(qm)
+    assert [i.name for i in model.graph.input] == [*kvpass.lowering.onnx.HF_INPUTS, *(f"past.{n}" for n in names)]
+    assert [o.name for o in model.graph.output] == ["logits", *(f"present.{n}" for n in names)]
+    ids, mask = prompt(2)
+    decode_both(qm, OrtModel(path), ids, mask)
+    if method == "int4":
+        decode_both(qm, OrtModel(path, io_binding=False), ids, mask, steps=2)
+
+
+def test_generate_and_report_match(tmp_path):
+    """generate() through ONNX Runtime (greedy and seeded sampling, left padding) gives the torch model's tokens,
+    and cache_report() the same bytes."""
+    qm = compiled("llama", "int4")
+    om = OrtModel(kvpass.export_onnx(qm, tmp_path / "model.onnx"))
+    ids, mask = prompt(2)
+    assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=10),
+                       qm.generate(ids, attention_mask=mask, max_new_tokens=10))
+    assert_same_cache(om, qm)
+    sample = {"do_sample": True, "top_k": 5, "temperature": 0.8, "max_new_tokens": 8}
+    assert torch.equal(om.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(3), **sample),
+                       qm.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(3), **sample))
+    assert om.cache_report().as_dict() == qm.cache_report().as_dict()
+
+
+def test_plain_decoder_exports(tmp_path):
+    qm = kvpass.compile(PlainDecoder(batch=1, max_len=MAX_LEN), "int4",
+                        example_inputs=(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)))
+    path = kvpass.export_onnx(qm, tmp_path / "plain.onnx")
+    om = OrtModel(path)
+    ids = torch.randint(0, 80, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(om.generate(ids, max_new_tokens=8), qm.generate(ids, max_new_tokens=8))
+    assert_same_cache(om, qm)
+
+
+def test_plain_onnxruntime_loop_without_kvpass(tmp_path):
+    """The exported file alone: an InferenceSession fed zeroed past buffers decodes the torch model's tokens."""
+    qm = compiled("llama", "int4", batch=1)
+    path = kvpass.export_onnx(qm, tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path))
+    past = {i.name: np.zeros(qm.graph_module.get_buffer(i.name[5:]).shape,
+                             qm.graph_module.get_buffer(i.name[5:]).numpy().dtype)
+            for i in session.get_inputs() if i.name.startswith("past.")}
+    tokens = [5, 17, 33, 8]
+    ids, seen = np.array([tokens]), 0
+    for _ in range(6):
+        t = ids.shape[1]
+        feed = {"input_ids": ids, "cache_position": np.arange(seen, seen + t),
+                "attention_mask": np.ones((1, MAX_LEN), np.int64), "position_ids": np.arange(seen, seen + t)[None]}
+        logits, *present = session.run(None, feed | past)
+        past = {f"past.{o.name[8:]}": p for o, p in zip(session.get_outputs()[1:], present)}
+        seen += t
+        tokens.append(int(logits[0, -1].argmax()))
+        ids = np.array([[tokens[-1]]])
+    expected = qm.generate(torch.tensor([tokens[:4]]), max_new_tokens=6)
+    assert tokens == expected[0].tolist()
+
+
+@pytest.mark.parametrize(("method", "reason"), [
+    ("fp8", "bit reinterpretation"), ("kivi-2bit", "kv_recent_attention_"), ("mikv", "kv_balance_"),
+    ("h2o", "kv_overlay"),
+])
+def test_methods_that_do_not_export_say_why(method, reason, tmp_path):
+    qm = compiled("llama", method)
+    with pytest.raises(kvpass.KVPassError, match=reason):
+        kvpass.export_onnx(qm, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_bad_flavor_and_missing_file(tmp_path):
+    qm = compiled("llama", "int4", batch=1)
+    with pytest.raises(kvpass.KVPassError, match="not built yet"):
+        kvpass.export_onnx(qm, tmp_path / "m.onnx", flavor="tensorrt")
+    with pytest.raises(kvpass.KVPassError, match="no ONNX model"):
+        OrtModel(tmp_path / "missing.onnx")
+
+
+class _Store(torch.nn.Module):
+    """One kv_store_ then kv_load over explicit buffers, as the exporter lowers them."""
+
+    def __init__(self, spec: str, static: list[torch.Tensor], max_len: int, head_dim: int) -> None:
+        super().__init__()
+        from kvpass.ops.meta import CacheRead
+
+        self.spec, self.static = spec, static
+        self.read = str(CacheRead(spec, head_dim, max_len))
+
+    def forward(self, new, positions, *cache):
+        from kvpass.lowering import onnx_kernels
+
+        cache = [c.clone() for c in cache]
+        onnx_kernels.store(cache, self.static, new, positions, self.spec)
+        return (onnx_kernels.load(cache, self.static, None, None, new.dtype, self.read), *cache)
+
+
+@pytest.mark.parametrize("spec", [
+    "int1:per_token", "int3:per_token:g8", "int5:per_token", "int6:per_token:g16", "int7:per_token",
+    "int4:per_token:g8:scale_fp32", "nuq3:per_token:qnorm", "nuq4:per_token+outliers2%|sink=2",
+    "int3:per_channel:static", "nuq2:per_channel:static:channel_lut+outliers1%",
+])
+def test_store_lowering_writes_the_reference_bytes(spec, tmp_path):
+    """The exported store and load are the reference kv_store_ and kv_load bit for bit, given the same inputs
+    (every packing width, groups, fp32 scales, nuq LUTs, outliers, sink, calibrated ranges)."""
+    from kvpass import kvcache
+    from kvpass.kvcache import CacheLayout
+
+    b, h, n, d = 2, 2, 16, 32
+    layout = CacheLayout.build(spec, (b, h, n, d), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    static = {}
+    if layout.format.static:
+        static = {"lo": -2 - torch.rand(1, h, 1, d, generator=g), "hi": 2 + torch.rand(1, h, 1, d, generator=g)}
+        static = {k: v.to(layout.format.scale_dtype) for k, v in static.items()}
+        if layout.format.outlier_frac:
+            static["sens"] = torch.rand(1, h, 1, d, generator=g).half()
+    cache, stat = layout.allocate("cpu", static)
+    new = torch.randn(b, h, 5, d, generator=g) * 3
+    positions = torch.tensor([0, 1, 2, 7, 9])
+    module = _Store(spec, stat, n, d)
+    from kvpass.formats import packing
+
+    with packing.arithmetic():
+        ep = torch.export.export(module, (new, positions, *cache), strict=False)
+    torch.onnx.export(ep, f=str(tmp_path / "store.onnx"), dynamo=True, opset_version=21)
+    session = ort.InferenceSession(str(tmp_path / "store.onnx"))
+    feed = dict(zip([i.name for i in session.get_inputs()], [new.numpy(), positions.numpy(), *(c.numpy() for c in cache)]))
+    dense, *written = session.run(None, feed)
+    kvcache.store(cache, stat, new, positions, layout.spec)
+    for ours, theirs in zip(written, cache):
+        assert np.array_equal(ours, theirs.numpy())
+    # dequantized values within an ulp (torch fuses zero + code * scale into one rounding, ONNX Runtime rounds twice)
+    torch.testing.assert_close(torch.from_numpy(dense), kvcache.load(cache, stat, layout.spec, d, n, torch.float32),
+                               atol=2e-6, rtol=2e-6)
