@@ -88,6 +88,45 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
         console.print(f"wrote {args.results_md}")
 
 
+def export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help="compile a model with a method and export its step to ONNX (packed cache as I/O)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="as for `kvpass eval --model`")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
+    p.add_argument("--method", default="int4", help="a method of `kvpass methods`")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--max-cache-len", type=int, default=2048, help="cache slots of the exported step")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--text", nargs="+", help="calibration text files (default: bundled State of the Union)")
+    p.add_argument("--calibration-samples", type=int, default=16)
+    p.add_argument("--calibration-len", type=int, default=2048)
+    return p
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    import kvpass
+    from kvpass.models import load, read_texts
+
+    console = Console()
+    loaded = load(args.model, args.gguf_file)
+    method = kvpass.get_method(args.method)
+    calibration = None
+    if method.uses_calibration:
+        if loaded.tokenizer is None:
+            raise KVPassError(f"method {args.method!r} calibrates on text, and {args.model} has no tokenizer")
+        ids = loaded.tokenizer(read_texts(args.text), return_tensors="pt").input_ids[0]
+        calibration = kvpass.calibrate(loaded.model, [ids], method, n_samples=args.calibration_samples,
+                                       seq_len=min(args.calibration_len, len(ids)))
+    qm = kvpass.compile(loaded.model, method, max_cache_len=args.max_cache_len, batch_size=args.batch_size,
+                        calibration=calibration)
+    with console.status(f"exporting {loaded.name} with {args.method} to ONNX"):
+        path = kvpass.export_onnx(qm, args.out)
+    console.print(qm.cache_report().table())
+    console.print(f"wrote {path} (run it with kvpass.onnx.OrtModel({str(path)!r}) or a plain onnxruntime session)")
+
+
 def print_methods() -> None:
     from rich.console import Console
     from rich.table import Table
@@ -109,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvpass", description="Low-bit KV caches for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     eval_parser(sub)
+    export_parser(sub)
     sub.add_parser("methods", help="list the methods")
     demo = sub.add_parser("demo", help="quantize the bundled model's real KV cache with every format")
     demo.add_argument("--model", default="smollm2", help="model directory, .gguf file or Hub id (default: bundled)")
@@ -117,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "eval":
             run_eval(args, argv)
+        elif args.command == "export":
+            run_export(args)
         elif args.command == "methods":
             print_methods()
         elif args.command == "demo":
