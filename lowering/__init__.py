@@ -6,5 +6,8 @@
 * :mod:`kvpass.lowering.triton`: the CUDA kernel of ``kvpass::kv_attention`` runs the fused Triton decode kernel
   (:mod:`kvpass.plugins.triton_attention`) for per-token int2/int4/int8 caches.
 
-The ONNX and TensorRT lowerings are open work; see the README.
+* :mod:`kvpass.lowering.onnx`: ``export_onnx`` swaps the ops for the functional kernels of
+  :mod:`kvpass.lowering.onnx_kernels` and exports the step with the packed cache as explicit I/O.
+
+The TensorRT lowering is open work; see the README.
 """
