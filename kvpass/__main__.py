@@ -42,6 +42,8 @@ def eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gb", type=float, help="budget for the 'context that fits' column (default 1)")
     p.add_argument("--calibration-samples", type=int, help="calibration windows for calibrated methods (default 16)")
     p.add_argument("--calibration-len", type=int, help="tokens per calibration window (default 2048)")
+    p.add_argument("--onnx", action="store_true", help="also run each method's ONNX export in ONNX Runtime: a row "
+                   "'<method> [onnxruntime]' beside the torch one (methods that do not export show why)")
     p.add_argument("--quick", action="store_true", help="a run of a few minutes on 2 CPU cores")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--plots", help="write PNG plots to this directory")
@@ -72,6 +74,7 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
         cfg.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.no_peers:
         cfg.peers = []
+    cfg.onnx = args.onnx
     console = Console(width=None if sys.stdout.isatty() else 170)
     # the JSON is rewritten after every method: a long run that is killed keeps what it measured
     save = (lambda partial: output.write_json(partial, args.json)) if args.json else None

@@ -94,6 +94,8 @@ class OrtModel(StepLoop):
         self._seen += t
         return torch.from_numpy(logits[:b])
 
+    __call__ = step  # model(ids) as for KVPassModel (kvpass eval calls it so)
+
     def _call(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         if not self.io_binding:
             names = list(self.buffers)

@@ -44,15 +44,6 @@ def cache_names(qm: KVPassModel) -> list[str]:
     return [r.name for r in qm.buffers if r.role.per_sequence]
 
 
-def spec_problem(spec: str) -> str | None:
-    """Why a cache spec cannot be exported, or None when it can."""
-    cs = parse_cache_spec(spec)
-    if cs.format.kind == "fp8":
-        return ("fp8 codes are stored as raw bytes, and reading them back needs a bit reinterpretation (ONNX BitCast, "
-                "opset 26) that torch.onnx does not emit")
-    return None
-
-
 def check_exportable(qm: KVPassModel) -> None:
     """Raise a :class:`KVPassError` naming the first op or spec of ``qm`` that does not export."""
     if qm.info.kind == "module" and len(_placeholders(qm)) != 2:
@@ -66,12 +57,8 @@ def check_exportable(qm: KVPassModel) -> None:
             raise KVPassError(
                 f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(specs) or 'state'}) "
                 f"are written and attended by {node.target.name()}, which has no ONNX lowering; the methods of "
-                "kv_store_ / kv_attention export (per-token and grouped int, nuq, calibrated ranges, outliers, sink)"
+                "kv_store_ / kv_attention export (int, nuq and fp8 codes, calibrated ranges, outliers, sink)"
             )
-        for spec in specs:
-            problem = spec_problem(spec)
-            if problem:
-                raise KVPassError(f"method {qm.method.name!r}: cache spec '{spec}' does not export to ONNX: {problem}")
 
 
 def _specs(node: torch.fx.Node) -> list[str]:

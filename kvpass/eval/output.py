@@ -59,7 +59,7 @@ def write_plots(result: dict, directory: str | Path) -> list[Path]:
     for i, r in enumerate(shown):
         # a legend instead of labels at the points: the 4-5 bit methods sit on top of each other
         ax.scatter(r["bits_per_element"], r["perplexity"], color=colors(i % 20), label=r["method"],
-                   marker="o" if r["kind"] == "kvpass" else "s", edgecolors="black", linewidths=0.4)
+                   marker="o" if r["kind"].startswith("kvpass") else "s", edgecolors="black", linewidths=0.4)
     if shown:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="o kvpass, □ peer",
                   title_fontsize=7)

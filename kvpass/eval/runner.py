@@ -46,6 +46,7 @@ class EvalConfig:
     calibration_len: int = 2048
     memory_budget_gb: float = 1.0
     peers: list[str] | None = None  # peers added when installed (None: all); --methods may name others
+    onnx: bool = False  # also measure each method's ONNX export in ONNX Runtime (a row "<method> [onnxruntime]")
 
 
 QUICK = {"methods": ["fp16", "int4", "int2", "kivi-2bit", "kvquant-2bit-1%"], "context": 512, "windows": 1,
@@ -56,7 +57,7 @@ QUICK = {"methods": ["fp16", "int4", "int2", "kivi-2bit", "kvquant-2bit-1%"], "c
 @dataclass
 class Record:
     method: str
-    kind: str  # "kvpass" or "peer"
+    kind: str  # "kvpass", "kvpass-onnx" (the exported model in ONNX Runtime) or "peer"
     description: str
     perplexity: float | None = None
     perplexity_rel_change: float | None = None
@@ -129,27 +130,45 @@ def passkey_cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -
     return need
 
 
-def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids) -> Record:
+ONNX_SUFFIX = " [onnxruntime]"
+
+
+def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids,
+               backend: str = "torch", calibrations: dict | None = None) -> Record:
     """One kvpass method; ``captured`` maps a cache length to the model captured with it, ``passkey_len`` a passkey
-    length to its cache length (:func:`passkey_cache_lengths`)."""
+    length to its cache length (:func:`passkey_cache_lengths`). ``backend="onnxruntime"`` measures each compiled
+    model's ONNX export (:func:`kvpass.export_onnx`) through :class:`kvpass.onnx.OrtModel` instead; ``calibrations``
+    shares one calibration per method between the backends."""
+    import tempfile
+
     method = get_method(name)
-    rec = Record(name, "kvpass", method.description)
+    onnx = backend == "onnxruntime"
+    rec = Record(name + (ONNX_SUFFIX if onnx else ""), "kvpass-onnx" if onnx else "kvpass", method.description)
     start = time.perf_counter()
-    calibration = None
+    calibrations = {} if calibrations is None else calibrations
+    calibration = calibrations.get(name)
     if method.uses_calibration:
         # calibrated on the second half of the text; perplexity windows come from the first half
-        calibration = kvpass.calibrate(model, [calib_ids], method, n_samples=cfg.calibration_samples,
-                                       seq_len=min(cfg.calibration_len, len(calib_ids)))
+        if calibration is None:
+            calibration = calibrations[name] = kvpass.calibrate(
+                model, [calib_ids], method, n_samples=cfg.calibration_samples,
+                seq_len=min(cfg.calibration_len, len(calib_ids)))
         rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
         if calibration.promoted_layers:
             rec.description += (f" [layers {', '.join(map(str, calibration.promoted_layers))} in "
                                 f"{method.sensitive_spec}, chosen by calibration loss]")
+    exports = tempfile.TemporaryDirectory(prefix="kvpass-eval-") if onnx else None
     with PeakMemory() as mem:
         compiled = {}
 
         def compiled_for(n: int):
             if n not in compiled:
-                compiled[n] = kvpass.compile(captured[n], method, prefill_chunk=n, calibration=calibration)
+                qm = kvpass.compile(captured[n], method, prefill_chunk=n, calibration=calibration)
+                if onnx:
+                    from kvpass.onnx import OrtModel
+
+                    qm = OrtModel(kvpass.export_onnx(qm, f"{exports.name}/{n}.onnx"))
+                compiled[n] = qm
             return compiled[n]
 
         qm = compiled_for(cfg.context)
@@ -163,6 +182,8 @@ def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, 
                 del compiled[passkey_len[length]]  # one passkey cache at a time
         rec.decode_tokens_per_s = decode_tokens_per_s(qm, min(cfg.context, qm.max_cache_len - cfg.decode_steps),
                                                       cfg.decode_steps, vocab, reset=qm.reset)
+    if exports is not None:
+        exports.cleanup()
     report = qm.cache_report()
     elements = sum(layer.elements for layer in report.layers)
     per_token = report.nbytes / (qm.batch_size * qm.max_cache_len)
@@ -258,22 +279,24 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
                 for n in sorted({cfg.context, *passkey_len.values()})}
     console.print(f"captured the model with caches of {', '.join(map(str, captured))} tokens in "
                   f"{time.perf_counter() - start:.0f} s")
-    records = []
-    for name in tqdm(names, desc="methods", unit="method"):
+    records, calibrations = [], {}
+    runs = [(n, b) for n in names for b in (("torch", "onnxruntime") if cfg.onnx and n not in PEERS else ("torch",))]
+    for name, backend in tqdm(runs, desc="methods", unit="method"):
         try:
             if name in PEERS:
                 records.append(run_peer(name, model, cfg, wins, cells, tokenizer, vocab, budget))
             else:
                 records.append(run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model,
-                                          ids[half:]))
+                                          ids[half:], backend, calibrations))
         except Exception as err:  # one broken method (often a peer library) must not lose the others' hour
-            if name == REFERENCE:
+            if name == REFERENCE and backend == "torch":
                 raise
-            kind = "peer" if name in PEERS else "kvpass"
-            records.append(Record(name, kind, "failed", error=f"{type(err).__name__}: {err}"))
-            console.print(f"[bold red]{name} failed[/]: {type(err).__name__}: {err}")
+            kind = "peer" if name in PEERS else "kvpass-onnx" if backend == "onnxruntime" else "kvpass"
+            label = name + (ONNX_SUFFIX if backend == "onnxruntime" else "")
+            records.append(Record(label, kind, "failed", error=f"{type(err).__name__}: {err}"))
+            console.print(f"[bold red]{label} failed[/]: {type(err).__name__}: {err}")
         if on_method is not None:
-            on_method(result(loaded.name, cfg, wins, records, complete=len(records) == len(names)))
+            on_method(result(loaded.name, cfg, wins, records, complete=len(records) == len(runs)))
     return result(loaded.name, cfg, wins, records, complete=True)
 
 

@@ -45,6 +45,11 @@ def packed_len(n: int, bits: int) -> int:
     return -(-n // codes) * nbytes
 
 
+def arithmetic_enabled() -> bool:
+    """Whether the caller is inside :func:`arithmetic` (formats with other bit tricks follow it too: fp8)."""
+    return _ARITHMETIC.get()
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last axis into uint8."""
     if bits == 8:

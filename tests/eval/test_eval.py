@@ -324,3 +324,25 @@ def test_demo_fits_its_groups_to_the_model():
     assert str(fit_to(parse_spec("int4:per_token:g64"), shape)) == "int4:per_token"
     assert str(fit_to(parse_spec("int2:per_channel:g32"), shape)) == "int2:per_channel"
     assert str(fit_to(parse_spec("int4:per_token:g8"), shape)) == "int4:per_token:g8"
+
+
+def test_eval_measures_the_onnx_export_beside_the_torch_model(tiny_model_dir, tmp_path):
+    """--onnx: each method again through its ONNX export in ONNX Runtime, perplexity within 0.05% of the torch
+    row and the same passkey answers; a method that does not export is a row saying why."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "result.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "text.txt"),
+                 "--methods", "fp16,int4,kivi-2bit", "--no-peers", "--context", "64", "--windows", "1",
+                 "--passkey-lengths", "160", "--passkey-depths", "0.5", "--onnx", "--json", str(out)])
+    assert code == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert list(records) == ["fp16", "fp16 [onnxruntime]", "int4", "int4 [onnxruntime]", "kivi-2bit",
+                             "kivi-2bit [onnxruntime]"]
+    for name in ("fp16", "int4"):
+        torch_row, onnx_row = records[name], records[f"{name} [onnxruntime]"]
+        assert onnx_row["kind"] == "kvpass-onnx" and onnx_row["error"] is None
+        assert onnx_row["perplexity"] == pytest.approx(torch_row["perplexity"], rel=5e-4)
+        assert onnx_row["bits_per_element"] == torch_row["bits_per_element"]
+        assert [c["answer"] for c in onnx_row["passkey_cells"]] == [c["answer"] for c in torch_row["passkey_cells"]]
+        assert onnx_row["decode_tokens_per_s"] > 0
+    assert "kv_recent_attention_" in records["kivi-2bit [onnxruntime]"]["error"]

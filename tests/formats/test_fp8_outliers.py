@@ -71,3 +71,19 @@ def test_per_channel_outliers_run_along_tokens():
     q = quantize(x, "int2:per_channel+outliers1%")
     assert q.tensors["outlier_index"].dtype == torch.int16  # 300 tokens need more than a byte
     assert q.dequantize()[0, 0, 17, 3] == 50.0
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_arithmetic_fp8_bytes_and_values_are_the_casts(fp8):
+    """The shift-free fp8 coding the ONNX export traces gives the bytes of ``.to(fp8).view(uint8)`` for every fp8
+    value, values between them, signed zeros and underflow, and its table reads them back."""
+    from kvpass.formats.fp8 import byte_values, fp8_bytes
+
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8).float()
+    finite = every[torch.isfinite(every)]
+    top = torch.finfo(fp8).max
+    x = torch.cat([finite, finite * 1.03, finite * 0.97, torch.tensor([-0.0, 0.0, 1e-12, -1e-12])]).clamp(-top, top)
+    assert torch.equal(fp8_bytes(x, fp8), x.to(fp8).view(torch.uint8))
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    ok = torch.isfinite(every)
+    assert torch.equal(byte_values(fp8)[codes.long()][ok], every[ok])
