@@ -7,6 +7,9 @@ For each context and batch: a prompt of ``context`` random tokens per row is wri
 on the bundled text (``--calibration-samples`` windows of ``--calibration-len`` tokens). Contexts past the model's
 ``max_position_embeddings`` are skipped and said so.
 
+``--onnx`` also exports each method (:func:`kvpass.export_onnx`) and times the export in ONNX Runtime
+(:class:`kvpass.onnx.OrtModel`, as many threads as torch), a row ``<method> [onnxruntime]`` beside the torch one.
+
 Run: ``python benchmarks/bench_decode_model.py --out benchmarks/RESULTS.md`` (default contexts 2048 and 8184, 8k less
 the decode steps; batch 1 and 4: hours with the reference kernels; ``--contexts 2048 --batches 1`` for a first look).
 """
@@ -14,6 +17,8 @@ the decode steps; batch 1 and 4: hours with the reference kernels; ``--contexts 
 from __future__ import annotations
 
 import argparse
+import re
+import tempfile
 import time
 
 import torch
@@ -51,8 +56,11 @@ def main() -> None:
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--calibration-samples", type=int, default=4)
     p.add_argument("--calibration-len", type=int, default=512)
+    p.add_argument("--onnx", action="store_true", help="also time each method's ONNX export in ONNX Runtime")
     p.add_argument("--out", help="put the Markdown section first in this RESULTS file")
     args = p.parse_args()
+    exports = tempfile.TemporaryDirectory(prefix="kvpass-bench-")
+    not_exported = {}
     loaded = load()
     model, vocab = loaded.model, loaded.model.config.vocab_size
     limit = model.config.max_position_embeddings
@@ -83,6 +91,15 @@ def main() -> None:
                 rows.append((context, batch, name, qm.cache_report().bits_per_element, pre, dec, base))
                 print(f"{context:>6} b{batch} {name:>16}: prefill {pre:8.0f} tok/s, decode {dec:8.1f} ms/token",
                       flush=True)
+                if args.onnx:
+                    om = exported(qm, f"{exports.name}/{name}.onnx", not_exported)
+                    if om is not None:
+                        pre, dec = timed_run(om.step, om.step, batch, context, args.steps, vocab)
+                        rows.append((context, batch, f"{name} [onnxruntime]", om.cache_report().bits_per_element,
+                                     pre, dec, base))
+                        print(f"{context:>6} b{batch} {name + ' [ort]':>16}: prefill {pre:8.0f} tok/s, decode "
+                              f"{dec:8.1f} ms/token", flush=True)
+                        del om
                 del qm
             for name in peers:
                 peer, cache = PEERS[name], {}
@@ -107,7 +124,10 @@ def main() -> None:
               + (f" Skipped contexts past max_position_embeddings={limit}: {skipped}." if skipped else "")), "",
              f"Command: `python benchmarks/bench_decode_model.py --contexts {args.contexts} --batches {args.batches}"
              + (f" --steps {args.steps}" if args.steps != 8 else "")
-             + (f" --methods {args.methods}" if args.methods else "") + " --out benchmarks/RESULTS.md`", "",
+             + (f" --methods {args.methods}" if args.methods else "") + (" --onnx" if args.onnx else "")
+             + " --out benchmarks/RESULTS.md`", "",
+             *([f"Not exported to ONNX: {', '.join(f'{k} ({v})' for k, v in not_exported.items())}.", ""]
+               if not_exported else []),
              "| context | batch | method | bits/elem | prefill tok/s | prefill vs fp | decode ms/token | decode vs fp |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for context, batch, name, bits, pre, dec, (base_pre, base_dec) in rows:
@@ -117,6 +137,24 @@ def main() -> None:
     print(text)
     if args.out:
         add_results_section(args.out, text)
+
+
+def exported(qm, path: str, not_exported: dict):
+    """``qm`` exported to ONNX and loaded in ONNX Runtime with torch's thread count, or None (and why)."""
+    import onnxruntime as ort
+
+    import kvpass
+    from kvpass.onnx import OrtModel
+
+    try:
+        kvpass.export_onnx(qm, path)
+    except kvpass.KVPassError as err:
+        op = re.search(r"kvpass::\w+", str(err))  # the op without an ONNX lowering
+        not_exported[qm.method.name] = op.group(0) if op else str(err)
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return OrtModel(path, session_options=options)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ input ``past.<buffer>``; it returns ``logits`` and the written buffers as ``pres
 How: a copy of the rewritten graph has its kvpass op nodes replaced by functional plain-torch kernels
 (:mod:`kvpass.lowering.onnx_kernels`); a wrapper module feeds the past tensors in as the graph's buffers (cloned, so
 the writes become outputs rather than silently dropped buffer mutations) and torch.onnx exports it at opset 21 with
-standard ops only.
+standard ops only. The ``tensorrt`` flavour is the same step restricted to what TensorRT's ONNX parser accepts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from kvpass.lowering import onnx_kernels
 from kvpass.lowering.onnx_kernels import KERNELS
 from torch import nn
 
@@ -32,7 +34,7 @@ from kvpass.ops.meta import AttentionMeta, CacheRead
 if TYPE_CHECKING:
     from kvpass.model import KVPassModel
 
-FLAVORS = ("onnxruntime",)  # the TensorRT-parseable flavour is open work (see the README)
+FLAVORS = ("onnxruntime", "tensorrt")
 OPSET = 21
 METADATA_KEY = "kvpass"
 HF_INPUTS = ("input_ids", "cache_position", "attention_mask", "position_ids")
@@ -147,11 +149,12 @@ def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", 
 
     Inputs: the step's own inputs, then ``past.<buffer>`` for every per-sequence cache buffer; outputs: ``logits``
     then ``present.<buffer>``. kvpass's description of the cache (names, shapes, batch, length) is stored in the
-    model's metadata under ``"kvpass"`` for :class:`kvpass.onnx.OrtModel`. Returns the path.
+    model's metadata under ``"kvpass"`` for :class:`kvpass.onnx.OrtModel`. ``flavor="tensorrt"``: uint8 only at the
+    inputs and outputs, every node checked against TensorRT's ONNX parser table (:mod:`kvpass.lowering.tensorrt`).
+    Returns the path.
     """
     if flavor not in FLAVORS:
-        why = " (a TensorRT-parseable flavour is not built yet)" if flavor == "tensorrt" else ""
-        raise KVPassError(f"flavor={flavor!r} is not an export flavour{why}; use one of {FLAVORS}")
+        raise KVPassError(f"flavor={flavor!r} is not an export flavour; use one of {FLAVORS}")
     check_exportable(qm)
     names = cache_names(qm)
     buffers = dict(qm.graph_module.named_buffers())
@@ -162,7 +165,8 @@ def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", 
     step = ExportStep(qm).eval()
     input_names = [*(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS), *(f"past.{n}" for n in names)]
     output_names = ["logits", *(f"present.{n}" for n in names)]
-    with warnings.catch_warnings(), packing.arithmetic(), torch.no_grad():
+    widen = onnx_kernels.bytes_as_int32() if flavor == "tensorrt" else contextlib.nullcontext()
+    with warnings.catch_warnings(), packing.arithmetic(), widen, torch.no_grad():
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
             ep = torch.export.export(step, (*inputs, *past), dynamic_shapes=((*dims, *([None] * len(past))),),
@@ -177,5 +181,17 @@ def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", 
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata(qm, flavor))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program.save(str(path))
+    if flavor == "onnxruntime":
+        program.save(str(path))
+        return path
+    import onnx
+    from kvpass.lowering.tensorrt import bytes_only_at_io, parser_problems
+
+    model = bytes_only_at_io(program.model_proto)
+    problems = parser_problems(model)
+    if problems:
+        raise KVPassError(f"method {qm.method.name!r} does not export in the tensorrt flavour: {len(problems)} nodes "
+                          f"TensorRT's ONNX parser refuses, e.g. {'; '.join(problems[:3])}")
+    large = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000  # protobuf's 2 GB limit
+    onnx.save_model(model, str(path), save_as_external_data=large)
     return path

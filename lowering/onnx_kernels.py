@@ -9,13 +9,37 @@ spare slot instead of a boolean index, and codes are packed by integer arithmeti
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
 from kvpass.formats import quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import UNCODED, cache_names, parse_cache_spec, static_names
-from kvpass.ops.attention import apply_rope, attention_mass, attention_probs, causal_mask
+from kvpass.ops.attention import apply_rope, attention_mass, attention_scores, causal_mask
 from kvpass.ops.meta import AttentionMeta, CacheRead
+
+_BYTES_AS_INT32 = contextvars.ContextVar("kvpass_onnx_bytes_as_int32", default=False)
+
+
+@contextlib.contextmanager
+def bytes_as_int32() -> Iterator[None]:
+    """Write uint8 buffers through int32 (TensorRT's parser takes uint8 only at the network's inputs and outputs)."""
+    token = _BYTES_AS_INT32.set(True)
+    try:
+        yield
+    finally:
+        _BYTES_AS_INT32.reset(token)
+
+
+def _write(buf: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    if buf.dtype == torch.uint8 and _BYTES_AS_INT32.get():
+        wide = buf.to(torch.int32).index_copy(2, positions, values.to(torch.int32))
+        buf.copy_(wide.to(torch.uint8))
+    else:
+        buf.index_copy_(2, positions, values.to(buf.dtype))
 
 
 def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
@@ -32,7 +56,7 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
     coded = quantize(new, cs.format, check=False, **dict(zip(static_names(cs), static))).tensors
     for name in cache_names(cs):
         if name not in UNCODED:
-            bufs[name].index_copy_(2, positions, coded[name].to(bufs[name].dtype))
+            _write(bufs[name], positions, coded[name])
 
 
 def read(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, dtype: torch.dtype,
@@ -65,7 +89,11 @@ def attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_c
         mask = causal_mask(q_positions, m.max_len)
     # softmax written out rather than SDPA: a query with nothing visible (a padding token) gets zeros, as in
     # the reference kernels, so the keys later layers write at padded slots are the same bytes
-    probs = attention_probs(q, k, mask, None, m.scale)
+    scores = attention_scores(q, k, m.scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(torch.isnan(probs), 0.0, probs)  # rows with nothing visible; nan_to_num needs IsInf
     groups = q.shape[1] // k.shape[1]
     out = (probs.to(q.dtype) @ v.repeat_interleave(groups, 1)).to(q.dtype)
     if not m.need_mass:

@@ -55,7 +55,15 @@ def normalize(xg: torch.Tensor, exclude: torch.Tensor | None) -> tuple[torch.Ten
 def nearest(xn: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for every element (``lut`` sorted ascending)."""
     mids = (lut[1:] + lut[:-1]) / 2
+    if packing.arithmetic_enabled():
+        return count_below(xn, mids)
     return torch.bucketize(xn.contiguous(), mids.contiguous())
+
+
+def count_below(xn: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """``bucketize(xn, mids)`` as a count of the boundaries below each value (``mids`` broadcast on a last axis):
+    comparisons and a float sum, which an ONNX export (TensorRT's parser included) takes."""
+    return (xn.unsqueeze(-1) > mids).float().sum(-1).long()
 
 
 def fit_lut(
@@ -143,6 +151,8 @@ def nearest_per_channel(xn: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     with channels last): every channel's boundaries are shifted by 4 times its index, so one bucketize over the
     concatenated (still sorted) boundaries codes all channels at once. float64 keeps the shifted values exact
     enough for 8-bit centroids."""
+    if packing.arithmetic_enabled():  # fp16 centroids: their midpoints are exact in float32
+        return count_below(xn, (lut[..., 1:] + lut[..., :-1]) / 2)
     c = channel_offsets(lut).double()
     lut = lut.double()
     mids = (lut[..., 1:] + lut[..., :-1]) / 2 + 4 * c.unsqueeze(-1)

@@ -7,7 +7,7 @@ unit's bytes are stored least significant first; the ONNX and TensorRT lowerings
 A last, partial unit is zero-padded, so ``n`` codes take ``ceil(n / u) * b*u/8`` bytes.
 
 Only plain tensor ops are used (shift, and, sum), so packing traces under torch.export and compiles. Inside
-:func:`arithmetic` the same bytes come from integer multiply, divide and modulo instead: what an ONNX export
+:func:`arithmetic` the same bytes come from exact float32 arithmetic on powers of two instead: what an ONNX export
 traces, since ONNX's bit shifts take no int8 and TensorRT's parser takes no shift or bitwise op at all.
 """
 
@@ -25,7 +25,7 @@ _ARITHMETIC = contextvars.ContextVar("kvpass_packing_arithmetic", default=False)
 
 @contextlib.contextmanager
 def arithmetic() -> Iterator[None]:
-    """Pack and unpack by integer arithmetic (no shift or bitwise op) inside the block: same bytes."""
+    """Pack and unpack by float arithmetic (no shift, bitwise or integer op) inside the block: same bytes."""
     token = _ARITHMETIC.set(True)
     try:
         yield
@@ -75,7 +75,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``n`` codes along the last axis, as uint8."""
     if bits == 8:
-        return packed[..., :n]
+        return packed.float()[..., :n].to(torch.uint8) if _ARITHMETIC.get() else packed[..., :n]
     per_unit, unit_bytes = unit(bits)
     if _ARITHMETIC.get():
         return _unpack_arithmetic(packed, bits, n, per_unit, unit_bytes)
@@ -106,37 +106,42 @@ def _pack_in_bytes(codes: torch.Tensor, bits: int, per_unit: int) -> torch.Tenso
     return out
 
 
-def _bit_tables(bits: int, per_unit: int, unit_bytes: int, device) -> tuple[torch.Tensor, ...]:
-    """For code i of a unit and byte j: the divisor, modulus and multiplier that move the bits they share.
+def _bit_tables(bits: int, per_unit: int, unit_bytes: int, into_bytes: bool, device) -> tuple[torch.Tensor, ...]:
+    """For code i of a unit and byte j, the bits they share as float32 factors: ``floor(x * lo) - floor(x * hi) * width``
+    takes them out of the source (a code when packing, a byte when unpacking) and ``* place`` puts them in the target.
 
-    Every value stays below 256, so the ONNX exporter's float division of integers is exact too.
+    Every value stays below 256 and every factor is a power of two, so float32 arithmetic is exact: ONNX Runtime and
+    TensorRT run it as it is, with no shift, bitwise or integer op.
     """
-    div, mod, mul = (torch.ones(per_unit, unit_bytes, dtype=torch.int32) for _ in range(3))
-    mul.zero_()
+    lo, hi, width, place = ([[1.0] * unit_bytes for _ in range(per_unit)] for _ in range(4))
     for i in range(per_unit):
         for j in range(unit_bytes):
-            lo, hi = max(i * bits, 8 * j), min(i * bits + bits, 8 * j + 8)  # the shared bits
-            if lo < hi:
-                div[i, j], mod[i, j], mul[i, j] = 1 << (lo - i * bits), 1 << (hi - lo), 1 << (lo - 8 * j)
-    return div.to(device), mod.to(device), mul.to(device)
+            first, last = max(i * bits, 8 * j), min(i * bits + bits, 8 * j + 8)  # the shared bits
+            if first >= last:
+                place[i][j] = 0.0
+                continue
+            src, dst = (i * bits, 8 * j) if into_bytes else (8 * j, i * bits)
+            lo[i][j], hi[i][j] = 2.0 ** (src - first), 2.0 ** (src - last)
+            width[i][j], place[i][j] = 2.0 ** (last - first), 2.0 ** (first - dst)
+    return tuple(torch.tensor(t, dtype=torch.float32, device=device) for t in (lo, hi, width, place))
+
+
+def _move_bits(x: torch.Tensor, tables: tuple[torch.Tensor, ...], axis: int) -> torch.Tensor:
+    lo, hi, width, place = tables
+    return ((torch.floor(x * lo) - torch.floor(x * hi) * width) * place).sum(axis)
 
 
 def _pack_arithmetic(codes: torch.Tensor, bits: int, per_unit: int, unit_bytes: int) -> torch.Tensor:
-    c = codes.to(torch.int32)
+    c = codes.to(torch.float32)
     pad = (-c.shape[-1]) % per_unit
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*c.shape[:-1], -1, per_unit, 1)
-    div, mod, mul = _bit_tables(bits, per_unit, unit_bytes, c.device)
-    out = (torch.remainder(torch.div(c, div, rounding_mode="floor"), mod) * mul).sum(-2, dtype=torch.int32)
+    out = _move_bits(c, _bit_tables(bits, per_unit, unit_bytes, True, c.device), -2)
     return out.reshape(*out.shape[:-2], -1).to(torch.uint8)
 
 
 def _unpack_arithmetic(packed: torch.Tensor, bits: int, n: int, per_unit: int, unit_bytes: int) -> torch.Tensor:
-    p = packed.to(torch.int32).reshape(*packed.shape[:-1], -1, 1, unit_bytes)
-    div, mod, mul = _bit_tables(bits, per_unit, unit_bytes, p.device)
-    # byte j's bits of code i sit at bit (lo - 8j) of the byte and (lo - i*bits) of the code: swap the roles
-    shift_in_byte, shift_in_code = mul, div
-    codes = (torch.remainder(torch.div(p, torch.where(mod > 1, shift_in_byte, 1), rounding_mode="floor"), mod)
-             * torch.where(mul > 0, shift_in_code, 0)).sum(-1, dtype=torch.int32)
+    p = packed.to(torch.float32).reshape(*packed.shape[:-1], -1, 1, unit_bytes)
+    codes = _move_bits(p, _bit_tables(bits, per_unit, unit_bytes, False, p.device), -1)
     return codes.reshape(*codes.shape[:-2], -1)[..., :n].to(torch.uint8)

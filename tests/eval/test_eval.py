@@ -332,7 +332,7 @@ def test_eval_measures_the_onnx_export_beside_the_torch_model(tiny_model_dir, tm
     pytest.importorskip("onnxruntime")
     out = tmp_path / "result.json"
     code = main(["eval", "--model", str(tiny_model_dir), "--text", str(tiny_model_dir / "text.txt"),
-                 "--methods", "fp16,int4,kivi-2bit", "--no-peers", "--context", "64", "--windows", "1",
+                 "--methods", "fp16,int4,kivi-2bit", "--no-peers", "--context", "168", "--windows", "1",
                  "--passkey-lengths", "160", "--passkey-depths", "0.5", "--onnx", "--json", str(out)])
     assert code == 0
     records = {r["method"]: r for r in json.loads(out.read_text())["records"]}

@@ -81,9 +81,10 @@ def test_exported_step_decodes_as_the_torch_model(arch, method, tmp_path):
 
 def test_generate_and_report_match(tmp_path):
     """generate() through ONNX Runtime (greedy and seeded sampling, left padding) gives the torch model's tokens,
-    and cache_report() the same bytes."""
+    cache_report() the same bytes, and a bare onnxruntime loop over the file the same tokens."""
     qm = compiled("llama", "int4")
-    om = OrtModel(kvpass.export_onnx(qm, tmp_path / "model.onnx"))
+    path = kvpass.export_onnx(qm, tmp_path / "model.onnx")
+    om = OrtModel(path)
     ids, mask = prompt(2)
     assert torch.equal(om.generate(ids, attention_mask=mask, max_new_tokens=10),
                        qm.generate(ids, attention_mask=mask, max_new_tokens=10))
@@ -92,6 +93,28 @@ def test_generate_and_report_match(tmp_path):
     assert torch.equal(om.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(3), **sample),
                        qm.generate(ids, attention_mask=mask, generator=torch.Generator().manual_seed(3), **sample))
     assert om.cache_report().as_dict() == qm.cache_report().as_dict()
+    plain_onnxruntime_loop(path, qm)
+
+
+def plain_onnxruntime_loop(path, qm) -> None:
+    """The exported file alone: an InferenceSession fed zeroed past buffers decodes the torch model's tokens."""
+    session = ort.InferenceSession(str(path))
+    past = {i.name: np.zeros(qm.graph_module.get_buffer(i.name[5:]).shape,
+                             qm.graph_module.get_buffer(i.name[5:]).numpy().dtype)
+            for i in session.get_inputs() if i.name.startswith("past.")}
+    tokens = np.array([[5, 17, 33, 8], [9, 4, 61, 20]])
+    ids, seen = tokens, 0
+    for _ in range(6):
+        t = ids.shape[1]
+        feed = {"input_ids": ids, "cache_position": np.arange(seen, seen + t),
+                "attention_mask": np.ones((2, MAX_LEN), np.int64),
+                "position_ids": np.broadcast_to(np.arange(seen, seen + t), (2, t)).copy()}
+        logits, *present = session.run(None, feed | past)
+        past = {f"past.{o.name[8:]}": p for o, p in zip(session.get_outputs()[1:], present)}
+        seen += t
+        ids = logits[:, -1].argmax(-1)[:, None]
+        tokens = np.concatenate([tokens, ids], 1)
+    assert tokens.tolist() == qm.generate(torch.tensor(tokens[:, :4]), max_new_tokens=6).tolist()
 
 
 def test_plain_decoder_exports(tmp_path):
@@ -102,29 +125,6 @@ def test_plain_decoder_exports(tmp_path):
     ids = torch.randint(0, 80, (1, 5), generator=torch.Generator().manual_seed(0))
     assert torch.equal(om.generate(ids, max_new_tokens=8), qm.generate(ids, max_new_tokens=8))
     assert_same_cache(om, qm)
-
-
-def test_plain_onnxruntime_loop_without_kvpass(tmp_path):
-    """The exported file alone: an InferenceSession fed zeroed past buffers decodes the torch model's tokens."""
-    qm = compiled("llama", "int4", batch=1)
-    path = kvpass.export_onnx(qm, tmp_path / "model.onnx")
-    session = ort.InferenceSession(str(path))
-    past = {i.name: np.zeros(qm.graph_module.get_buffer(i.name[5:]).shape,
-                             qm.graph_module.get_buffer(i.name[5:]).numpy().dtype)
-            for i in session.get_inputs() if i.name.startswith("past.")}
-    tokens = [5, 17, 33, 8]
-    ids, seen = np.array([tokens]), 0
-    for _ in range(6):
-        t = ids.shape[1]
-        feed = {"input_ids": ids, "cache_position": np.arange(seen, seen + t),
-                "attention_mask": np.ones((1, MAX_LEN), np.int64), "position_ids": np.arange(seen, seen + t)[None]}
-        logits, *present = session.run(None, feed | past)
-        past = {f"past.{o.name[8:]}": p for o, p in zip(session.get_outputs()[1:], present)}
-        seen += t
-        tokens.append(int(logits[0, -1].argmax()))
-        ids = np.array([[tokens[-1]]])
-    expected = qm.generate(torch.tensor([tokens[:4]]), max_new_tokens=6)
-    assert tokens == expected[0].tolist()
 
 
 @pytest.mark.parametrize(("method", "reason"), [
@@ -140,8 +140,8 @@ def test_methods_that_do_not_export_say_why(method, reason, tmp_path):
 
 def test_bad_flavor_and_missing_file(tmp_path):
     qm = compiled("llama", "int4", batch=1)
-    with pytest.raises(kvpass.KVPassError, match="not built yet"):
-        kvpass.export_onnx(qm, tmp_path / "m.onnx", flavor="tensorrt")
+    with pytest.raises(kvpass.KVPassError, match="not an export flavour"):
+        kvpass.export_onnx(qm, tmp_path / "m.onnx", flavor="tflite")
     with pytest.raises(kvpass.KVPassError, match="no ONNX model"):
         OrtModel(tmp_path / "missing.onnx")
 
@@ -217,3 +217,45 @@ def test_store_lowering_writes_the_reference_bytes(tmp_path):
             assert np.array_equal(ours, theirs.numpy()), f"{spec} {name}"
         torch.testing.assert_close(torch.from_numpy(dense), kvcache.load(cache, stat, layout.spec, d, n, torch.float32),
                                    atol=2e-6, rtol=2e-6, msg=spec)
+
+
+@pytest.mark.parametrize(("arch", "method"), [("qwen2", "kvquant-2bit")])
+def test_tensorrt_flavour_passes_the_parser_table_and_decodes_as_the_torch_model(arch, method, tmp_path):
+    """flavor="tensorrt": no node the pinned TensorRT parser table refuses (uint8 only at the inputs and outputs,
+    no shift, bitwise, Mod or float64), and in ONNX Runtime the same logits, tokens and cache as the torch model."""
+    from kvpass.lowering.tensorrt import parser_problems
+
+    qm = compiled(arch, method)
+    path = kvpass.export_onnx(qm, tmp_path / "trt.onnx", flavor="tensorrt")
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert parser_problems(model) == []
+    assert not {"BitShift", "BitwiseAnd", "BitwiseOr", "Mod"} & {n.op_type for n in model.graph.node}
+    ids, mask = prompt(2)
+    decode_both(qm, OrtModel(path), ids, mask, steps=4)
+
+
+def test_parser_table_check_names_what_tensorrt_refuses(tmp_path):
+    """The check is not vacuous: a BitShift, an int32 ReduceSum and a uint8 ScatterND inside the network (what the
+    onnxruntime flavour writes bytes with) are refused, and fp8 casts stop the tensorrt export with the reason."""
+    from kvpass.lowering.tensorrt import parser_problems, support_table
+    from onnx import TensorProto, helper
+
+    assert "BitShift" not in support_table() and support_table()["ScatterND"] == {"FP32", "FP16", "INT8", "INT32"}
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("BitShift", ["a", "b"], ["c"], direction="LEFT"),
+         helper.make_node("ReduceSum", ["i", "axes"], ["s"]),
+         helper.make_node("Cast", ["f"], ["u"], to=TensorProto.UINT8),
+         helper.make_node("ScatterND", ["u", "idx", "u"], ["w"])], "g",
+        [value("a", TensorProto.UINT32, [4]), value("b", TensorProto.UINT32, [4]), value("i", TensorProto.INT32, [4]),
+         value("f", TensorProto.FLOAT, [4])],
+        [value("c", TensorProto.UINT32, [4]), value("s", TensorProto.INT32, [1]), value("w", TensorProto.UINT8, [4])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [0]), helper.make_tensor("idx", TensorProto.INT64, [4, 1],
+                                                                                     [0, 1, 2, 3])])
+    problems = parser_problems(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert any("no BitShift" in p for p in problems) and any(p.startswith("ReduceSum") and "INT32" in p for p in problems)
+    assert any(p.startswith("ScatterND") and "uint8 tensor u inside" in p for p in problems)
+    fp8 = compiled("llama", "fp8", batch=1)
+    with pytest.raises(kvpass.KVPassError, match="FP8"):
+        kvpass.export_onnx(fp8, tmp_path / "fp8.onnx", flavor="tensorrt")
