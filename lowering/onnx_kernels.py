@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 
 import torch
 
-from kvpass.formats import quantize
+from kvpass.formats import packing, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import UNCODED, cache_names, parse_cache_spec, static_names
 from kvpass.ops.attention import apply_rope, attention_mass, attention_scores, causal_mask
@@ -24,14 +23,9 @@ from kvpass.ops.meta import AttentionMeta, CacheRead
 _BYTES_AS_INT32 = contextvars.ContextVar("kvpass_onnx_bytes_as_int32", default=False)
 
 
-@contextlib.contextmanager
-def bytes_as_int32() -> Iterator[None]:
+def bytes_as_int32() -> contextlib.AbstractContextManager[None]:
     """Write uint8 buffers through int32 (TensorRT's parser takes uint8 only at the network's inputs and outputs)."""
-    token = _BYTES_AS_INT32.set(True)
-    try:
-        yield
-    finally:
-        _BYTES_AS_INT32.reset(token)
+    return packing.switched_on(_BYTES_AS_INT32)
 
 
 def _write(buf: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:

@@ -24,13 +24,18 @@ _ARITHMETIC = contextvars.ContextVar("kvpass_packing_arithmetic", default=False)
 
 
 @contextlib.contextmanager
-def arithmetic() -> Iterator[None]:
-    """Pack and unpack by float arithmetic (no shift, bitwise or integer op) inside the block: same bytes."""
-    token = _ARITHMETIC.set(True)
+def switched_on(flag: contextvars.ContextVar) -> Iterator[None]:
+    """Set a boolean context variable inside the block (the export's switches)."""
+    token = flag.set(True)
     try:
         yield
     finally:
-        _ARITHMETIC.reset(token)
+        flag.reset(token)
+
+
+def arithmetic() -> contextlib.AbstractContextManager[None]:
+    """Pack and unpack by float arithmetic (no shift, bitwise or integer op) inside the block: same bytes."""
+    return switched_on(_ARITHMETIC)
 
 
 def unit(bits: int) -> tuple[int, int]:
