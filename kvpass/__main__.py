@@ -98,6 +98,8 @@ def export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
     p.add_argument("--method", default="int4", help="a method of `kvpass methods`")
     p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--flavor", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="tensorrt: only what TensorRT's ONNX parser accepts (checked against its pinned table)")
     p.add_argument("--max-cache-len", type=int, default=2048, help="cache slots of the exported step")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--text", nargs="+", help="calibration text files (default: bundled State of the Union)")
@@ -125,7 +127,7 @@ def run_export(args: argparse.Namespace) -> None:
     qm = kvpass.compile(loaded.model, method, max_cache_len=args.max_cache_len, batch_size=args.batch_size,
                         calibration=calibration)
     with console.status(f"exporting {loaded.name} with {args.method} to ONNX"):
-        path = kvpass.export_onnx(qm, args.out)
+        path = kvpass.export_onnx(qm, args.out, flavor=args.flavor)
     console.print(qm.cache_report().table())
     console.print(f"wrote {path} (run it with kvpass.onnx.OrtModel({str(path)!r}) or a plain onnxruntime session)")
 

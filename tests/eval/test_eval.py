@@ -346,3 +346,18 @@ def test_eval_measures_the_onnx_export_beside_the_torch_model(tiny_model_dir, tm
         assert [c["answer"] for c in onnx_row["passkey_cells"]] == [c["answer"] for c in torch_row["passkey_cells"]]
         assert onnx_row["decode_tokens_per_s"] > 0
     assert "kv_recent_attention_" in records["kivi-2bit [onnxruntime]"]["error"]
+
+
+def test_export_command_writes_a_model_onnxruntime_runs(tiny_model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from kvpass.onnx import OrtModel
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(tiny_model_dir), "--method", "int4", "--out", str(out),
+                 "--max-cache-len", "32"]) == 0
+    om = OrtModel(out)
+    assert (om.method, om.max_cache_len, om.batch_size) == ("int4", 32, 1)
+    assert om.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4).shape == (1, 7)
+    code, err = run_cli("export", "--model", str(tiny_model_dir), "--method", "kivi-2bit", "--out",
+                        str(tmp_path / "k.onnx"), "--max-cache-len", "32")
+    assert code == 2 and "kv_recent_attention_" in err
