@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -143,6 +144,18 @@ def metadata(qm: KVPassModel, flavor: str) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _quiet_registry():
+    """torch.onnx logs a warning per missing torchvision op at every export; they say nothing about kvpass."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", *, opset: int = OPSET,
                 verbose: bool = False) -> Path:
     """Export ``qm``'s step to the ONNX file ``path`` (standard ops only; runs in a stock ``onnxruntime``).
@@ -166,7 +179,7 @@ def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", 
     input_names = [*(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS), *(f"past.{n}" for n in names)]
     output_names = ["logits", *(f"present.{n}" for n in names)]
     widen = onnx_kernels.bytes_as_int32() if flavor == "tensorrt" else contextlib.nullcontext()
-    with warnings.catch_warnings(), packing.arithmetic(), widen, torch.no_grad():
+    with warnings.catch_warnings(), packing.arithmetic(), widen, torch.no_grad(), _quiet_registry():
         warnings.filterwarnings("ignore", category=FutureWarning)
         try:
             ep = torch.export.export(step, (*inputs, *past), dynamic_shapes=((*dims, *([None] * len(past))),),
