@@ -70,7 +70,6 @@ class StepLoop:
             raise KVPassError("attention_mask must hold 0 (padding) and 1 (token) only")
         return new
 
-
     def _check_ids(self, input_ids) -> torch.Tensor:
         """Token ids as a ``[B, T]`` integer tensor (lists and numpy arrays are taken), each in the vocabulary."""
         if not isinstance(input_ids, torch.Tensor):
@@ -104,7 +103,6 @@ class StepLoop:
                 f"batch of {b} is larger than the compiled batch_size={self.batch_size}; compile with "
                 f"kvpass.compile(..., batch_size={b}) or split the batch"
             )
-
 
     @torch.no_grad()
     def generate(

@@ -55,8 +55,8 @@ def check_exportable(qm: KVPassModel) -> None:
     for node in qm.graph_module.graph.nodes:
         if node.op != "call_function" or getattr(node.target, "namespace", None) != "kvpass":
             continue
-        specs = _specs(node)
         if node.target not in KERNELS:
+            specs = _specs(node)
             raise KVPassError(
                 f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(specs) or 'state'}) "
                 f"are written and attended by {node.target.name()}, which has no ONNX lowering; the methods of "
@@ -84,6 +84,11 @@ def _is_spec(text: str) -> bool:
     except KVPassError:
         return False
     return True
+
+
+def step_inputs(qm: KVPassModel) -> tuple[str, ...]:
+    """The names of the exported step's own inputs, before the ``past.*`` ones."""
+    return HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS
 
 
 def _placeholders(qm: KVPassModel) -> list[str]:
@@ -131,7 +136,7 @@ def metadata(qm: KVPassModel, flavor: str) -> dict:
         "batch_size": qm.batch_size, "max_cache_len": qm.max_cache_len, "prefill_chunk": qm.prefill_chunk,
         "vocab_size": getattr(qm.config, "vocab_size", None),
         "eos_token_id": getattr(gen, "eos_token_id", None), "pad_token_id": getattr(gen, "pad_token_id", None),
-        "inputs": list(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS),
+        "inputs": list(step_inputs(qm)),
         "cache": [{"name": r.name, "layer": r.layer, "role": r.role.value, "shape": list(buffers[r.name].shape),
                    "dtype": str(buffers[r.name].dtype).replace("torch.", "")}
                   for r in qm.buffers if r.role.per_sequence],
@@ -176,7 +181,7 @@ def export_onnx(qm: KVPassModel, path: str | Path, flavor: str = "onnxruntime", 
     tokens = torch.export.Dim("tokens", min=1, max=qm.max_cache_len)
     dims = ({1: tokens}, {0: tokens}) if qm.info.kind == "module" else ({1: tokens}, {0: tokens}, None, {1: tokens})
     step = ExportStep(qm).eval()
-    input_names = [*(HF_INPUTS if qm.info.kind == "hf" else MODULE_INPUTS), *(f"past.{n}" for n in names)]
+    input_names = [*step_inputs(qm), *(f"past.{n}" for n in names)]
     output_names = ["logits", *(f"present.{n}" for n in names)]
     widen = onnx_kernels.bytes_as_int32() if flavor == "tensorrt" else contextlib.nullcontext()
     with warnings.catch_warnings(), packing.arithmetic(), widen, torch.no_grad(), _quiet_registry():

@@ -4,7 +4,7 @@ The exporter (:mod:`kvpass.lowering.onnx`) swaps each kvpass op node of the rewr
 exporting, because ONNX has no counterpart of a mutating custom op (the facts note: ``auto_functionalized`` does
 not convert). They compute what the reference kernels compute, the same bytes for the same inputs, with no
 data-dependent Python: the whole cache is dequantized (no visible-length cut), the sink is written through a
-spare slot instead of a boolean index, and codes are packed by integer arithmetic (:func:`packing.arithmetic`).
+spare slot instead of a boolean index, and codes are packed by exact float arithmetic (:func:`packing.arithmetic`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from kvpass.formats import packing, quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import UNCODED, cache_names, parse_cache_spec, static_names
-from kvpass.ops.attention import apply_rope, attention_mass, attention_scores, causal_mask
+from kvpass.ops.attention import apply_rope, attention_mass, attention_probs
 from kvpass.ops.meta import AttentionMeta, CacheRead
 
 _BYTES_AS_INT32 = contextvars.ContextVar("kvpass_onnx_bytes_as_int32", default=False)
@@ -79,15 +79,9 @@ def attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_c
     m = AttentionMeta.parse(meta)
     k = read(k_cache, k_static, m.key_read, q.dtype, rope_cos, rope_sin)
     v = read(v_cache, v_static, m.value_read, q.dtype, None, None)
-    if mask is None and q_positions is not None:
-        mask = causal_mask(q_positions, m.max_len)
     # softmax written out rather than SDPA: a query with nothing visible (a padding token) gets zeros, as in
     # the reference kernels, so the keys later layers write at padded slots are the same bytes
-    scores = attention_scores(q, k, m.scale)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.where(torch.isnan(probs), 0.0, probs)  # rows with nothing visible; nan_to_num needs IsInf
+    probs = attention_probs(q, k, mask, q_positions, m.scale)
     groups = q.shape[1] // k.shape[1]
     out = (probs.to(q.dtype) @ v.repeat_interleave(groups, 1)).to(q.dtype)
     if not m.need_mass:

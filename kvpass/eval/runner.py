@@ -133,6 +133,11 @@ def passkey_cache_lengths(cfg: EvalConfig, cells: list[passkey.PasskeyPrompt]) -
 ONNX_SUFFIX = " [onnxruntime]"
 
 
+def row(name: str, backend: str) -> tuple[str, str]:
+    """The method column and kind of a kvpass method's record on ``backend`` ("torch" or "onnxruntime")."""
+    return (name + ONNX_SUFFIX, "kvpass-onnx") if backend == "onnxruntime" else (name, "kvpass")
+
+
 def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, budget, model, calib_ids,
                backend: str = "torch", calibrations: dict | None = None) -> Record:
     """One kvpass method; ``captured`` maps a cache length to the model captured with it, ``passkey_len`` a passkey
@@ -143,7 +148,7 @@ def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, 
 
     method = get_method(name)
     onnx = backend == "onnxruntime"
-    rec = Record(name + (ONNX_SUFFIX if onnx else ""), "kvpass-onnx" if onnx else "kvpass", method.description)
+    rec = Record(*row(name, backend), method.description)
     start = time.perf_counter()
     calibrations = {} if calibrations is None else calibrations
     calibration = calibrations.get(name)
@@ -291,8 +296,7 @@ def run(cfg: EvalConfig, console: Console | None = None, loaded: LoadedModel | N
         except Exception as err:  # one broken method (often a peer library) must not lose the others' hour
             if name == REFERENCE and backend == "torch":
                 raise
-            kind = "peer" if name in PEERS else "kvpass-onnx" if backend == "onnxruntime" else "kvpass"
-            label = name + (ONNX_SUFFIX if backend == "onnxruntime" else "")
+            label, kind = (name, "peer") if name in PEERS else row(name, backend)
             records.append(Record(label, kind, "failed", error=f"{type(err).__name__}: {err}"))
             console.print(f"[bold red]{label} failed[/]: {type(err).__name__}: {err}")
         if on_method is not None:

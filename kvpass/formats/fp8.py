@@ -72,7 +72,7 @@ def fp8_bytes(x: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
     """``x.to(fp8).view(torch.uint8)`` for finite ``x`` within the fp8 range, by arithmetic on the rounded value (the
     ONNX export has no bit reinterpretation): sign, exponent by comparisons with powers of two, exact mantissa."""
     info = torch.finfo(fp8)
-    man_bits = 3 if fp8 == torch.float8_e4m3fn else 2
+    man_bits = -int(math.log2(info.eps))
     emin = int(math.log2(info.smallest_normal))
     emax = int(math.log2(info.max))
     v = x.to(fp8).float()

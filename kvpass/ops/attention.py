@@ -96,4 +96,5 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, q_positions:
         mask = causal_mask(q_positions, scores.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.where(torch.isnan(probs), 0.0, probs)  # softmax gives no inf; nan_to_num would export IsInf
