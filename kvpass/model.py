@@ -12,6 +12,7 @@ from torch import nn
 
 from kvpass.errors import KVPassError
 from kvpass.generation import StepLoop
+from kvpass.ops import journal
 from kvpass.pipeline.buffers import BufferRecord, Role
 from kvpass.pipeline.capture import CaptureInfo
 from kvpass.pipeline.locate import AttentionSite
@@ -56,7 +57,6 @@ class KVPassModel(nn.Module, StepLoop):
         self.device = next((b.device for b in graph_module.buffers()), torch.device("cpu"))
         self._graph = graph_module  # what a step calls: the graph module, or its torch.compile'd form
         self._seen = 0
-        self._broken = False  # a step failed part-way over state that cannot be put back
         self._mask = torch.zeros(info.batch_size, info.max_cache_len, dtype=torch.long, device=self.device)
 
     def __deepcopy__(self, memo: dict) -> KVPassModel:
@@ -72,7 +72,6 @@ class KVPassModel(nn.Module, StepLoop):
                           self.buffers, self.config, self.generation_config, self.prefill_chunk)
         new._seen = self._seen
         new._mask.copy_(self._mask)
-        new._broken = self._broken
         return new
 
     def __reduce_ex__(self, protocol):
@@ -98,7 +97,6 @@ class KVPassModel(nn.Module, StepLoop):
     def reset(self) -> None:
         """Empty the cache (zero its buffers) so the next call starts at position 0."""
         self._seen = 0
-        self._broken = False
         self._mask.zero_()
         for record in self.buffers:
             if record.role.per_sequence:
@@ -124,10 +122,6 @@ class KVPassModel(nn.Module, StepLoop):
         ``attention_mask`` covers the new tokens (``[B, T]``) or everything so far (``[B, cached + T]``); 0 marks
         padding. Position ids continue each row's own count of real tokens, as transformers' generate does.
         """
-        if self._broken:
-            raise KVPassError(f"an earlier step failed part-way, and method {self.method.name!r} keeps state (overlay "
-                              "entries, QAQ tiers) that cannot be put back; call reset() (generate() does) and start "
-                              "the sequence again")
         input_ids = self._check_ids(input_ids)
         b, t = input_ids.shape
         self._check_batch(b)
@@ -135,20 +129,32 @@ class KVPassModel(nn.Module, StepLoop):
         new_mask = self._new_mask(attention_mask, b, t)
         chunk = self.method.max_chunk or t  # methods that choose what to keep from attention write prompts in pieces
         # every input is checked before the first chunk is written; should a kernel still fail, the token count, the
-        # padding mask and the caches' rings go back to where they were (an overlay's or QAQ's state may not)
+        # padding mask and every piece of state rewritten in place go back to where they were (from an empty cache,
+        # by emptying it again)
+        if self._seen == 0:
+            try:
+                return self._write_chunks(input_ids, new_mask, chunk)
+            except BaseException:
+                self.reset()
+                raise
         seen, mask = self._seen, self._mask.clone()
-        rings = {r.name: self.graph_module.get_buffer(r.name) for r in self.buffers if r.role is Role.RING}
-        kept = {name: buf.clone() for name, buf in rings.items()}
-        try:
-            return torch.cat([self._write(input_ids[:, i:i + chunk], new_mask[:, i:i + chunk])
-                              for i in range(0, t, chunk)], dim=1)
-        except BaseException:
-            self._seen = seen
-            self._mask.copy_(mask)
-            for name, buf in rings.items():
-                buf.copy_(kept[name])
-            self._broken = any(r.role is Role.ENTRY for r in self.buffers)
-            raise
+        small = {r.name: self.graph_module.get_buffer(r.name) for r in self.buffers if r.role in (Role.RING, Role.ENTRY)}
+        kept = {name: buf.clone() for name, buf in small.items()}
+        with journal.recording() as log:
+            try:
+                return self._write_chunks(input_ids, new_mask, chunk)
+            except BaseException:
+                self._seen = seen
+                self._mask.copy_(mask)
+                for name, buf in small.items():
+                    buf.copy_(kept[name])
+                log.undo()
+                raise
+
+    def _write_chunks(self, input_ids: torch.Tensor, new_mask: torch.Tensor, chunk: int) -> torch.Tensor:
+        t = input_ids.shape[1]
+        return torch.cat([self._write(input_ids[:, i:i + chunk], new_mask[:, i:i + chunk]) for i in range(0, t, chunk)],
+                         dim=1)
 
     def _write(self, input_ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
         """Run one checked chunk: write its tokens after the cached ones and return their logits."""

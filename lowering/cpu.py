@@ -30,6 +30,7 @@ from kvpass.methods.overlay.op import (
     reference_overlay_attention,
     reference_overlay_store,
 )
+from kvpass.ops import journal
 from kvpass.ops.attention import visible_length
 from kvpass.ops.cache import kv_attention, kv_store_, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta, CacheRead
@@ -333,4 +334,13 @@ def _(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_scor
     contiguous = all(t.is_contiguous() for t in (ov_k, ov_v, ov_slot, score))
     if not (contiguous and ov_slot.dtype == torch.int32 and score.dtype == torch.float32 and cpu_build.available()):
         return reference_overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score)
-    cpu_build.ops().overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score)
+    taken = old_k = old_v = None
+    if journal.active() is not None:  # the kernel hands back each token's entry and the row it overwrote
+        b, h, t = ov_slot.shape[0], ov_slot.shape[1], new_k.shape[2]
+        taken = torch.empty(b, h, t, dtype=torch.long)
+        old_k, old_v = (x.new_empty(b, h, t, x.shape[-1]) for x in (ov_k, ov_v))
+    cpu_build.ops().overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions, recent, sink, by_score, taken,
+                                  old_k, old_v)
+    if taken is not None:
+        journal.save_taken(ov_k, taken, old_k)
+        journal.save_taken(ov_v, taken, old_v)

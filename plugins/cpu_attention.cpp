@@ -819,9 +819,13 @@ inline void put_row(char* base, at::ScalarType dtype, int64_t off, const float* 
 
 // kvpass.methods.overlay.op.kv_overlay_store_: each new token at p takes an overlay entry of its head (a free one,
 // else the lowest score or the oldest, sparing the first `sink` slots and the `recent` newest; the oldest non-sink
-// entry when all are spared), after any entry still holding p is dropped and p's score zeroed.
+// entry when all are spared), after any entry still holding p is dropped and p's score zeroed. With `taken`
+// ([B, H, T] int64), each token's entry is written there and, into `old_k`/`old_v` ([B, H, T, D] of the rows' dtype),
+// the row it overwrote: a failed step puts them back.
 void overlay_store(at::Tensor& ov_k, at::Tensor& ov_v, at::Tensor& ov_slot, at::Tensor& score, const at::Tensor& new_k,
-                   const at::Tensor& new_v, const at::Tensor& positions, int64_t recent, int64_t sink, bool by_score) {
+                   const at::Tensor& new_v, const at::Tensor& positions, int64_t recent, int64_t sink, bool by_score,
+                   const std::optional<at::Tensor>& taken, const std::optional<at::Tensor>& old_k,
+                   const std::optional<at::Tensor>& old_v) {
   TORCH_CHECK(ov_slot.scalar_type() == at::kInt && score.scalar_type() == at::kFloat && ov_slot.is_contiguous() &&
                   score.is_contiguous() && ov_k.is_contiguous() && ov_v.is_contiguous(),
               "kvpass cpu overlay store: int32 slots, float32 scores, contiguous buffers");
@@ -835,6 +839,15 @@ void overlay_store(at::Tensor& ov_k, at::Tensor& ov_v, at::Tensor& ov_slot, at::
   char* kb = static_cast<char*>(ov_k.data_ptr());
   char* vb = static_cast<char*>(ov_v.data_ptr());
   const float inf = std::numeric_limits<float>::infinity();
+  const bool log = taken.has_value();
+  TORCH_CHECK(!log || (old_k.has_value() && old_v.has_value() && taken->scalar_type() == at::kLong &&
+                       old_k->scalar_type() == ov_k.scalar_type() && old_v->scalar_type() == ov_v.scalar_type() &&
+                       taken->is_contiguous() && old_k->is_contiguous() && old_v->is_contiguous()),
+              "kvpass cpu overlay store: taken int64 with old rows of the overlay's dtype, contiguous");
+  int64_t* tk = log ? taken->data_ptr<int64_t>() : nullptr;
+  char* okb = log ? static_cast<char*>(old_k->data_ptr()) : nullptr;
+  char* ovb = log ? static_cast<char*>(old_v->data_ptr()) : nullptr;
+  const int64_t ek = ov_k.element_size(), ev = ov_v.element_size();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       int32_t* sl = slots + bh * C;
@@ -860,6 +873,11 @@ void overlay_store(at::Tensor& ov_k, at::Tensor& ov_v, at::Tensor& ov_slot, at::
         const int64_t entry = best == inf ? oldest : choice;
         sl[entry] = static_cast<int32_t>(p + 1);
         const int64_t b = bh / H, h = bh % H;
+        if (log) {
+          tk[bh * T + t] = entry;
+          std::memcpy(okb + (bh * T + t) * Dk * ek, kb + (bh * C + entry) * Dk * ek, Dk * ek);
+          std::memcpy(ovb + (bh * T + t) * Dv * ev, vb + (bh * C + entry) * Dv * ev, Dv * ev);
+        }
         put_row(kb, ov_k.scalar_type(), (bh * C + entry) * Dk, nk.data_ptr<float>() + ((b * H + h) * T + t) * Dk, Dk);
         put_row(vb, ov_v.scalar_type(), (bh * C + entry) * Dv, nv.data_ptr<float>() + ((b * H + h) * T + t) * Dv, Dv);
       }
@@ -876,7 +894,8 @@ TORCH_LIBRARY(kvpass_cpu, m) {
   m.def("store_rows(Tensor x, Tensor positions, Tensor(a!) codes, Tensor(b!) scale, Tensor(c!)? zero, int kind, int bits, "
         "int gsize, int variant) -> ()");
   m.def("overlay_store(Tensor(a!) ov_k, Tensor(b!) ov_v, Tensor(c!) ov_slot, Tensor(d!) score, Tensor new_k, "
-        "Tensor new_v, Tensor positions, int recent, int sink, bool by_score) -> ()");
+        "Tensor new_v, Tensor positions, int recent, int sink, bool by_score, Tensor(e!)? taken, Tensor(f!)? old_k, "
+        "Tensor(g!)? old_v) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvpass_cpu, CPU, m) {

@@ -2,6 +2,7 @@
 KVPassError. Each test names its case."""
 
 import copy
+import dataclasses
 import io
 import json
 import pickle
@@ -12,6 +13,8 @@ import pytest
 import torch
 import transformers
 from helpers.plain_decoder import PlainDecoder
+from helpers.qaq import calibration_ids as qaq_ids
+from helpers.qaq import method as qaq_method
 from helpers.tiny_models import VOCAB, build
 
 import kvpass
@@ -86,18 +89,68 @@ def test_s1_a_step_failing_mid_way_restores_the_rings_of_the_layers_it_wrote():
     assert all(torch.equal(q.graph_module.get_buffer(n), t) for n, t in rings.items())
 
 
-def test_s1_a_step_failing_mid_way_over_overlay_state_asks_for_a_reset():
+def _state(q):
+    return {r.name: q.graph_module.get_buffer(r.name).clone() for r in q.buffers if r.role.per_sequence}
+
+
+def _fail_a_step(model, q, new):
+    """Run a step whose second layer's values leave fp16 scales' range: it raises after the first layer wrote."""
+    weight = model.model.layers[1].self_attn.v_proj.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1e6)
+    try:
+        with pytest.raises(KVPassError, match="fp16"):
+            q.step(new)
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
+def _qaq(retain):
+    m = qaq_method(target=8.0)
+    return dataclasses.replace(m, name=f"{m.name}-{retain}", qaq=dataclasses.replace(m.qaq, retain=retain))
+
+
+@pytest.mark.parametrize("kind", ["mikv", "mikv-reference", "qaq", "qaq-retain"])
+def test_s1_a_step_failing_mid_way_puts_overlay_and_tier_state_back(kind, monkeypatch):
+    # overlay rows and QAQ tier codes are logged as the ops overwrite them (the retained copy's promotions rewrite
+    # decided entries); the map, scores and rings are cloned: every byte is as before and the sequence goes on
+    if kind == "mikv-reference":
+        monkeypatch.setenv("KVPASS_CPU_KERNELS", "0")
+    model = build("llama")
+    if kind.startswith("qaq"):
+        m = _qaq(kind == "qaq-retain")
+        q = kvpass.compile(model, m, max_cache_len=96,
+                           calibration=kvpass.calibrate(model, qaq_ids(), m, n_samples=2, seq_len=96))
+    else:
+        q = kvpass.compile(model, "mikv", max_cache_len=96)
+    first, failing, nxt = ids(40), ids(20, seed=1), ids(3, seed=2)
+    ref = copy.deepcopy(q)
+    q.step(first)
+    ref.step(first)
+    before = _state(q)
+    _fail_a_step(model, q, failing)
+    assert q.seen_tokens == 40
+    after, roles = _state(q), {r.name: r.role.name for r in q.buffers}
+    # the codes written at the failed step's slots lie past the cached tokens, where nothing reads them
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert {roles[n] for n in changed} <= {"STATE"}
+    # (what there was to put back: the same step run through writes layer 0's entries)
+    through = copy.deepcopy(ref)
+    through.step(failing)
+    wrote = {n for n, t in _state(through).items() if not torch.equal(t, before[n]) and "cache_0_" in n}
+    assert {roles[n] for n in wrote} >= {"ENTRY", "JOURNALED"}
+    assert all(torch.equal(before[n][:, :, :40], after[n][:, :, :40]) for n in changed)
+    torch.testing.assert_close(q.step(nxt), ref.step(nxt), rtol=0, atol=0)
+
+
+def test_s1_a_first_step_failing_mid_way_leaves_an_empty_cache():
     model = build("llama")
     q = kvpass.compile(model, "mikv", max_cache_len=64)
-    q.step(ids(10))
-    with torch.no_grad():
-        model.model.layers[1].self_attn.v_proj.weight.mul_(1e6)
-    with pytest.raises(KVPassError, match="past what the fp16 scales"):
-        q.step(ids(3, seed=1))
-    with torch.no_grad():
-        model.model.layers[1].self_attn.v_proj.weight.div_(1e6)
-    with pytest.raises(KVPassError, match=r"failed part-way.*call reset\(\)"):
-        q.step(ids(3, seed=2))
+    _fail_a_step(model, q, ids(10))
+    assert q.seen_tokens == 0
+    assert all(not t.any() for t in _state(q).values())
     ref = kvpass.compile(model, "mikv", max_cache_len=64)
     torch.testing.assert_close(q.generate(ids(6), max_new_tokens=3), ref.generate(ids(6), max_new_tokens=3))
 

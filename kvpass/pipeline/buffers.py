@@ -1,6 +1,6 @@
 """The buffers a rewrite adds to the module, one typed record each: which layer holds it and whether it is
-per-sequence state (zeroed when a new sequence starts; a ring is also restored when a step fails, and a failed step
-over entry state asks for a reset) or fixed (calibrated or constant, kept across sequences)."""
+per-sequence state (zeroed when a new sequence starts, and put back as it was when a step fails part-way) or fixed
+(calibrated or constant, kept across sequences)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torch.fx import GraphModule
 class Role(enum.Enum):
     STATE = "state"  # written at the slots of the tokens that arrive: codes, scales, zero points
     RING = "ring"  # small state rewritten in place, not by slot (a residual ring and its count, a recent ring)
-    ENTRY = "entry"  # state a method rewrites wherever it chooses (overlay entries, QAQ tiers): not restorable
+    ENTRY = "entry"  # small state a method rewrites wherever it chooses (overlay scores, QAQ's tier map): cloned too
+    JOURNALED = "journaled"  # large state rewritten by entry (overlay rows, QAQ tier codes): its op logs old rows
     FIXED = "fixed"  # calibrated or constant: LUTs, ranges, tier tensors
 
     @property

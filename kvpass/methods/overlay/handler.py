@@ -58,7 +58,9 @@ def overlay_attention_node(ctx: RewriteContext, site: AttentionSite, k: tuple, v
     dtype = overlay.dtype(site.dtype)
     buffers = {"k": torch.zeros(*shape, c, site.head_dim, dtype=dtype), "v": torch.zeros(*shape, c, site.v_head_dim, dtype=dtype),
                "slot": torch.zeros(*shape, c, dtype=torch.int32), "score": torch.zeros(*shape, site.max_len)}
-    ov = {name: g.get_attr(ctx.buffers.add(f"{prefix}_{name}", t.to(ctx.device), site.index, Role.ENTRY))
+    # the store logs the rows it overwrites; the slots and scores (small, the scores all updated each step) are cloned
+    ov = {name: g.get_attr(ctx.buffers.add(f"{prefix}_{name}", t.to(ctx.device), site.index,
+                                           Role.JOURNALED if name in ("k", "v") else Role.ENTRY))
           for name, t in buffers.items()}
     g.call_function(torch.ops.kvpass.kv_overlay_store_.default,
                     (ov["k"], ov["v"], ov["slot"], ov["score"], site.key.new, site.value.new, site.key.positions,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpass import kvcache
+from kvpass.ops import journal
 from kvpass.ops.attention import attention_mass, reference_attention, visible_length
 from kvpass.ops.meta import OpMeta
 
@@ -61,15 +62,26 @@ def reference_overlay_store(ov_k, ov_v, ov_slot, score, new_k, new_v, positions,
                             by_score: bool) -> None:
     """``kv_overlay_store_`` in plain torch, one token at a time (every device)."""
     b, h = ov_slot.shape[:2]
+    log = journal.active() is not None
+    taken, old_k, old_v = [], [], []
     for t, p in enumerate(positions.tolist()):
         # a slot being (re)written starts afresh: drop any entry still holding it and zero its score
         ov_slot.masked_fill_(ov_slot == p + 1, 0)
         score[:, :, p] = 0
         entry = insert(ov_slot, score, p, recent, sink, by_score)  # [B, H]
         idx = entry[..., None]
+        k_idx, v_idx = (idx[..., None].expand(b, h, 1, x.shape[-1]) for x in (ov_k, ov_v))
+        if log:  # the entry and the rows it held, for a failed step to put back
+            taken.append(idx)
+            old_k.append(ov_k.gather(2, k_idx))
+            old_v.append(ov_v.gather(2, v_idx))
         ov_slot.scatter_(-1, idx, torch.full_like(idx, p + 1, dtype=ov_slot.dtype))
-        ov_k.scatter_(2, idx[..., None].expand(b, h, 1, ov_k.shape[-1]), new_k[:, :, t:t + 1].to(ov_k.dtype))
-        ov_v.scatter_(2, idx[..., None].expand(b, h, 1, ov_v.shape[-1]), new_v[:, :, t:t + 1].to(ov_v.dtype))
+        ov_k.scatter_(2, k_idx, new_k[:, :, t:t + 1].to(ov_k.dtype))
+        ov_v.scatter_(2, v_idx, new_v[:, :, t:t + 1].to(ov_v.dtype))
+    if taken:
+        taken_ = torch.cat(taken, -1)
+        journal.save_taken(ov_k, taken_, torch.cat(old_k, 2))
+        journal.save_taken(ov_v, taken_, torch.cat(old_v, 2))
 
 
 @kv_overlay_store_.register_fake

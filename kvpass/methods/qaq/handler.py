@@ -74,6 +74,14 @@ def qaq_input(calibration: Calibration | None, layer: int, which: str) -> dict:
     return found
 
 
+def _role(name: str) -> Role:
+    """Tier codes are written by entry and logged by the op; model-precision copies at the new tokens' slots; the
+    map, window ring and its attention are small and cloned before a step."""
+    if name.startswith("t"):
+        return Role.JOURNALED
+    return Role.STATE if name == "retained" else Role.ENTRY
+
+
 def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayout,
                        tables: tuple[Node | str, Node | str] | None) -> Node:
     """QAQ's buffers (calibrated tier tensors from the calibration) and its one op: write the new tokens, attend,
@@ -84,7 +92,7 @@ def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayou
     for which, tl in zip("kv", layout.detail):
         fitted = ctx.fitted(site.index, which)
         for name, t in tl.allocate(device).items():
-            role, target = Role.ENTRY, f"{prefix}_{which}_{name}"
+            role, target = _role(name), f"{prefix}_{which}_{name}"
             if name in tl.static_buffers():
                 if t.numel():  # (a tier of capacity 0 holds none)
                     if name not in fitted:

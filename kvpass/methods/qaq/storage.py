@@ -11,6 +11,7 @@ from kvpass.formats import quantize
 from kvpass.formats.api import QuantizedTensor, dequantize
 from kvpass.kvcache import CacheLayout, CacheSpec, cache_names, parse_cache_spec, static_names
 from kvpass.methods.qaq.config import MAP_DTYPE, QAQConfig
+from kvpass.ops import journal
 
 
 def split_buffers(bufs: list[torch.Tensor], specs: list[CacheSpec]) -> list[dict[str, torch.Tensor]]:
@@ -90,9 +91,12 @@ def write(bufs: list[dict[str, torch.Tensor]], specs: list[CacheSpec], x: torch.
                 continue
             params = {n: tensors[n][:, head:head + 1] if tensors[n].ndim >= 4 else tensors[n] for n in statics}
             coded = quantize(x[b, h, j][None, None], cs.format, check=False, **params).tensors
+            log, index = journal.active(), (b, h, entries[b, h, j])
             for name in cache_names(cs):
                 buf = tensors[name]
-                buf[b, h, entries[b, h, j]] = coded[name][0, 0].to(buf.dtype)
+                if log is not None:  # a failed step puts the entries back
+                    log.save(buf, index)
+                buf[index] = coded[name][0, 0].to(buf.dtype)
 
 
 def promote(tier_map: torch.Tensor, x: torch.Tensor, wanted: torch.Tensor, capacity: list[int],
