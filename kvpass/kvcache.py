@@ -95,6 +95,8 @@ def cache_names(cs: CacheSpec) -> list[str]:
         names = ["codes", "scale"] if spec.granularity == "per_token" else ["codes"]
     elif spec.static:
         names = ["codes"]
+    elif spec.kind == "lm":
+        names = ["codes", "scale"]
     else:
         names = ["codes", "scale", "zero"]
     if spec.outlier_frac:
@@ -252,7 +254,7 @@ def check_range(new: torch.Tensor, cs: CacheSpec) -> None:
     if spec.scale_dtype != torch.float16 or spec.kind == "float" or spec.static or not new.numel():
         return
     amax = float(new.detach().abs().amax())
-    if metadata_bound(amax, spec) > FP16_MAX:
+    if metadata_bound(amax, spec, new.shape[-1]) > FP16_MAX:
         raise KVPassError(f"cached keys or values reach {amax:.4g}, past what the fp16 scales of '{cs}' can hold; "
                           f"use a spec with ':scale_fp32' (e.g. '{spec}:scale_fp32') for this model")
 

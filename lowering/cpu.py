@@ -19,6 +19,7 @@ import torch
 from kvpass.lowering import cpu_build
 
 from kvpass import kvcache
+from kvpass.formats import lloyd_max, rotation
 from kvpass.formats.api import transposed
 from kvpass.formats.spec import FP8_VARIANTS
 from kvpass.formats.uniform import safe
@@ -41,10 +42,13 @@ ROPE = {"": 0, "half": 1, "interleaved": 2}
 MAX_DIM = 1024  # the kernel's RoPE scratch row
 
 
-def supports(cs: CacheSpec, head_dim: int) -> bool:
-    """Whether the native kernel reads caches of this spec (every spec kvpass's methods use does)."""
+def supports(cs: CacheSpec, head_dim: int, rotated: bool = False) -> bool:
+    """Whether the native kernel reads caches of this spec (every spec kvpass's methods use does). Rotated codes
+    (``:hadamard``) are read in the rotated space where the caller rotates the query or the output (``rotated``):
+    then no model-precision rows (sink, rings) may sit beside them; outliers (kept before the rotation) only beside
+    keys, whose share of the scores :func:`key_outliers_as_scores` adds."""
     f = cs.format
-    if head_dim > MAX_DIM:
+    if head_dim > MAX_DIM or (f.rotate and not (rotated and not (cs.sink or cs.recent or cs.residual))):
         return False
     if f.kind == "float":
         return not cs.residual
@@ -54,8 +58,9 @@ def supports(cs: CacheSpec, head_dim: int) -> bool:
 def applies(q: torch.Tensor, meta: AttentionMeta) -> bool:
     """Whether the native kernel takes this ``kv_attention`` call."""
     return (q.device.type == "cpu" and q.shape[1] * q.shape[2] <= MAX_ROWS and q.shape[-1] == meta.head_dim
-            and supports(meta.key_spec, meta.head_dim) and supports(meta.value_spec, meta.v_head_dim)
-            and cpu_build.available())
+            and supports(meta.key_spec, meta.head_dim, rotated=not meta.key_read.rope)
+            and supports(meta.value_spec, meta.v_head_dim, rotated=True)
+            and not (meta.value_spec.format.rotate and meta.value_spec.format.outlier_frac) and cpu_build.available())
 
 
 @functools.cache
@@ -105,6 +110,8 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
             lut = lut * params["qnorm"][0] + params["qnorm"][1]
         table_per_channel = int(f.channel_lut)
         tensors[1] = lut.reshape(heads, d, -1).contiguous() if f.channel_lut else lut.reshape(-1).contiguous()
+    elif f.kind == "lm":
+        tensors[1] = lloyd_max.codebook(f.bits)
     elif f.kind == "fp8":
         tensors[1] = _fp8_table(f.fp8_variant)
     if f.static:
@@ -202,10 +209,40 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope
     if not applies(q, m):
         return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m)
     n, add = visible_and_additive(mask, q_positions, m.max_len)
-    out, _, mass = attend(q, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin, m, n)
+    # rotated codes are read as stored: q.k is the same between rotated vectors, and the rotated values' weighted sum
+    # is rotated back once
+    rq = rotation.rotate(q) if m.key_spec.format.rotate else q
+    if m.key_spec.format.rotate and m.key_spec.format.outlier_frac:
+        k_cache, m, add = key_outliers_as_scores(q, k_cache, m, add, q_positions, n)
+        q_positions = None  # (in the additive mask now)
+    out, _, mass = attend(rq, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin, m, n)
+    if m.value_spec.format.rotate:
+        out = rotation.unrotate(out)
     if m.need_mass and n < m.max_len:
         mass = torch.nn.functional.pad(mass, (0, m.max_len - n))
     return out.to(q.dtype), mass
+
+
+def key_outliers_as_scores(q: torch.Tensor, k_cache: list[torch.Tensor], meta: AttentionMeta, add: torch.Tensor | None,
+                           q_positions: torch.Tensor | None, n: int
+                           ) -> tuple[list[torch.Tensor], AttentionMeta, torch.Tensor]:
+    """Rotated keys keep their outliers outside the rotation, added onto the decoded rest: their share of each score,
+    ``scale * q[idx] * value``, goes into the kernel's additive mask, and the kernel reads the codes alone."""
+    cs = meta.key_spec
+    bufs = dict(zip(kvcache.cache_names(cs), k_cache))
+    vals, idx = bufs["outlier_values"][:, :, :n].float(), bufs["outlier_index"][:, :, :n].long()  # [B, Hkv, n, k]
+    b, hq, t, d = q.shape
+    hkv, k = vals.shape[1], vals.shape[-1]
+    qg = q.float().reshape(b, hkv, hq // hkv * t, 1, d).expand(-1, -1, -1, n, -1)
+    picked = qg.gather(-1, idx[:, :, None].expand(-1, -1, qg.shape[2], -1, -1))  # [B, Hkv, G*T, n, k]
+    extra = (picked * vals[:, :, None]).sum(-1).reshape(b, hq, t, n) * meta.scale
+    if add is not None:
+        extra = extra + add
+    elif q_positions is not None:
+        extra = extra.masked_fill(torch.arange(n) > q_positions[:, None], float("-inf"))
+    rest = replace(cs, format=replace(cs.format, outlier_frac=0.0))
+    kept = [bufs[name] for name in kvcache.cache_names(rest)]
+    return kept, replace(meta, k=str(rest)), extra.contiguous()
 
 
 def stores_natively(cs: CacheSpec) -> bool:
@@ -213,7 +250,7 @@ def stores_natively(cs: CacheSpec) -> bool:
     without outliers or a residual ring (the others are quantized by :func:`kvpass.kvcache.store`)."""
     f = cs.format
     return (f.granularity == "per_token" and not f.outlier_frac and not cs.residual and not f.static
-            and f.kind in ("int", "fp8") and f.scale_dtype in (torch.float16, torch.float32))
+            and f.kind in ("int", "fp8") and not f.rotate and f.scale_dtype in (torch.float16, torch.float32))
 
 
 def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,

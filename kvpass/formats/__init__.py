@@ -5,7 +5,7 @@
 >>> q.dequantize().shape, q.nbytes, q.bits_per_element
 """
 
-from kvpass.formats import fp8, nuq, uniform  # noqa: F401  (registers the formats)
+from kvpass.formats import fp8, lloyd_max, nuq, uniform  # noqa: F401  (registers the formats)
 from kvpass.formats.api import QuantizedTensor, dequantize, expected_nbytes, quantize
 from kvpass.formats.base import Format, get_format, register_format
 from kvpass.formats.nuq import fit_lut, normal_float_grid
@@ -23,6 +23,8 @@ EXAMPLES = {
     "nuq3": "nuq3:per_token",
     "nuq2-qnorm": "nuq2:per_token:qnorm",
     "nuq3+outliers": "nuq3:per_token+outliers1%",
+    "lm4-hadamard": "lm4:per_token:hadamard",
+    "lm3-hadamard": "lm3:per_token:hadamard",
     "fp8_e4m3": "fp8_e4m3",
     "fp8_e5m2": "fp8_e5m2",
     "fp16": "fp16",

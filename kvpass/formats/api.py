@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpass.formats import outliers
+from kvpass.formats import outliers, rotation
 from kvpass.formats.base import get_format, validate_input
 from kvpass.formats.spec import QuantSpec, parse_spec
 
@@ -73,8 +73,10 @@ def quantize(
     if check:
         validate_input(x, spec)
     fmt = get_format(spec)
-    xv = to_vector_last(x, spec)
     params = dict(params)
+    if spec.rotate:
+        return QuantizedTensor(spec, x.shape, x.dtype, quantize_rotated(x, spec, fmt, params))
+    xv = to_vector_last(x, spec)
     sens = params.pop("sens", None)
     if spec.outlier_frac and spec.static:
         return QuantizedTensor(spec, x.shape, x.dtype, quantize_static_outliers(xv, spec, fmt, sens, params))
@@ -84,6 +86,17 @@ def quantize(
         stored, exclude = outliers.split(xv, spec.outlier_frac)
     stored = {**fmt.quantize(xv, spec, exclude, params), **stored}
     return QuantizedTensor(spec, x.shape, x.dtype, stored)
+
+
+def quantize_rotated(x: torch.Tensor, spec: QuantSpec, fmt, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``:hadamard``: outliers (the largest values of each vector) are kept before the rotation, which would spread
+    them over every coordinate; the rest (outliers zeroed) is rotated and coded, and decodes to what the outliers
+    are added onto."""
+    stored: dict[str, torch.Tensor] = {}
+    if spec.outlier_frac:
+        stored, exclude = outliers.split(x, spec.outlier_frac)
+        x = x.masked_fill(exclude, 0.0)
+    return {**fmt.quantize(rotation.rotate(x), spec, None, params), **stored}
 
 
 def quantize_static_outliers(xv: torch.Tensor, spec: QuantSpec, fmt, sens: torch.Tensor | None,
@@ -106,8 +119,10 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     spec = q.spec
     n = vector_last_shape(tuple(q.shape), spec)[-1]
     dense = get_format(spec).dequantize(q.tensors, spec, n)
+    if spec.rotate:
+        dense = rotation.unrotate(dense)
     if spec.outlier_frac:
-        dense = outliers.merge(dense, q.tensors)
+        dense = outliers.merge(dense, q.tensors, add=spec.rotate)
     if transposed(spec):
         dense = dense.transpose(-1, -2)
     return dense.to(q.dtype)

@@ -89,18 +89,18 @@ def validate_input(x: torch.Tensor, spec: QuantSpec) -> None:
             f"(value {x[where].item()}); remove NaN/inf before quantizing (check the upstream activations or "
             "the calibration data)"
         )
-    problem = fp16_metadata_problem(float(x.detach().abs().max()), spec)
+    problem = fp16_metadata_problem(float(x.detach().abs().max()), spec, x.shape[-1])
     if problem:
         raise InputError(problem)
 
 
-def fp16_metadata_problem(amax: float, spec: QuantSpec) -> str | None:
+def fp16_metadata_problem(amax: float, spec: QuantSpec, dim: int = 1) -> str | None:
     """Why inputs bounded by ``amax`` cannot be coded faithfully with ``spec``'s fp16 scales (None when they can):
     scales or zero points past fp16's range, or quantization steps so small that fp16 stores them with a bit or two."""
-    if spec.scale_dtype != torch.float16 or spec.kind not in ("int", "nuq", "fp8"):
+    if spec.scale_dtype != torch.float16 or spec.kind not in ("int", "nuq", "lm", "fp8"):
         return None
     fix = f"add ':scale_fp32' to the spec ('{spec}:scale_fp32')"
-    if metadata_bound(amax, spec) > FP16_MAX:
+    if metadata_bound(amax, spec, dim) > FP16_MAX:
         return f"input magnitude {amax:.4g} gives scales or zero points beyond fp16's range; {fix}"
     step = 2 * amax / ((1 << spec.bits) - 1) if spec.kind == "int" else amax / (1 << (spec.bits - 1))
     if spec.kind != "fp8" and 0 < step < FP16_STEP_FLOOR:
@@ -113,12 +113,19 @@ FP16_MAX = torch.finfo(torch.float16).max
 FP16_STEP_FLOOR = 2.0**-23  # two of fp16's smallest subnormal steps: a scale below it keeps almost no precision
 
 
-def metadata_bound(amax: float, spec: QuantSpec) -> float:
-    """Largest scale or zero point a format may store for inputs bounded by ``amax``."""
+def metadata_bound(amax: float, spec: QuantSpec, dim: int = 1) -> float:
+    """Largest scale or zero point a format may store for inputs bounded by ``amax`` (vectors of ``dim`` elements:
+    a rotation can gather a vector's norm, up to ``amax * sqrt(dim)``, into one coordinate)."""
+    if spec.rotate:
+        amax *= dim**0.5
     if spec.kind == "int":
         return max(amax, 2 * amax / ((1 << spec.bits) - 1))
     if spec.kind == "nuq":
         return amax
+    if spec.kind == "lm":  # a norm-corrected scale: at most the largest magnitude over the smallest level's
+        from kvpass.formats.lloyd_max import codebook
+
+        return amax / float(codebook(spec.bits).abs().min())
     if spec.kind == "fp8":
         return amax / torch.finfo(FP8_VARIANTS[spec.fp8_variant]).max
     return 0.0

@@ -38,10 +38,12 @@ def split(x: torch.Tensor, fraction: float, score: torch.Tensor | None = None) -
     return {"outlier_values": values, "outlier_index": idx.to(index_dtype(n))}, mask
 
 
-def merge(dense: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Put the stored outliers back into the dequantized dense tensor."""
+def merge(dense: torch.Tensor, tensors: dict[str, torch.Tensor], add: bool = False) -> torch.Tensor:
+    """Put the stored outliers back into the dequantized dense tensor (``add``: onto it, where the dense codes hold
+    the rest of each vector, as rotated codes do)."""
     idx = tensors["outlier_index"].long()
-    return dense.scatter(-1, idx, tensors["outlier_values"].to(dense.dtype))
+    values = tensors["outlier_values"].to(dense.dtype)
+    return dense.scatter_add(-1, idx, values) if add else dense.scatter(-1, idx, values)
 
 
 def nbytes(shape: tuple[int, ...], fraction: float, input_dtype: torch.dtype) -> int:

@@ -3,9 +3,9 @@
 Grammar (case-insensitive)::
 
     spec     := base (":" option)* ("+" extra)*
-    base     := "int"B | "nuq"B | "fp8_e4m3" | "fp8_e5m2" | "fp16" | "bf16" | "fp32" | "none"
+    base     := "int"B | "nuq"B | "lm"B | "fp8_e4m3" | "fp8_e5m2" | "fp16" | "bf16" | "fp32" | "none"
     option   := "per_token" | "per_channel" | "per_head" | "per_tensor" | "g"N | "qnorm" | "scale_fp32" | "static"
-              | "channel_lut"
+              | "channel_lut" | "hadamard"
     extra    := "outliers"F"%"
 
 Examples: ``"int4:per_channel:g32"``, ``"nuq3:per_token"``, ``"fp8_e4m3"``,
@@ -20,6 +20,10 @@ unless ``scale_fp32`` asks for fp32 (needed for inputs beyond fp16's range, abou
 computing it, so every token is coded on its own with no per-token metadata (KVQuant's keys).
 ``channel_lut`` (nuq static only) gives every head and channel its own centroids instead of one LUT per layer:
 ``lut=`` is then ``[1, heads, 1, channels, 2**B]``.
+``lmB`` codes each element with the Lloyd-Max quantizer of N(0, 1) scaled by its group's RMS, storing one
+norm-corrected scale per group (:mod:`kvpass.formats.lloyd_max`); ``hadamard`` rotates every token vector by a seeded
+randomized Hadamard before coding and back after (:mod:`kvpass.formats.rotation`): ``"lm4:per_token:hadamard"`` is a
+TurboQuant-style code that needs no calibration.
 """
 
 from __future__ import annotations
@@ -36,14 +40,14 @@ FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 FP8_VARIANTS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 MIN_BITS, MAX_BITS = 1, 8
 
-_BASE = re.compile(r"^(?:(int|nuq)(\d+)|fp8_(e4m3|e5m2)|(fp16|bf16|fp32|none))$")
+_BASE = re.compile(r"^(?:(int|nuq|lm)(\d+)|fp8_(e4m3|e5m2)|(fp16|bf16|fp32|none))$")
 _GROUP = re.compile(r"^g(\d+)$")
 _OUTLIERS = re.compile(r"^outliers(\d+(?:\.\d+)?)%$")
 
 GRAMMAR_HELP = (
     "write a spec as base[:option...][+outliersF%], e.g. 'int4:per_channel:g32', 'nuq3:per_token', "
-    "'fp8_e4m3', 'int2:per_token:g64+outliers1%'; bases: intB and nuqB (B in 1..8), fp8_e4m3, fp8_e5m2, "
-    "fp16, bf16, fp32, none"
+    "'lm4:per_token:hadamard', 'fp8_e4m3', 'int2:per_token:g64+outliers1%'; bases: intB, nuqB and lmB (B in 1..8), "
+    "fp8_e4m3, fp8_e5m2, fp16, bf16, fp32, none"
 )
 
 
@@ -51,7 +55,7 @@ GRAMMAR_HELP = (
 class QuantSpec:
     """A parsed quantization spec. Build one with :func:`parse_spec` or directly."""
 
-    kind: str  # "int", "nuq", "fp8" or "float"
+    kind: str  # "int", "nuq", "lm", "fp8" or "float"
     bits: int
     granularity: str = "per_token"
     group: int | None = None
@@ -62,17 +66,24 @@ class QuantSpec:
     fp8_variant: str | None = None
     float_dtype: str | None = None  # "fp16" / "bf16" / "fp32" for kind="float"; None keeps the input dtype
     scale_dtype: torch.dtype = torch.float16
+    rotate: bool = False  # a seeded randomized Hadamard on every token vector (":hadamard")
 
     def __post_init__(self) -> None:
-        if self.kind not in ("int", "nuq", "fp8", "float"):
+        if self.kind not in ("int", "nuq", "lm", "fp8", "float"):
             raise SpecError(f"unknown format kind {self.kind!r}; {GRAMMAR_HELP}")
-        if self.kind in ("int", "nuq") and not MIN_BITS <= self.bits <= MAX_BITS:
+        if self.kind in ("int", "nuq", "lm") and not MIN_BITS <= self.bits <= MAX_BITS:
             raise SpecError(
                 f"{self.kind}{self.bits}: bits out of range; use {MIN_BITS} to {MAX_BITS} bits "
                 f"(for 16 bits use 'fp16' or 'bf16')"
             )
         if self.granularity not in GRANULARITIES:
             raise SpecError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
+        if self.kind == "lm" and self.granularity != "per_token":
+            raise SpecError(f"lm{self.bits} scales each token vector by its RMS; use it per_token, e.g. "
+                            f"'lm{self.bits}:per_token:hadamard'")
+        if self.rotate and (self.kind == "float" or self.granularity == "per_channel"):
+            raise SpecError("'hadamard' rotates each token vector across its channels before coding: use it with a "
+                            "per-token (or fp8 per-head) intB, nuqB, lmB or fp8 spec, e.g. 'lm4:per_token:hadamard'")
         if self.kind in ("int", "nuq") and self.granularity not in ("per_token", "per_channel"):
             raise SpecError(
                 f"{self.kind} supports per_token or per_channel, not {self.granularity}; "
@@ -86,7 +97,7 @@ class QuantSpec:
             raise SpecError(
                 f"outlier fraction {self.outlier_frac * 100:g}% out of range; use a value below 50%, e.g. '+outliers1%'"
             )
-        if self.outlier_frac and self.kind not in ("int", "nuq"):
+        if self.outlier_frac and self.kind not in ("int", "nuq", "lm"):
             raise SpecError(f"dense-and-sparse outliers apply to int and nuq formats, not {self.kind}")
         if self.static and (self.granularity != "per_channel" or self.group is not None or self.kind not in ("int", "nuq")):
             raise SpecError("'static' takes calibrated per-channel ranges: use it as intB/nuqB:per_channel:static, "
@@ -114,6 +125,8 @@ class QuantSpec:
                 parts.append(self.granularity)
             if self.scale_dtype == torch.float32:
                 parts.append("scale_fp32")
+            if self.rotate:
+                parts.append("hadamard")
             return ":".join(parts)
         parts = [f"{self.kind}{self.bits}", self.granularity]
         if self.group is not None:
@@ -126,6 +139,8 @@ class QuantSpec:
             parts.append("qnorm")
         if self.scale_dtype == torch.float32:
             parts.append("scale_fp32")
+        if self.rotate:
+            parts.append("hadamard")
         text = ":".join(parts)
         if self.outlier_frac:
             text += f"+outliers{self.outlier_frac * 100:g}%"
@@ -172,6 +187,8 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
             fields["static"] = True
         elif opt == "channel_lut":
             fields["channel_lut"] = True
+        elif opt == "hadamard":
+            fields["rotate"] = True
         elif opt == "scale_fp32":
             fields["scale_dtype"] = torch.float32
         else:

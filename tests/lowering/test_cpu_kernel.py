@@ -27,7 +27,7 @@ SPECS = [
     "fp32", "fp16", "bf16",
     "int8:per_token", "int4:per_token:g16", "int2:per_token:g16", "int3:per_token", "int4:per_token:scale_fp32",
     "fp8_e4m3:per_token", "fp8_e5m2:per_head", "fp8_e4m3:per_tensor",
-    "nuq4:per_token", "nuq3:per_token:qnorm", "nuq2:per_token+outliers3%",
+    "nuq4:per_token", "nuq3:per_token:qnorm", "nuq2:per_token+outliers3%", "lm4:per_token", "lm2:per_token:g16",
     "int4:per_channel:static", "int2:per_channel:static+outliers3%",
     "nuq2:per_channel:static:channel_lut:qnorm+outliers3%", "nuq4:per_channel:static:channel_lut",
     "int2:per_token:g16+outliers5%|sink=3", "nuq3:per_token|sink=1",
@@ -97,6 +97,39 @@ def test_native_attention_equals_the_reference(k_spec, v_spec, b, hkv, groups, t
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
     if need_mass:
         torch.testing.assert_close(mass, ref_mass, atol=ATOL, rtol=1e-4)
+
+
+ROTATED = ["lm4:per_token:hadamard", "lm3:per_token:g16:hadamard", "int4:per_token:g16:hadamard",
+           "lm8:per_token:hadamard", "fp8_e4m3:per_token:hadamard"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(k_spec=st.sampled_from(ROTATED + ["lm4:per_token:hadamard+outliers3%", "lm3:per_token:hadamard+outliers5%",
+                                          "int4:per_token"]),
+       v_spec=st.sampled_from(ROTATED + ["fp16"]),
+       groups=st.sampled_from([1, 3]), t=st.sampled_from([1, 3]), d=st.sampled_from([32, 48]),
+       mask_kind=st.sampled_from(["causal", "bool"]), seed=st.integers(0, 2**16))
+def test_rotated_codes_are_read_natively_in_the_rotated_space(k_spec, v_spec, groups, t, d, mask_kind, seed):
+    # the query is rotated for rotated keys and the output rotated back for rotated values (48 = 32 + 16 blocks); key
+    # outliers, kept outside the rotation, reach the kernel as additive scores
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, s, n = 2, 2, 40, 29
+    kc, ks = filled(k_spec, b, hkv, s, d, n, gen)
+    vc, vs = filled(v_spec, b, hkv, s, d, n, gen)
+    q = torch.randn(b, hkv * groups, t, d, generator=gen)
+    mask, q_positions = make_mask(mask_kind, b, t, s, n, gen)
+    meta = AttentionMeta(k_spec, v_spec, d, d, s, d**-0.5, need_mass=True)
+    assert cpu.applies(q, meta)
+    out, mass = kv_attention(q, kc, ks, vc, vs, mask, q_positions, None, None, str(meta))
+    ref_out, ref_mass = reference_kv_attention(q, kc, ks, vc, vs, mask, q_positions, None, None, meta)
+    torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(mass, ref_mass, atol=ATOL, rtol=1e-4)
+    # keys stored before RoPE are rotated by RoPE after decoding, which the Hadamard does not commute with; model-
+    # precision rows beside rotated codes, or value outliers, are read by the reference kernel
+    pre_rope = AttentionMeta(k_spec, v_spec, d, d, s, 1.0, rope="half", rotary_dim=d)
+    assert cpu.applies(q, pre_rope) == (not kvcache.parse_cache_spec(k_spec).format.rotate)
+    for beside in ("lm4:per_token:hadamard|sink=2", "lm4:per_token:hadamard+outliers3%"):  # values
+        assert not cpu.applies(q, AttentionMeta(k_spec, beside, d, d, s, 1.0))
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -1,0 +1,45 @@
+"""The TurboQuant-style presets (tq-*): no calibration, bytes counted, rotated codes in the cache, generate with GQA
+and padding."""
+
+import pytest
+import torch
+from helpers.generation import prompt
+from helpers.tiny_models import build
+
+import kvpass
+from kvpass.formats import rotation
+from kvpass.formats.lloyd_max import gaussian_mse
+
+BITS = {"tq-k8v4": (8, 4), "tq-4bit": (4, 4), "tq-k3v4": (3, 4), "tq-3bit": (3, 3), "tq-2bit": (2, 2)}
+
+
+@pytest.mark.parametrize("name", [*sorted(BITS), "tq-4bit-1%"])
+def test_presets_need_no_calibration_and_count_every_scale(name):
+    method = kvpass.get_method(name)
+    assert not method.uses_calibration
+    model = build("llama")  # head_dim 16: one fp16 scale adds a bit per element
+    qm = kvpass.compile(model, name, max_cache_len=64, batch_size=2)
+    kb, vb = BITS.get(name, (4, 4))
+    d = qm.sites[0].head_dim
+    outlier = 0 if name in BITS else (16 + 8) / d / 2  # one fp16 value and its uint8 index per key vector
+    assert qm.cache_report().bits_per_element == pytest.approx((kb + vb) / 2 + 16 / d + outlier)
+    ids, mask = prompt(2)
+    out = qm.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    assert out.shape == (2, ids.shape[1] + 4)
+
+
+def test_the_cache_holds_rotated_lloyd_max_codes_of_the_keys():
+    model = build("llama")
+    qm = kvpass.compile(model, "tq-4bit", max_cache_len=64)
+    ids, _ = prompt(1, length=40)
+    qm(ids)
+    fp = kvpass.compile(model, "fp16", max_cache_len=64)
+    fp(ids)
+    keys = fp.graph_module.kvpass_cache_0_k_data[:, :, :40].float()
+    stored = kvpass.kvcache.load([qm.graph_module.get_buffer(f"kvpass_cache_0_k_{n}") for n in ("codes", "scale")], [],
+                                 qm.layouts[0].key.spec, keys.shape[-1], 64, torch.float32)[:, :, :40]
+    rel = ((stored - keys).square().sum() / keys.square().sum()).item()
+    assert 0 < rel < 1.5 * gaussian_mse(4)
+    # the codes themselves are of the rotated keys: decoding without the inverse rotation does not give the keys
+    raw = rotation.rotate(stored)
+    assert ((raw - keys).square().sum() / keys.square().sum()).item() > 0.5
