@@ -232,7 +232,7 @@ def key_outliers_as_scores(q: torch.Tensor, k_cache: list[torch.Tensor], meta: A
     bufs = dict(zip(kvcache.cache_names(cs), k_cache))
     vals, idx = bufs["outlier_values"][:, :, :n].float(), bufs["outlier_index"][:, :, :n].long()  # [B, Hkv, n, k]
     b, hq, t, d = q.shape
-    hkv, k = vals.shape[1], vals.shape[-1]
+    hkv = vals.shape[1]
     qg = q.float().reshape(b, hkv, hq // hkv * t, 1, d).expand(-1, -1, -1, n, -1)
     picked = qg.gather(-1, idx[:, :, None].expand(-1, -1, qg.shape[2], -1, -1))  # [B, Hkv, G*T, n, k]
     extra = (picked * vals[:, :, None]).sum(-1).reshape(b, hq, t, n) * meta.scale

@@ -56,7 +56,8 @@ def gaussian_mse(bits: int) -> float:
     lo, hi = edges[:-1], edges[1:]
     mass = torch.special.ndtr(hi) - torch.special.ndtr(lo)
     # E[(X - c)^2; lo < X < hi] = E[X^2; cell] - 2c E[X; cell] + c^2 P(cell), with E[X^2; cell] = P + lo phi(lo) - hi phi(hi)
-    x_phi = lambda t: torch.where(torch.isinf(t), torch.zeros_like(t), t * _phi(t))  # noqa: E731
+    def x_phi(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isinf(t), torch.zeros_like(t), t * _phi(t))
     second = mass + x_phi(lo) - x_phi(hi)
     first = _phi(lo) - _phi(hi)
     return float((second - 2 * levels * first + levels * levels * mass).sum())
