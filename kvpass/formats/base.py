@@ -122,10 +122,8 @@ def metadata_bound(amax: float, spec: QuantSpec, dim: int = 1) -> float:
         return max(amax, 2 * amax / ((1 << spec.bits) - 1))
     if spec.kind == "nuq":
         return amax
-    if spec.kind == "lm":  # a norm-corrected scale: at most the largest magnitude over the smallest level's
-        from kvpass.formats.lloyd_max import codebook
-
-        return amax / float(codebook(spec.bits).abs().min())
+    if spec.kind == "lm":
+        return get_format(spec).scale_bound(amax, spec)
     if spec.kind == "fp8":
         return amax / torch.finfo(FP8_VARIANTS[spec.fp8_variant]).max
     return 0.0

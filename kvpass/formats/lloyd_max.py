@@ -97,6 +97,11 @@ class LloydMaxFormat(Format):
         vals = codebook(spec.bits, codes.device)[codes].reshape(*codes.shape[:-1], ng, n // ng)
         return (vals * scale.unsqueeze(-1)).reshape(codes.shape)
 
+    def scale_bound(self, amax: float, spec) -> float:
+        """The largest scale inputs bounded by ``amax`` can get: a norm-corrected scale is at most the largest
+        magnitude over the smallest level's."""
+        return amax / float(codebook(spec.bits).abs().min())
+
     def nbytes(self, shape, spec, dtype):
         *lead, n = shape
         ng = group_count(n, spec, "reduced")
