@@ -21,6 +21,7 @@ import kvpass
 from kvpass.calibration.store import CalibKey, Calibration
 from kvpass.errors import KVPassError
 from kvpass.formats import parse_spec, quantize
+from kvpass.lowering import cpu_build
 from kvpass.methods import MethodConfig, QAQConfig
 
 KVQUANT = MethodConfig("kvquant-3bit-rel", "", "nuq3:per_channel:static:channel_lut+outliers1%|sink=1",
@@ -116,8 +117,20 @@ def _qaq(retain):
 def test_s1_a_step_failing_mid_way_puts_overlay_and_tier_state_back(kind, monkeypatch):
     # overlay rows and QAQ tier codes are logged as the ops overwrite them (the retained copy's promotions rewrite
     # decided entries); the map, scores and rings are cloned: every byte is as before and the sequence goes on
-    if kind == "mikv-reference":
-        monkeypatch.setenv("KVPASS_CPU_KERNELS", "0")
+    native_off(monkeypatch, kind == "mikv-reference")
+    try:
+        _failing_step_is_undone(kind)
+    finally:
+        native_off(monkeypatch, False)
+
+
+def native_off(monkeypatch, off: bool) -> None:
+    monkeypatch.setenv("KVPASS_CPU_KERNELS", "0" if off else "1")
+    cpu_build.load.cache_clear()
+    cpu_build.available.cache_clear()
+
+
+def _failing_step_is_undone(kind: str) -> None:
     model = build("llama")
     if kind.startswith("qaq"):
         m = _qaq(kind == "qaq-retain")

@@ -13,19 +13,23 @@ from kvpass.formats.lloyd_max import gaussian_mse
 BITS = {"tq-k8v4": (8, 4), "tq-4bit": (4, 4), "tq-k3v4": (3, 4), "tq-3bit": (3, 3), "tq-2bit": (2, 2)}
 
 
+@pytest.fixture(scope="module")
+def captured():
+    return kvpass.capture_model(build("llama"), max_cache_len=64, batch_size=2)  # head_dim 16: a scale is 1 bit/elem
+
+
 @pytest.mark.parametrize("name", [*sorted(BITS), "tq-4bit-1%"])
-def test_presets_need_no_calibration_and_count_every_scale(name):
-    method = kvpass.get_method(name)
-    assert not method.uses_calibration
-    model = build("llama")  # head_dim 16: one fp16 scale adds a bit per element
-    qm = kvpass.compile(model, name, max_cache_len=64, batch_size=2)
+def test_presets_need_no_calibration_and_count_every_scale(name, captured):
+    assert not kvpass.get_method(name).uses_calibration
+    qm = kvpass.compile(captured, name)
     kb, vb = BITS.get(name, (4, 4))
     d = qm.sites[0].head_dim
     outlier = 0 if name in BITS else (16 + 8) / d / 2  # one fp16 value and its uint8 index per key vector
     assert qm.cache_report().bits_per_element == pytest.approx((kb + vb) / 2 + 16 / d + outlier)
-    ids, mask = prompt(2)
-    out = qm.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
-    assert out.shape == (2, ids.shape[1] + 4)
+    if name in ("tq-3bit", "tq-4bit-1%"):
+        ids, mask = prompt(2)
+        out = qm.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+        assert out.shape == (2, ids.shape[1] + 4)
 
 
 def test_the_cache_holds_rotated_lloyd_max_codes_of_the_keys():
