@@ -16,12 +16,12 @@ from helpers.plain_decoder import PlainDecoder
 from helpers.qaq import calibration_ids as qaq_ids
 from helpers.qaq import method as qaq_method
 from helpers.tiny_models import VOCAB, build
+from kvpass.lowering import cpu_build
 
 import kvpass
 from kvpass.calibration.store import CalibKey, Calibration
 from kvpass.errors import KVPassError
 from kvpass.formats import parse_spec, quantize
-from kvpass.lowering import cpu_build
 from kvpass.methods import MethodConfig, QAQConfig
 
 KVQUANT = MethodConfig("kvquant-3bit-rel", "", "nuq3:per_channel:static:channel_lut+outliers1%|sink=1",
