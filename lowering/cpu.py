@@ -48,7 +48,7 @@ def supports(cs: CacheSpec, head_dim: int, rotated: bool = False) -> bool:
     then no model-precision rows (sink, rings) may sit beside them; outliers (kept before the rotation) only beside
     keys, whose share of the scores :func:`key_outliers_as_scores` adds."""
     f = cs.format
-    if head_dim > MAX_DIM or (f.rotate and not (rotated and not (cs.sink or cs.recent or cs.residual))):
+    if head_dim > MAX_DIM or (f.rotate and (not rotated or cs.sink or cs.recent or cs.residual)):
         return False
     if f.kind == "float":
         return not cs.residual

@@ -25,6 +25,12 @@ def _phi(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
+def _edges(levels: torch.Tensor) -> torch.Tensor:
+    """The cell boundaries of sorted ``levels``: halfway between neighbours, and the infinite ends."""
+    inf = torch.tensor([math.inf], dtype=levels.dtype)
+    return torch.cat([-inf, (levels[1:] + levels[:-1]) / 2, inf])
+
+
 @functools.cache
 def _codebook(bits: int) -> torch.Tensor:
     """Lloyd's conditions on N(0, 1) in float64: boundaries halfway between levels, each level the mean of the
@@ -32,8 +38,7 @@ def _codebook(bits: int) -> torch.Tensor:
     k = 1 << bits
     levels = torch.special.ndtri((torch.arange(k, dtype=torch.float64) + 0.5) / k)
     for _ in range(ITERATIONS):
-        edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (levels[1:] + levels[:-1]) / 2,
-                           torch.tensor([math.inf], dtype=torch.float64)])
+        edges = _edges(levels)
         mass = torch.special.ndtr(edges[1:]) - torch.special.ndtr(edges[:-1])
         new = (_phi(edges[:-1]) - _phi(edges[1:])) / mass
         done = float((new - levels).abs().max()) < TOLERANCE
@@ -51,8 +56,7 @@ def gaussian_codebook(bits: int) -> torch.Tensor:
 def gaussian_mse(bits: int) -> float:
     """Mean squared error of :func:`gaussian_codebook` on N(0, 1) (exact integral over each cell)."""
     levels = _codebook(bits)
-    edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (levels[1:] + levels[:-1]) / 2,
-                       torch.tensor([math.inf], dtype=torch.float64)])
+    edges = _edges(levels)
     lo, hi = edges[:-1], edges[1:]
     mass = torch.special.ndtr(hi) - torch.special.ndtr(lo)
     # E[(X - c)^2; lo < X < hi] = E[X^2; cell] - 2c E[X; cell] + c^2 P(cell), with E[X^2; cell] = P + lo phi(lo) - hi phi(hi)
@@ -63,9 +67,14 @@ def gaussian_mse(bits: int) -> float:
     return float((second - 2 * levels * first + levels * levels * mass).sum())
 
 
+@functools.cache
+def _codebook32(bits: int) -> torch.Tensor:
+    return _codebook(bits).float()
+
+
 def codebook(bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The levels as the cache reads them: float32, sorted."""
-    return _codebook(bits).float().to(device)
+    """The levels as the cache reads them: float32, sorted (shared: read it, never write it)."""
+    return _codebook32(bits).to(device)
 
 
 @register_format

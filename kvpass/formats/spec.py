@@ -98,7 +98,7 @@ class QuantSpec:
                 f"outlier fraction {self.outlier_frac * 100:g}% out of range; use a value below 50%, e.g. '+outliers1%'"
             )
         if self.outlier_frac and self.kind not in ("int", "nuq", "lm"):
-            raise SpecError(f"dense-and-sparse outliers apply to int and nuq formats, not {self.kind}")
+            raise SpecError(f"dense-and-sparse outliers apply to int, nuq and lm formats, not {self.kind}")
         if self.static and (self.granularity != "per_channel" or self.group is not None or self.kind not in ("int", "nuq")):
             raise SpecError("'static' takes calibrated per-channel ranges: use it as intB/nuqB:per_channel:static, "
                             "without a group size")

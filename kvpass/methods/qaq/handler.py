@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.fx import Node
 
@@ -77,7 +79,7 @@ def qaq_input(calibration: Calibration | None, layer: int, which: str) -> dict:
 def _role(name: str) -> Role:
     """Tier codes are written by entry and logged by the op; model-precision copies at the new tokens' slots; the
     map, window ring and its attention are small and cloned before a step."""
-    if name.startswith("t"):
+    if re.match(r"t\d+_", name):  # a tier's buffer, "t<tier>_<name>"
         return Role.JOURNALED
     return Role.STATE if name == "retained" else Role.ENTRY
 
