@@ -4,7 +4,7 @@ from kvpass import formats, ops  # noqa: F401  (ops registers the kvpass:: custo
 from kvpass.calibration.calibrate import calibrate
 from kvpass.calibration.store import Calibration
 from kvpass.compile import compile
-from kvpass.errors import InputError, KVPassError, SpecError
+from kvpass.errors import InputError, KVPassError, KVPassWarning, SpecError
 from kvpass.lowering import cpu as _cpu_lowering  # noqa: F401  (the native CPU kernel of kv_attention)
 from kvpass.lowering import triton as _triton_lowering  # noqa: F401  (the CUDA kernel of kv_attention)
 from kvpass.lowering.onnx import export_onnx
@@ -19,6 +19,7 @@ __all__ = [
     "InputError",
     "KVPassError",
     "KVPassModel",
+    "KVPassWarning",
     "MethodConfig",
     "SpecError",
     "__version__",

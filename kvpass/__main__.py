@@ -1,4 +1,4 @@
-"""The ``kvpass`` command line: ``kvpass eval`` (the main job) and ``kvpass demo``."""
+"""The ``kvpass`` command line: ``kvpass eval`` (the main job), ``export``, ``calibrate``, ``methods`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ def export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="calibration text files (default: bundled State of the Union)")
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--calibration-len", type=int, default=2048)
+    p.add_argument("--guard", default="warn", choices=("warn", "raise", "more-bits", "off"),
+                   help="as for `kvpass calibrate --guard`")
     return p
 
 
@@ -112,24 +114,73 @@ def run_export(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     import kvpass
-    from kvpass.models import load, read_texts
+    from kvpass.models import load
 
     console = Console()
     loaded = load(args.model, args.gguf_file)
     method = kvpass.get_method(args.method)
     calibration = None
     if method.uses_calibration:
-        if loaded.tokenizer is None:
-            raise KVPassError(f"method {args.method!r} calibrates on text, and {args.model} has no tokenizer")
-        ids = loaded.tokenizer(read_texts(args.text), return_tensors="pt").input_ids[0]
+        ids = calibrate_ids(loaded, args.text, args.method)
         calibration = kvpass.calibrate(loaded.model, [ids], method, n_samples=args.calibration_samples,
-                                       seq_len=min(args.calibration_len, len(ids)))
+                                       seq_len=min(args.calibration_len, len(ids)), guard=args.guard)
     qm = kvpass.compile(loaded.model, method, max_cache_len=args.max_cache_len, batch_size=args.batch_size,
                         calibration=calibration)
     with console.status(f"exporting {loaded.name} with {args.method} to ONNX"):
         path = kvpass.export_onnx(qm, args.out, flavor=args.flavor)
     console.print(qm.cache_report().table())
     console.print(f"wrote {path} (run it with kvpass.onnx.OrtModel({str(path)!r}) or a plain onnxruntime session)")
+
+
+def calibrate_parser(sub) -> argparse.ArgumentParser:
+    from kvpass.calibration.guard import GUARDS
+
+    p = sub.add_parser("calibrate", help="calibrate a method on a model and save it (checked against its bound)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="as for `kvpass eval --model`")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model when it is a directory or Hub id")
+    p.add_argument("--method", required=True, help="a calibrated method of `kvpass methods`")
+    p.add_argument("--out", required=True, help="where to save it: OUT.json and OUT.safetensors "
+                                                "(kvpass.compile(..., calibration=OUT))")
+    p.add_argument("--text", nargs="+", help="calibration text files (default: bundled State of the Union)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows")
+    p.add_argument("--len", type=int, default=2048, dest="seq_len", help="tokens per window")
+    p.add_argument("--guard", default="warn", choices=GUARDS,
+                   help="past the method's quality bound: warn, raise an error, spend more bits, or skip the check")
+    return p
+
+
+def calibrate_ids(loaded, text: list[str] | None, method_name: str):
+    """The calibration text as token ids of ``loaded``'s tokenizer."""
+    from kvpass.models import read_texts
+
+    if loaded.tokenizer is None:
+        raise KVPassError(f"method {method_name!r} calibrates on text, and {loaded.name} has no tokenizer")
+    return loaded.tokenizer(read_texts(text), return_tensors="pt").input_ids[0]
+
+
+def run_calibrate(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    import kvpass
+    from kvpass.models import load
+
+    console = Console()
+    method = kvpass.get_method(args.method)
+    if not method.uses_calibration:
+        raise KVPassError(f"method {args.method!r} fits nothing on data; compile it without a calibration")
+    loaded = load(args.model, args.gguf_file)
+    ids = calibrate_ids(loaded, args.text, args.method)
+    cal = kvpass.calibrate(loaded.model, [ids], method, n_samples=args.samples, seq_len=min(args.seq_len, len(ids)),
+                           guard=args.guard)
+    cal.save(args.out)
+    check = cal.meta.get("check")
+    if check:
+        bound = "none" if check["bound"] is None else f"+{100 * check['bound']:g}%"
+        raised = f"; more bits: {', '.join(check['raised'])}" if check["raised"] else ""
+        console.print(f"quality check on {check['tokens']} calibration tokens: perplexity {100 * check['loss']:+.2f}% "
+                      f"against the model-precision cache (bound {bound}){raised}")
+    console.print(f"wrote {args.out}.json and {args.out}.safetensors")
 
 
 def print_methods() -> None:
@@ -154,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     eval_parser(sub)
     export_parser(sub)
+    calibrate_parser(sub)
     sub.add_parser("methods", help="list the methods")
     demo = sub.add_parser("demo", help="quantize the bundled model's real KV cache with every format")
     demo.add_argument("--model", default="smollm2", help="model directory, .gguf file or Hub id (default: bundled)")
@@ -164,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args, argv)
         elif args.command == "export":
             run_export(args)
+        elif args.command == "calibrate":
+            run_calibrate(args)
         elif args.command == "methods":
             print_methods()
         elif args.command == "demo":

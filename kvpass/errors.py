@@ -9,6 +9,10 @@ class SpecError(KVPassError):
     """A quantization spec string or value that cannot be used."""
 
 
+class KVPassWarning(UserWarning):
+    """A result kvpass can produce but that is likely not what was wanted (a preset past its quality bound)."""
+
+
 class InputError(KVPassError):
     """A tensor that cannot be quantized as given (dtype, NaN/inf, shape)."""
 

@@ -3,6 +3,8 @@ method keeps the most sensitive ones at higher precision."""
 
 from __future__ import annotations
 
+from kvpass.calibration.guard import check_guard
+from kvpass.calibration.guard import guard as run_guard
 from kvpass.calibration.record import record, token_samples
 from kvpass.calibration.store import Calibration, config_hash
 from kvpass.errors import KVPassError
@@ -19,9 +21,14 @@ def calibrate(
     seq_len: int = 2048,
     tokenizer=None,
     seed: int = 0,
+    guard: str = "warn",
 ) -> Calibration:
-    """Fit ``method``'s static tensors on ``texts`` (strings, with ``tokenizer``, or token-id tensors)."""
+    """Fit ``method``'s static tensors on ``texts`` (strings, with ``tokenizer``, or token-id tensors), then check
+    the calibration windows' perplexity against the method's documented ``quality_bound``: ``guard="warn"`` warns
+    past it, ``"raise"`` raises, ``"more-bits"`` spends more bits until it holds, ``"off"`` skips the check
+    (:mod:`kvpass.calibration.guard`; the result is in ``calibration.meta["check"]``)."""
     m = get_method(method)
+    check_guard(guard)
     samples = token_samples(texts, tokenizer, n_samples, seq_len, seed)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab and any(bool(((s < 0) | (s >= vocab)).any()) for s in samples):
@@ -33,5 +40,7 @@ def calibrate(
     layers = sorted({int(k.split(".")[0]) for k in acts})
     meta = {"n_samples": n_samples, "seq_len": seq_len, "seed": seed, "layers": len(layers)}
     calibration = Calibration(m.name, config_hash(model), {}, meta)
-    handler_for(m).fit(calibration, m, FitData(model, samples, acts, layers, seed, captured))
+    handler, data = handler_for(m), FitData(model, samples, acts, layers, seed, captured)
+    handler.fit(calibration, m, data)
+    run_guard(calibration, m, data, handler, guard)
     return calibration

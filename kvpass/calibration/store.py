@@ -121,7 +121,8 @@ class Calibration:
         if self.method != method.name:
             raise KVPassError(f"this calibration is for method {self.method!r}, not {method.name!r}; calibrate with "
                               f"kvpass.calibrate(model, texts, method={method.name!r})")
-        if len(self.promoted_layers) != method.sensitive_layers:
+        # the quality guard may have promoted layers beyond the method's own (meta "guard_promoted")
+        if len(self.promoted_layers) != method.sensitive_layers + self.meta.get("guard_promoted", 0):
             raise KVPassError(f"this calibration chose {len(self.promoted_layers)} sensitive layers, method "
                               f"{method.name!r} keeps {method.sensitive_layers}; calibrate again with this method")
         if model is not None and config_hash(model) != self.model_hash:  # a model or its config

@@ -159,6 +159,10 @@ def run_kvpass(name, captured, passkey_len, cfg, wins, cells, tokenizer, vocab, 
                 model, [calib_ids], method, n_samples=cfg.calibration_samples,
                 seq_len=min(cfg.calibration_len, len(calib_ids)))
         rec.description += f" [calibrated: {cfg.calibration_samples} x {cfg.calibration_len} tokens]"
+        check = calibration.meta.get("check")
+        if check and check["bound"] is not None:
+            rec.description += (f" [calibration-set perplexity {100 * check['loss']:+.2f}%, bound "
+                                f"+{100 * check['bound']:g}%{': PAST IT' if not check['loss'] <= check['bound'] else ''}]")
         if calibration.promoted_layers:
             rec.description += (f" [layers {', '.join(map(str, calibration.promoted_layers))} in "
                                 f"{method.sensitive_spec}, chosen by calibration loss]")

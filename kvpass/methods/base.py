@@ -3,6 +3,7 @@ and a registry that maps a name to it; each method family registers its presets 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,9 @@ class MethodConfig:
     sensitive_spec: str = "int8:per_token+outliers1%|sink=1"
     promoted_layers: tuple[int, ...] = ()
     scheme: Any = None  # the config of a family of one's own (its handler registered for its type)
+    # the documented quality of a calibrated preset: the relative rise of the calibration windows' perplexity over
+    # the model-precision cache it should stay under; calibration checks it (kvpass.calibration.guard)
+    quality_bound: float | None = None
 
     def __post_init__(self) -> None:
         families = [c for c in (self.qaq, self.overlay, self.scheme) if c is not None]
@@ -58,6 +62,9 @@ class MethodConfig:
         if self.sensitive_layers < 0:
             raise KVPassError(f"method {self.name!r}: sensitive_layers must be >= 0, got {self.sensitive_layers}")
         parse_cache_spec(self.sensitive_spec)  # a bad spec is an error at definition, not at the first compile
+        if self.quality_bound is not None and not self.quality_bound >= 0:
+            raise KVPassError(f"method {self.name!r}: quality_bound is a relative perplexity rise >= 0 (0.01 = +1%), "
+                              f"got {self.quality_bound}")
         handler_for(self).validate(self)
 
     @property
@@ -134,7 +141,9 @@ def get_method(name: str | MethodConfig) -> MethodConfig:
 
 def methods() -> dict[str, str]:
     """Every registered method: name -> one-line description with its nominal bits per element."""
-    return {
-        name: f"{m.description} (~{m.nominal_bits():.2f} bits/elem at head_dim 128, 4096 tokens, fp16 model)"
-        for name, m in sorted(_METHODS.items())
-    }
+    def bits(m: MethodConfig) -> str:
+        b = m.nominal_bits()
+        return ("bits/elem from calibration" if math.isnan(b) else
+                f"~{b:.2f} bits/elem at head_dim 128, 4096 tokens, fp16 model")
+
+    return {name: f"{m.description} ({bits(m)})" for name, m in sorted(_METHODS.items())}

@@ -10,7 +10,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from kvpass.calibration.layers import layer_losses, most_sensitive
+from kvpass.calibration.layers import layer_losses, most_sensitive, scoring
 from kvpass.calibration.statics import fit_recorded
 from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
@@ -53,7 +53,7 @@ class SpecHandler(MethodHandler):
     def plan(self, method: MethodConfig, site: AttentionSite, calibration: Calibration | None) -> LayerPlan:
         shape = (site.batch, site.kv_heads, site.max_len)
         # the sensitive layers the calibration chose (a calibration for another method has none: check() tells)
-        promoted = calibration.promoted_layers if calibration is not None and method.sensitive_layers else ()
+        promoted = calibration.promoted_layers if calibration is not None else ()
         k = CacheLayout.build(method.key_spec(site.head_dim, site.index, promoted), (*shape, site.head_dim), site.dtype)
         v = CacheLayout.build(method.value_spec(site.v_head_dim, site.index, promoted), (*shape, site.v_head_dim),
                               site.dtype)
@@ -84,6 +84,24 @@ class SpecHandler(MethodHandler):
         calibration.tensors = fit_recorded(data.acts, data.layers, method, data.seed)
         if method.sensitive_layers:
             promote_sensitive(calibration, method, data)
+
+    def more_bits(self, calibration: Calibration, method: MethodConfig, data: FitData) -> str | None:
+        """The most sensitive layer not yet promoted stored as ``sensitive_spec`` (the layers' losses measured first
+        where the method did not rank them); None when every quantized layer is."""
+        quantized = [layer for layer in data.layers if layer not in method.full_precision_layers]
+        if "layer_loss" not in calibration.meta:
+            losses = layer_losses(data.model, data.samples, method, calibration, quantized, scoring(data)[1])
+            calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
+        losses = {int(k): v for k, v in calibration.meta["layer_loss"].items()}
+        left = {layer: loss for layer, loss in losses.items() if layer not in calibration.promoted_layers}
+        if not left:
+            return None
+        (layer,) = most_sensitive(left, 1)
+        calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer != layer}
+        calibration.tensors |= fit_recorded(data.acts, [layer], method, data.seed, promoted=(layer,))
+        calibration.meta["promoted_layers"] = sorted([*calibration.promoted_layers, layer])
+        calibration.meta["guard_promoted"] = calibration.meta.get("guard_promoted", 0) + 1
+        return f"layer {layer} in {method.sensitive_spec}"
 
 
 def reads_recent_exact(layout: KVLayout, mode: str) -> bool:
@@ -147,7 +165,7 @@ def promote_sensitive(calibration: Calibration, method: MethodConfig, data: FitD
         raise KVPassError(f"method {method.name!r} keeps {method.sensitive_layers} sensitive layers in "
                           f"{method.sensitive_spec}, but the model has {len(quantized)} quantized layers; lower "
                           "sensitive_layers")
-    losses = layer_losses(data.model, data.samples, method, calibration, quantized, data.captured)
+    losses = layer_losses(data.model, data.samples, method, calibration, quantized, scoring(data)[1])
     chosen = most_sensitive(losses, method.sensitive_layers)
     calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer not in chosen}
     calibration.tensors |= fit_recorded(data.acts, list(chosen), method, data.seed, promoted=chosen)

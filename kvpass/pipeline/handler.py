@@ -10,7 +10,7 @@ its type with :func:`register_handler`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,6 +66,7 @@ class FitData:
     layers: list[int]
     seed: int
     captured: Any = None
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what fit, ranking and guard compute once
 
 
 class MethodHandler:
@@ -110,6 +111,11 @@ class MethodHandler:
 
     def fit(self, calibration: Calibration, method: MethodConfig, data: FitData) -> None:
         """Fill ``calibration`` (tensors and meta) from the recorded data."""
+
+    def more_bits(self, calibration: Calibration, method: MethodConfig, data: FitData) -> str | None:
+        """Spend more bits where they buy the most quality (the quality guard's ``"more-bits"``), updating
+        ``calibration``; what was done in a few words, or None when the family has nothing more to give."""
+        return None
 
 
 _HANDLERS: dict[type, MethodHandler] = {}

@@ -363,6 +363,39 @@ def test_export_command_writes_a_model_onnxruntime_runs(tiny_model_dir, tmp_path
     assert code == 2 and "kv_recent_attention_" in err
 
 
+def test_calibrate_command_saves_a_checked_calibration_compile_accepts(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import kvpass
+    from kvpass.calibration import guard
+    from kvpass.calibration.store import Calibration
+    from kvpass.models import load
+
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--method", "kvquant-3bit", "--out", str(out),
+                 "--samples", "2", "--len", "64", "--guard", "off"]) == 0
+    assert "wrote" in capsys.readouterr().out and "check" not in Calibration.load(out).meta
+    # past its bound (a random model's perplexity barely moves, so the measured loss is replaced here; the guard's
+    # own measurement is tested in tests/calibration/test_guard.py): warned about, more bits spent on it, or raised
+    monkeypatch.setattr(guard, "calibration_loss", lambda *args: 0.5)
+    from kvpass.methods import base
+
+    monkeypatch.setitem(base._METHODS, "cli-guard-int2", kvpass.MethodConfig(
+        "cli-guard-int2", "test", "int2:per_channel:static|sink=1", "int2:per_token", sensitive_layers=1,
+        quality_bound=0.0))
+    with pytest.warns(kvpass.KVPassWarning, match="past its documented bound of \\+0%"):
+        assert main(["calibrate", "--model", str(tiny_model_dir), "--method", "cli-guard-int2", "--out", str(out),
+                     "--samples", "2", "--len", "64", "--guard", "more-bits"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    cal = Calibration.load(out)
+    assert "perplexity +50.00%" in printed and "(bound +0%); more bits: layer" in printed
+    qm = kvpass.compile(load(str(tiny_model_dir)).model, "cli-guard-int2", max_cache_len=64, calibration=out)
+    assert len(cal.promoted_layers) == len(qm.cache_report().layers)  # every layer promoted, and it compiles
+    code, err = run_cli("calibrate", "--model", str(tiny_model_dir), "--method", "int4", "--out", str(out))
+    assert code == 2 and "fits nothing" in err
+    code, err = run_cli("calibrate", "--model", str(tiny_model_dir), "--method", "cli-guard-int2", "--out", str(out),
+                        "--samples", "2", "--len", "64", "--guard", "raise")
+    assert code == 2 and "past its documented bound" in " ".join(err.split())
+
+
 def test_qwen25_is_joined_from_its_parts_once_and_checked(monkeypatch, tmp_path):
     import hashlib
     import importlib.util

@@ -4,7 +4,7 @@ a token in each tier, the packed tier map and the tier capacities."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,10 +22,14 @@ RING_SCALE_BYTES = 2
 @dataclass(frozen=True)
 class QAQConfig:
     """QAQ's knob and tiers. ``target_bits`` (average stored bits per element of keys and values, metadata and
-    the tier map included) is solved for ``eps`` by bisection on calibration data; or give ``eps`` itself."""
+    the tier map included) is solved for ``eps`` by bisection on calibration data; or give ``eps`` itself; or a
+    ``tolerance``: the calibration windows' perplexity may rise by at most this much (0.01 = +1%) over the
+    model-precision cache, and the fewest target bits that keep it are found by measuring (the bits then follow
+    from the model)."""
 
     target_bits: float | None = None
     eps: float | None = None
+    tolerance: float | None = None
     window: int = 5
     quantile: float = 0.95
     tiers: tuple[str, ...] = ("int2:per_token+outliers1%", "int4:per_token+outliers1%", "int8:per_token", "fp16")
@@ -40,18 +44,27 @@ class QAQConfig:
     # of an fp16 one); "int8": in int8 with an fp16 absmax scale per token (its round trip errs less than fp8's: docs/methods/qaq.md); the
     # tokens then decided into the top tier carry that rounding too. None: the top tier's precision
     window_dtype: str | None = None
+    # each layer's eps solved for ``target_bits`` on its own tokens: one eps for the model (the paper's) lets the
+    # layers whose stored keys span the widest ranges (a key bias) take the high tiers of every other layer
+    per_layer_eps: bool = False
 
     def __post_init__(self) -> None:
-        if (self.target_bits is None) == (self.eps is None):
-            raise KVPassError("QAQConfig takes exactly one knob: target_bits=... or eps=...")
+        if sum(k is not None for k in (self.target_bits, self.eps, self.tolerance)) != 1:
+            raise KVPassError("QAQConfig takes exactly one knob: target_bits=..., eps=... or tolerance=...")
+        if self.tolerance is not None and not self.tolerance >= 0:
+            raise KVPassError(f"QAQ tolerance is a relative perplexity rise >= 0 (0.01 = +1%), got {self.tolerance}")
+        if self.per_layer_eps and self.eps is not None:
+            raise KVPassError("QAQ per_layer_eps solves each layer's eps for a target: give target_bits or tolerance, "
+                              "not eps")
         if self.eps is not None and not self.eps > 0:
             raise KVPassError(f"QAQ eps must be > 0, got {self.eps}")
         if self.window < 1:
             raise KVPassError(f"QAQ window must be >= 1 step, got {self.window}")
         if self.sink < 0:
             raise KVPassError(f"QAQ sink must be >= 0 tokens, got {self.sink}")
-        if self.target_context is not None and (self.target_bits is None or self.target_context < 1):
-            raise KVPassError(f"QAQ target_context={self.target_context} needs target_bits and a length >= 1 token")
+        if self.target_context is not None and (self.eps is not None or self.target_context < 1):
+            raise KVPassError(f"QAQ target_context={self.target_context} needs target_bits (or tolerance) and a length "
+                              ">= 1 token")
         if self.window_dtype not in (None, *WINDOW_DTYPES):
             raise KVPassError(f"QAQ window_dtype must be one of {sorted(WINDOW_DTYPES)} or None (the top tier's "
                               f"precision), got {self.window_dtype!r}")
@@ -71,6 +84,10 @@ class QAQConfig:
         if self.key_tiers is not None and self.bits_of(self.key_tiers) != bits:
             raise KVPassError(f"QAQ key tiers must have the bits of the value tiers {bits}, got "
                               f"{self.bits_of(self.key_tiers)}")
+
+    def with_target(self, target_bits: float) -> QAQConfig:
+        """This config with ``target_bits`` as its knob (how a tolerance's search tries a target)."""
+        return replace(self, target_bits=target_bits, eps=None, tolerance=None)
 
     @staticmethod
     def bits_of(tiers: tuple[str, ...]) -> tuple[int, ...]:

@@ -45,12 +45,10 @@ def tier_of(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tens
     return to_tier(bits_for(num, eps), tiers)
 
 
-def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
-          dtype: torch.dtype = torch.float16, shared_bits: float = 0.0) -> float:
-    """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
-    eps; the average falls as eps grows); with ``target_context`` the fixed bytes of a head's cache (at the model's
-    ``dtype``) are taken off the target first. ``shared_bits``: bits per element of what the cache holds once for
-    every layer (the position id of each slot when keys are stored before RoPE), also taken off."""
+def _average(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
+             dtype: torch.dtype, shared_bits: float):
+    """The average stored bits of the tiers' tokens as a function of eps, and the bits per element counted on top
+    of them (the tier map, what every layer shares, and with ``target_context`` the fixed bytes)."""
     ck, cv = tier_cost(config, dk, which="k"), tier_cost(config, dv, which="v")
     nk, nv = torch.cat([x.reshape(-1) for x in num_k]), torch.cat([x.reshape(-1) for x in num_v])
     bits = config.tier_bits
@@ -58,10 +56,39 @@ def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfi
     def average(eps: float) -> float:
         return float((ck[tier_of(nk, eps, bits)].mean() * dk + cv[tier_of(nv, eps, bits)].mean() * dv) / (dk + dv))
 
-    target = config.target_bits - shared_bits - (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
+    overhead = shared_bits + (map_bits(dk) * dk + map_bits(dv) * dv) / (dk + dv)
     if config.target_context:
         fixed = fixed_nbytes(config, dk, "k", dtype) + fixed_nbytes(config, dv, "v", dtype)
-        target -= 8.0 * fixed / (config.target_context * (dk + dv))
+        overhead += 8.0 * fixed / (config.target_context * (dk + dv))
+    return average, overhead
+
+
+def reachable(acts: dict[str, list[torch.Tensor]], nums: dict[int, tuple[torch.Tensor, torch.Tensor]],
+              config: QAQConfig, dtype: torch.dtype = torch.float16) -> tuple[float, float]:
+    """The least and most ``target_bits`` these tiers can average over every layer's calibration tokens."""
+    layers = list(nums)
+    _, _, dk = acts[f"{layers[0]}.k"][0].shape
+    dv = acts[f"{layers[0]}.v"][0].shape[-1]
+    average, overhead = _average([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype,
+                                 _shared_bits(acts, layers))
+    return average(1e30) + overhead, average(1e-30) + overhead
+
+
+def _shared_bits(acts: dict[str, list[torch.Tensor]], layers: list[int]) -> float:
+    """Keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.pipeline.rope)."""
+    hkv, _, dk = acts[f"{layers[0]}.k"][0].shape
+    dv = acts[f"{layers[0]}.v"][0].shape[-1]
+    return 32.0 / (len(layers) * hkv * (dk + dv)) if f"{layers[0]}.k_rope" in acts else 0.0
+
+
+def solve(num_k: list[torch.Tensor], num_v: list[torch.Tensor], config: QAQConfig, dk: int, dv: int,
+          dtype: torch.dtype = torch.float16, shared_bits: float = 0.0) -> float:
+    """The ``eps`` at which the calibration tokens average ``config.target_bits`` per element (bisection on log
+    eps; the average falls as eps grows); with ``target_context`` the fixed bytes of a head's cache (at the model's
+    ``dtype``) are taken off the target first. ``shared_bits``: bits per element of what the cache holds once for
+    every layer (the position id of each slot when keys are stored before RoPE), also taken off."""
+    average, overhead = _average(num_k, num_v, config, dk, dv, dtype, shared_bits)
+    target = config.target_bits - overhead
     lowest, highest = average(1e30), average(1e-30)
     if not lowest <= target <= highest:
         near = (lowest + 0.05 if target < lowest else highest - 0.05) + config.target_bits - target
@@ -85,10 +112,9 @@ def shares(num: torch.Tensor, eps: float, tiers: tuple[int, ...]) -> torch.Tenso
     return counts / counts.sum()
 
 
-def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0,
-            dtype: torch.dtype = torch.float16) -> tuple[dict[CalibKey, torch.Tensor], float]:
-    """QAQ's eps (given, or solved for the target bits over every layer), each layer's share of tokens per tier
-    for keys and values, and the calibrated tensors (ranges, LUTs) of the key and value tiers that have them."""
+def numerators(acts: dict[str, list[torch.Tensor]], layers: list[int], config: QAQConfig
+               ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the key and value formula numerators of every calibration token (:func:`sensitivities`)."""
     nums = {}
     for layer in layers:
         scale = float(acts[f"{layer}.scale"][0])
@@ -96,16 +122,46 @@ def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed
         pairs = [sensitivities(q, k_rope, v, scale, config, stored_k=k)
                  for q, k_rope, k, v in zip(acts[f"{layer}.q"], rotated, acts[f"{layer}.k"], acts[f"{layer}.v"])]
         nums[layer] = tuple(torch.stack(x) for x in zip(*pairs))
-    hkv, _, dk = acts[f"{layers[0]}.k"][0].shape
+    return nums
+
+
+def solve_shares(acts: dict[str, list[torch.Tensor]], nums: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 config: QAQConfig, dtype: torch.dtype = torch.float16
+                 ) -> tuple[dict[CalibKey, torch.Tensor], dict[int, float]]:
+    """Each layer's eps (given, or solved for the target bits over every layer, or over each layer alone with
+    ``per_layer_eps``) and its share of tokens per tier for keys and values."""
+    layers = list(nums)
+    _, _, dk = acts[f"{layers[0]}.k"][0].shape
     dv = acts[f"{layers[0]}.v"][0].shape[-1]
-    # keys stored before RoPE: one int32 position id per slot, shared by every layer (kvpass.pipeline.rope)
-    shared = 32.0 / (len(layers) * hkv * (dk + dv)) if f"{layers[0]}.k_rope" in acts else 0.0
-    eps = config.eps or solve([n[0] for n in nums.values()], [n[1] for n in nums.values()], config, dk, dv, dtype,
-                                  shared)
-    tensors = {}
-    for layer, (nk, nv) in nums.items():
-        for which, num in (("k", nk), ("v", nv)):
-            tensors[CalibKey(layer, which, "tier_share")] = shares(num, eps, config.tier_bits)
+    shared = _shared_bits(acts, layers)
+    groups = [[layer] for layer in layers] if config.per_layer_eps else [layers]
+    eps = {}
+    for group in groups:
+        e = config.eps or solve([nums[i][0] for i in group], [nums[i][1] for i in group], config, dk, dv, dtype,
+                                shared)
+        eps |= dict.fromkeys(group, e)
+    return {CalibKey(layer, which, "tier_share"): shares(num, eps[layer], config.tier_bits)
+            for layer, pair in nums.items() for which, num in zip("kv", pair)}, eps
+
+
+def eps_meta(eps: dict[int, float]) -> dict:
+    """A calibration's meta entries for the layers' eps: ``"eps"`` (one for the model, or the geometric mean of the
+    layers'), and ``"layer_eps"`` when the layers differ."""
+    values = torch.tensor(list(eps.values()), dtype=torch.float64)
+    meta = {"eps": float(values.log().mean().exp())}
+    if len(set(eps.values())) > 1:
+        meta["layer_eps"] = {str(layer): e for layer, e in eps.items()}
+    return meta
+
+
+def fit_qaq(acts: dict[str, list[torch.Tensor]], layers: list[int], config, seed: int = 0,
+            dtype: torch.dtype = torch.float16, nums: dict | None = None
+            ) -> tuple[dict[CalibKey, torch.Tensor], dict[int, float]]:
+    """QAQ's eps per layer (:func:`solve_shares`), each layer's share of tokens per tier for keys and values, and
+    the calibrated tensors (ranges, LUTs) of the key and value tiers that have them. ``nums``: the layers' :func:`numerators`, when already computed."""
+    nums = numerators(acts, layers, config) if nums is None else nums
+    tensors, eps = solve_shares(acts, nums, config, dtype)
+    for layer in nums:
         for which in "kv":
             for t, tier in enumerate(config.tiers_for(which)):
                 cs = parse_cache_spec(tier)

@@ -4,16 +4,18 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 from torch.fx import Node
 
+from kvpass.calibration.guard import calibration_loss
 from kvpass.calibration.store import Calibration
 from kvpass.errors import KVPassError
 from kvpass.kvcache import parse_cache_spec, static_names
 from kvpass.methods.base import MethodConfig
 from kvpass.methods.qaq.config import QAQConfig, capacities, fixed_nbytes, qnorm_stats_nbytes
-from kvpass.methods.qaq.fit import fit_qaq
+from kvpass.methods.qaq.fit import eps_meta, fit_qaq, numerators, reachable, solve_shares
 from kvpass.methods.qaq.op import QAQMeta
 from kvpass.methods.qaq.storage import TierLayout
 from kvpass.pipeline.buffers import Role
@@ -21,6 +23,9 @@ from kvpass.pipeline.handler import FitData, LayerPlan, MethodHandler, RewriteCo
 from kvpass.pipeline.locate import AttentionSite
 from kvpass.pipeline.plan import KVLayout
 from kvpass.pipeline.rewrite import get_attrs, positions_node, rope_args, rope_fields
+
+MORE_BITS = 0.5  # bits per element the quality guard adds to QAQ's target a round
+TOLERANCE_STEPS = 6  # bisection steps of a tolerance's target search: about a sixth of a bit from 2 to 16 bits
 
 
 class QAQHandler(MethodHandler):
@@ -32,7 +37,7 @@ class QAQHandler(MethodHandler):
     def nominal_bits(self, method: MethodConfig, head_dim: int, tokens: int) -> float:
         config = method.qaq  # the target is what the calibration solves for (tier map included)
         fixed = sum(fixed_nbytes(config, head_dim, w, torch.float16) for w in "kv")
-        per_token = config.target_bits or float("nan")
+        per_token = config.target_bits or float("nan")  # (eps and tolerance: the bits follow from the model)
         if config.target_context:
             per_token -= 8.0 * fixed / (2 * config.target_context * head_dim)
         retained = 16.0 if config.retain else 0.0  # the model-precision copy of every token (fp16 here)
@@ -64,8 +69,75 @@ class QAQHandler(MethodHandler):
             raise KVPassError(f"method {method.name!r} decides a token's tier after its window of {method.qaq.window} "
                               f"tokens; calibrate on windows longer than that (seq_len > {method.qaq.window}, got "
                               f"{seq_len})")
+        config, dtype = method.qaq, next(data.model.parameters()).dtype
+        nums = data.memo["qaq_numerators"] = numerators(data.acts, data.layers, config)
+        if config.tolerance is None:
+            calibration.tensors, eps = fit_qaq(data.acts, data.layers, config, data.seed, dtype, nums)
+            set_eps(calibration, eps)
+            return
+        # the tiers' calibrated tensors do not depend on the target: fitted once, then the target is searched
+        lowest, highest = reachable(data.acts, nums, config.with_target(1.0), dtype)
+        calibration.tensors, eps = fit_qaq(data.acts, data.layers, config.with_target(highest), data.seed, dtype, nums)
+        search_tolerance(calibration, method, data, nums, dtype, lowest, highest)
+
+    def more_bits(self, calibration: Calibration, method: MethodConfig, data: FitData) -> str | None:
+        """A target ``MORE_BITS`` higher (or, with ``eps`` as the knob, a quarter of the eps), the tier shares solved
+        again over the same calibration tokens; None when the tiers cannot average more."""
+        config = method.qaq
         dtype = next(data.model.parameters()).dtype
-        calibration.tensors, calibration.meta["eps"] = fit_qaq(data.acts, data.layers, method.qaq, data.seed, dtype)
+        nums = data.memo.get("qaq_numerators") or numerators(data.acts, data.layers, config)
+        data.memo["qaq_numerators"] = nums
+        if config.eps is not None:
+            raised = replace(config, eps=float(calibration.meta["eps"]) / 4)
+            step = f"eps {raised.eps:.3g}"  # (an eps knob is one eps for every layer)
+        else:
+            target = float(calibration.meta.get("target_bits", config.target_bits)) + MORE_BITS
+            raised, step = config.with_target(target), f"target {target:.2f} bits/elem"
+        try:
+            shares, eps = solve_shares(data.acts, nums, raised, dtype)
+        except KVPassError:  # past what the tiers can average
+            return None
+        if all(torch.equal(shares[k], calibration.tensors[k]) for k in shares):
+            return None
+        calibration.tensors |= shares
+        set_eps(calibration, eps, raised.target_bits)
+        return step
+
+
+def set_eps(calibration: Calibration, eps: dict[int, float], target_bits: float | None = None) -> None:
+    """Record the layers' eps (and the target they were solved for) in ``calibration.meta``."""
+    calibration.meta.pop("layer_eps", None)
+    calibration.meta |= eps_meta(eps)
+    if target_bits is not None:
+        calibration.meta["target_bits"] = target_bits
+
+
+def search_tolerance(calibration: Calibration, method: MethodConfig, data: FitData, nums: dict, dtype: torch.dtype,
+                     lowest: float, highest: float) -> None:
+    """The fewest target bits whose calibration-window perplexity stays within ``method.qaq.tolerance`` of the
+    model-precision cache: bisection between what the tiers can average, ``TOLERANCE_STEPS`` measurements after
+    the top; each try is in ``calibration.meta["tolerance_search"]``. Past the tolerance even at the top, the top
+    is kept (and the quality guard says so)."""
+    tolerance, tried, states = method.qaq.tolerance, [], {}
+
+    def attempt(target: float) -> float:
+        shares, eps = solve_shares(data.acts, nums, method.qaq.with_target(target), dtype)
+        calibration.tensors |= shares
+        set_eps(calibration, eps, target)
+        states[target] = (shares, dict(eps))
+        loss = calibration_loss(calibration, method, data)
+        tried.append([round(target, 4), loss])
+        return loss
+
+    lo, hi = lowest + 0.01, highest - 0.01  # (inside the range the bisection of eps can reach)
+    if attempt(hi) <= tolerance:
+        for _ in range(TOLERANCE_STEPS):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if attempt(mid) <= tolerance else (mid, hi)
+    shares, eps = states[hi]
+    calibration.tensors |= shares
+    set_eps(calibration, eps, hi)
+    calibration.meta["tolerance_search"] = tried
 
 
 def qaq_input(calibration: Calibration | None, layer: int, which: str) -> dict:
@@ -74,6 +146,11 @@ def qaq_input(calibration: Calibration | None, layer: int, which: str) -> dict:
         raise KVPassError(f"QAQ needs a calibration with tier shares and eps for layer {layer} ({which}); pass "
                           "calibration=kvpass.calibrate(model, texts, method=...) made for this QAQ method")
     return found
+
+
+def layer_eps(calibration: Calibration, layer: int) -> float:
+    """The layer's eps: its own where the calibration solved one per layer, else the model's."""
+    return float(calibration.meta.get("layer_eps", {}).get(str(layer), calibration.meta["eps"]))
 
 
 def _role(name: str) -> Role:
@@ -113,7 +190,7 @@ def qaq_attention_node(ctx: RewriteContext, site: AttentionSite, layout: KVLayou
         state += [names["k_retained"], names["v_retained"]]
     kt, vt = layout.detail
     meta = QAQMeta(";".join(vt.config.tiers_for("v")), ";".join(kt.config.tiers_for("k")), tuple(kt.capacity),
-                   tuple(vt.capacity), float(ctx.calibration.meta["eps"]), kt.config.window,
+                   tuple(vt.capacity), layer_eps(ctx.calibration, site.index), kt.config.window,
                    kt.config.quantile, kt.config.sink, site.max_len, float(site.scale), *rope_fields(site, tables))
     positions_node(gm, site.key)
     q_positions = site.key.positions if site.is_causal and site.mask is None else None
