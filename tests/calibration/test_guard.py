@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as tf
 from helpers import qaq as qaq_helpers
+from helpers.perplexity import nll
 from helpers.tiny_models import _common
 
 import kvpass
@@ -31,14 +32,6 @@ def model():
 @pytest.fixture(scope="module")
 def tokens():
     return torch.randint(3, 96, (600,), generator=torch.Generator().manual_seed(0))
-
-
-def nll(qm, windows):
-    total = 0.0
-    for w in windows:
-        qm.reset()
-        total += float(torch.nn.functional.cross_entropy(qm(w[None])[0, :-1], w[1:], reduction="sum"))
-    return total / sum(len(w) - 1 for w in windows)
 
 
 def calibrate_quietly(*args, **kwargs):
@@ -140,7 +133,7 @@ def test_a_qaq_tolerance_finds_the_fewest_bits_that_keep_it(model):
     step = (tried[0][0] - tried[1][0]) / 2 ** (len(tried) - 2)
     assert any(loss > 0 and chosen - 1.01 * step <= t < chosen for t, loss in tried)
     # the recorded check is the chosen calibration's own loss, measured as the guard measures
-    assert cal.meta["check"]["loss"] == dict((round(t, 4), loss) for t, loss in tried)[round(chosen, 4)]
+    assert cal.meta["check"]["loss"] == {round(t, 4): loss for t, loss in tried}[round(chosen, 4)]
     assert "layer_eps" in cal.meta and len(cal.meta["layer_eps"]) == 3
     captured = kvpass.capture_model(model, max_cache_len=SEQ)
     assert kvpass.compile(captured, method, calibration=cal).cache_report().bits_per_element < 16.5

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers as tf
+from helpers.perplexity import nll
 from helpers.tiny_models import _common
 
 import kvpass
@@ -27,14 +28,6 @@ def setup():
     tokens = torch.randint(3, 96, (600,), generator=torch.Generator().manual_seed(0))
     cal = kvpass.calibrate(model, [tokens], METHOD, n_samples=2, seq_len=SEQ)
     return model, tokens, cal, kvpass.capture_model(model, max_cache_len=SEQ)
-
-
-def nll(qm, windows):
-    total = 0.0
-    for w in windows:
-        qm.reset()
-        total += float(torch.nn.functional.cross_entropy(qm(w[None])[0, :-1], w[1:], reduction="sum"))
-    return total / sum(len(w) - 1 for w in windows)
 
 
 def test_the_layer_with_the_largest_calibration_loss_is_promoted(setup):
