@@ -80,6 +80,32 @@ def test_target_context_counts_the_window_and_calibrated_tensors_and_the_ring_ta
                                                                                           torch.float32)
 
 
+def test_per_layer_eps_gives_each_layer_the_target_where_one_eps_lets_a_wide_layer_take_the_bits():
+    from kvpass.methods.qaq.fit import solve, solve_shares
+
+    g = torch.Generator().manual_seed(0)
+    config = QAQConfig(target_bits=6.0)
+    # layer 1's numerators are 100x layer 0's (keys with a bias: wider ranges), the same distribution otherwise
+    base = [torch.rand(2, 400, generator=g) for _ in range(2)]
+    nums = {0: (base[0], base[1]), 1: (100 * base[0], 100 * base[1])}
+    acts = {f"{i}.{w}": [torch.zeros(2, 400, D)] for i in (0, 1) for w in "kv"}
+    shared, one = solve_shares(acts, nums, config)
+    apart, each = solve_shares(acts, nums, dataclasses.replace(config, per_layer_eps=True))
+    assert len(set(one.values())) == 1 and each[1] == pytest.approx(100 * each[0], rel=1e-3)
+    for layer in (0, 1):  # alone, each layer's eps is the one solving the target on its own tokens
+        assert each[layer] == solve([nums[layer][0]], [nums[layer][1]], config, D, D)
+    tier = lambda shares, layer: float((shares[CalibKey(layer, "k", "tier_share")] * torch.arange(4)).sum())
+    assert tier(apart, 0) == pytest.approx(tier(apart, 1), abs=0.02)  # the same bits for both
+    assert tier(shared, 0) == 0 < 0.2 < tier(shared, 1)  # one eps: the wide layer takes every higher tier
+    cal = kvpass.Calibration("m", "h", {}, {})
+    from kvpass.methods.qaq.handler import layer_eps, set_eps
+
+    set_eps(cal, each, 6.0)
+    assert layer_eps(cal, 1) == each[1] and cal.meta["eps"] == pytest.approx((each[0] * each[1]) ** 0.5)
+    with pytest.raises(KVPassError, match="per_layer_eps solves each layer's eps for a target"):
+        QAQConfig(eps=0.1, per_layer_eps=True)
+
+
 def test_qaq_6x_codes_its_lowest_value_tier_per_channel_against_calibrated_ranges():
     preset = get_method("qaq-6x")
     assert abs(preset.nominal_bits(head_dim=64, tokens=2048) - 16 / 6) < 1e-9  # 6x at 2k tokens, all counted
