@@ -55,12 +55,20 @@ def check_exportable(qm: KVPassModel) -> None:
     for node in qm.graph_module.graph.nodes:
         if node.op != "call_function" or getattr(node.target, "namespace", None) != "kvpass":
             continue
+        specs = _specs(node)
         if node.target not in KERNELS:
-            specs = _specs(node)
             raise KVPassError(
                 f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(specs) or 'state'}) "
                 f"are written and attended by {node.target.name()}, which has no ONNX lowering; the methods of "
-                "kv_store_ / kv_attention export (int, nuq and fp8 codes, calibrated ranges, outliers, sink)"
+                "kv_store_ / kv_attention / kv_recent_attention_ with recent=W export (int, nuq, lm and fp8 codes, "
+                "calibrated ranges, outliers, sink, recent window)"
+            )
+        residual = [spec for spec in specs if parse_cache_spec(spec).residual]
+        if residual:
+            raise KVPassError(
+                f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(residual)}) keep a "
+                "residual ring (KIVI's residual=R, coded a block at a time), which kv_recent_attention_'s ONNX "
+                "lowering does not write yet; a recent window (recent=W) exports"
             )
 
 

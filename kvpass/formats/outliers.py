@@ -32,10 +32,25 @@ def split(x: torch.Tensor, fraction: float, score: torch.Tensor | None = None) -
     n = x.shape[-1]
     k = capacity(n, fraction)
     score = x.abs() if score is None else score
-    idx = score.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    idx, mask = top_indices(score, k)
     values = x.gather(-1, idx).to(value_dtype(x.dtype))
-    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)
     return {"outlier_values": values, "outlier_index": idx.to(index_dtype(n))}, mask
+
+
+def top_indices(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of the ``k`` largest scores of each vector, ascending, ties to the lower index (``topk`` leaves
+    ties to the backend: torch and ONNX Runtime pick differently, and an exported store must write the same bytes),
+    and the mask of the picked elements."""
+    n = score.shape[-1]
+    order = torch.arange(n, device=score.device)
+    before = order[None, :] < order[:, None]  # [i, j]: j comes before i
+    s_i, s_j = score[..., :, None], score[..., None, :]
+    # the place of each element in a stable descending sort (counted in float32: TensorRT sums and sorts no ints)
+    rank = ((s_j > s_i) | ((s_j == s_i) & before)).to(torch.float32).sum(-1)
+    # the k picked in ascending order: every key distinct, the picked ones below the rest
+    picked = rank < k
+    key = torch.where(picked, order, order + n).to(torch.float32)
+    return key.topk(k, dim=-1, largest=False, sorted=True).indices, picked
 
 
 def merge(dense: torch.Tensor, tensors: dict[str, torch.Tensor], add: bool = False) -> torch.Tensor:

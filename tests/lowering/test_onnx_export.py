@@ -63,7 +63,8 @@ def decode_both(qm, om, ids, mask, steps: int = 8) -> None:
 
 
 @pytest.mark.parametrize(("arch", "method"), [("llama", "int4"), ("qwen2", "kvquant-2bit"), ("gpt2", "fp8"),
-                                            ("llama", "tq-k3v4")])
+                                            ("llama", "tq-k3v4"), ("qwen2", "kvquant-2bit-1%"),
+                                            ("gpt2", "kvquant-4bit-1%")])
 def test_exported_step_decodes_as_the_torch_model(arch, method, tmp_path):
     qm = compiled(arch, method)
     path = kvpass.export_onnx(qm, tmp_path / "model.onnx")
@@ -129,7 +130,7 @@ def test_plain_decoder_exports(tmp_path):
 
 
 @pytest.mark.parametrize(("method", "reason"), [
-    ("kivi-2bit", "kv_recent_attention_"), ("mikv", "kv_balance_"),
+    ("kivi-2bit", "residual ring"), ("mikv", "kv_balance_"),
     ("h2o", "kv_overlay"),
 ])
 def test_methods_that_do_not_export_say_why(method, reason, tmp_path):
