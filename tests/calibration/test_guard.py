@@ -40,8 +40,13 @@ def calibrate_quietly(*args, **kwargs):
         return kvpass.calibrate(*args, **kwargs)
 
 
-def test_the_check_is_the_calibration_windows_perplexity_change(model, tokens):
-    cal = calibrate_quietly(model, [tokens], COARSE, n_samples=2, seq_len=SEQ)
+@pytest.fixture(scope="module")
+def plain(model, tokens):
+    return calibrate_quietly(model, [tokens], COARSE, n_samples=2, seq_len=SEQ)
+
+
+def test_the_check_is_the_calibration_windows_perplexity_change(model, tokens, plain):
+    cal = plain
     check = cal.meta["check"]
     windows = [w[:TOKENS] for w in token_samples([tokens], None, 2, SEQ, 0)[:WINDOWS]]
     captured = kvpass.capture_model(model, max_cache_len=SEQ)
@@ -71,8 +76,7 @@ def test_raise_mode_stops_calibration_and_off_skips_the_check(model, tokens):
         kvpass.calibrate(model, [tokens], COARSE, n_samples=2, seq_len=SEQ, guard="loud")
 
 
-def test_more_bits_promotes_layers_by_their_loss_until_the_bound_holds(model, tokens, tmp_path):
-    plain = calibrate_quietly(model, [tokens], COARSE, n_samples=2, seq_len=SEQ)
+def test_more_bits_promotes_layers_by_their_loss_until_the_bound_holds(model, tokens, plain, tmp_path):
     # a bound of zero is never met: every layer ends in the sensitive spec, the costliest first
     with pytest.warns(kvpass.KVPassWarning, match=r"even after 3 step\(s\) of more bits \(layer \d in int8"):
         every = kvpass.calibrate(model, [tokens], COARSE, n_samples=2, seq_len=SEQ, guard="more-bits")
