@@ -43,12 +43,12 @@ def top_indices(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     and the mask of the picked elements."""
     n = score.shape[-1]
     order = torch.arange(n, device=score.device)
-    before = order[None, :] < order[:, None]  # [i, j]: j comes before i
-    s_i, s_j = score[..., :, None], score[..., None, :]
-    # the place of each element in a stable descending sort (counted in float32: TensorRT sums and sorts no ints)
-    rank = ((s_j > s_i) | ((s_j == s_i) & before)).to(torch.float32).sum(-1)
+    kth = score.topk(k, dim=-1, sorted=True).values[..., k - 1:k]  # the k-th largest score
+    above, tied = score > kth, score == kth
+    # all above the k-th score, then the tied ones lowest index first (counted in float32: TensorRT sums no ints)
+    need = k - above.to(torch.float32).sum(-1, keepdim=True)
+    picked = above | (tied & (tied.to(torch.float32).cumsum(-1) <= need))
     # the k picked in ascending order: every key distinct, the picked ones below the rest
-    picked = rank < k
     key = torch.where(picked, order, order + n).to(torch.float32)
     return key.topk(k, dim=-1, largest=False, sorted=True).indices, picked
 

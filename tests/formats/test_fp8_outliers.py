@@ -87,3 +87,18 @@ def test_arithmetic_fp8_bytes_and_values_are_the_casts(fp8):
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     ok = torch.isfinite(every)
     assert torch.equal(byte_values(fp8)[codes.long()][ok], every[ok])
+
+
+def test_outliers_are_the_top_scores_with_ties_to_the_lower_index():
+    """As a stable descending sort picks them (and ONNX's TopK breaks ties), whatever ``topk`` does with ties."""
+    from kvpass.formats.outliers import top_indices
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 70, (1,), generator=g))
+        k = int(torch.randint(1, n + 1, (1,), generator=g))
+        score = torch.randint(0, 5, (3, n), generator=g).float()  # many ties
+        idx, mask = top_indices(score, k)
+        ref = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+        assert torch.equal(idx, ref), (n, k)
+        assert torch.equal(mask, torch.zeros_like(mask).scatter(-1, ref, True))
