@@ -92,6 +92,8 @@ def run_eval(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def export_parser(sub) -> argparse.ArgumentParser:
+    from kvpass.calibration.guard import GUARDS
+
     p = sub.add_parser("export", help="compile a model with a method and export its step to ONNX (packed cache as I/O)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="as for `kvpass eval --model`")
@@ -105,8 +107,7 @@ def export_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+", help="calibration text files (default: bundled State of the Union)")
     p.add_argument("--calibration-samples", type=int, default=16)
     p.add_argument("--calibration-len", type=int, default=2048)
-    p.add_argument("--guard", default="warn", choices=("warn", "raise", "more-bits", "off"),
-                   help="as for `kvpass calibrate --guard`")
+    p.add_argument("--guard", default="warn", choices=GUARDS, help="as for `kvpass calibrate --guard`")
     return p
 
 

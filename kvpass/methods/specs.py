@@ -88,18 +88,12 @@ class SpecHandler(MethodHandler):
     def more_bits(self, calibration: Calibration, method: MethodConfig, data: FitData) -> str | None:
         """The most sensitive layer not yet promoted stored as ``sensitive_spec`` (the layers' losses measured first
         where the method did not rank them); None when every quantized layer is."""
-        quantized = [layer for layer in data.layers if layer not in method.full_precision_layers]
-        if "layer_loss" not in calibration.meta:
-            losses = layer_losses(data.model, data.samples, method, calibration, quantized, scoring(data)[1])
-            calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
-        losses = {int(k): v for k, v in calibration.meta["layer_loss"].items()}
+        losses = ranked_losses(calibration, method, data)
         left = {layer: loss for layer, loss in losses.items() if layer not in calibration.promoted_layers}
         if not left:
             return None
         (layer,) = most_sensitive(left, 1)
-        calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer != layer}
-        calibration.tensors |= fit_recorded(data.acts, [layer], method, data.seed, promoted=(layer,))
-        calibration.meta["promoted_layers"] = sorted([*calibration.promoted_layers, layer])
+        promote(calibration, method, data, (layer,))
         calibration.meta["guard_promoted"] = calibration.meta.get("guard_promoted", 0) + 1
         return f"layer {layer} in {method.sensitive_spec}"
 
@@ -165,12 +159,26 @@ def promote_sensitive(calibration: Calibration, method: MethodConfig, data: FitD
         raise KVPassError(f"method {method.name!r} keeps {method.sensitive_layers} sensitive layers in "
                           f"{method.sensitive_spec}, but the model has {len(quantized)} quantized layers; lower "
                           "sensitive_layers")
-    losses = layer_losses(data.model, data.samples, method, calibration, quantized, scoring(data)[1])
-    chosen = most_sensitive(losses, method.sensitive_layers)
-    calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer not in chosen}
-    calibration.tensors |= fit_recorded(data.acts, list(chosen), method, data.seed, promoted=chosen)
-    calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
-    calibration.meta["promoted_layers"] = list(chosen)
+    promote(calibration, method, data, most_sensitive(ranked_losses(calibration, method, data),
+                                                      method.sensitive_layers))
+
+
+def ranked_losses(calibration: Calibration, method: MethodConfig, data: FitData) -> dict[int, float]:
+    """Each quantized layer's loss with it alone coded (:func:`layer_losses`), measured once and kept in
+    ``calibration.meta["layer_loss"]``."""
+    if "layer_loss" not in calibration.meta:
+        quantized = [layer for layer in data.layers if layer not in method.full_precision_layers]
+        losses = layer_losses(data.model, data.samples, method, calibration, quantized, scoring(data)[1])
+        calibration.meta["layer_loss"] = {str(layer): loss for layer, loss in losses.items()}
+    return {int(layer): loss for layer, loss in calibration.meta["layer_loss"].items()}
+
+
+def promote(calibration: Calibration, method: MethodConfig, data: FitData, layers: tuple[int, ...]) -> None:
+    """Store ``layers`` in ``sensitive_spec``: their static tensors refitted for it, and named in
+    ``calibration.meta["promoted_layers"]``."""
+    calibration.tensors = {k: v for k, v in calibration.tensors.items() if k.layer not in layers}
+    calibration.tensors |= fit_recorded(data.acts, list(layers), method, data.seed, promoted=layers)
+    calibration.meta["promoted_layers"] = sorted({*calibration.promoted_layers, *layers})
 
 
 register_handler(type(None), SpecHandler())

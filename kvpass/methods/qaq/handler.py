@@ -76,17 +76,15 @@ class QAQHandler(MethodHandler):
             set_eps(calibration, eps)
             return
         # the tiers' calibrated tensors do not depend on the target: fitted once, then the target is searched
-        lowest, highest = reachable(data.acts, nums, config.with_target(1.0), dtype)
+        lowest, highest = reachable(data.acts, nums, config, dtype)
         calibration.tensors, eps = fit_qaq(data.acts, data.layers, config.with_target(highest), data.seed, dtype, nums)
         search_tolerance(calibration, method, data, nums, dtype, lowest, highest)
 
     def more_bits(self, calibration: Calibration, method: MethodConfig, data: FitData) -> str | None:
         """A target ``MORE_BITS`` higher (or, with ``eps`` as the knob, a quarter of the eps), the tier shares solved
         again over the same calibration tokens; None when the tiers cannot average more."""
-        config = method.qaq
+        config, nums = method.qaq, data.memo["qaq_numerators"]  # (recorded by fit)
         dtype = next(data.model.parameters()).dtype
-        nums = data.memo.get("qaq_numerators") or numerators(data.acts, data.layers, config)
-        data.memo["qaq_numerators"] = nums
         if config.eps is not None:
             raised = replace(config, eps=float(calibration.meta["eps"]) / 4)
             step = f"eps {raised.eps:.3g}"  # (an eps knob is one eps for every layer)
