@@ -176,7 +176,7 @@ def additive(mask: torch.Tensor, n: int) -> torch.Tensor:
     while mask.dim() < 4:
         mask = mask[None]
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
     mask = mask.float()
     return mask if mask.stride(-1) == 1 else mask.contiguous()
 
@@ -239,7 +239,7 @@ def key_outliers_as_scores(q: torch.Tensor, k_cache: list[torch.Tensor], meta: A
     if add is not None:
         extra = extra + add
     elif q_positions is not None:
-        extra = extra.masked_fill(torch.arange(n) > q_positions[:, None], float("-inf"))
+        extra = extra.masked_fill(torch.arange(n, device=q.device) > q_positions[:, None], float("-inf"))
     rest = replace(cs, format=replace(cs.format, outlier_frac=0.0))
     kept = [bufs[name] for name in kvcache.cache_names(rest)]
     return kept, replace(meta, k=str(rest)), extra.contiguous()
