@@ -1,114 +1,234 @@
-"""Decode attention over one layer's cache: the fp16 cache with PyTorch SDPA (the baseline), the kvpass reference
-kernel (dequantize the visible cache, then SDPA) and the fused Triton kernel, side by side at several context
-lengths and batch sizes, with the error of each kvpass path against full-precision attention on the same data.
+"""Decode attention over one layer's packed cache on a CUDA GPU: every cache spec of the methods with one key and
+one value spec, side by side with PyTorch SDPA over the fp16 cache (what the full-precision cache runs).
 
-Needs a CUDA GPU and triton. Run: ``python benchmarks/bench_decode_attention.py --out benchmarks/RESULTS.md``
-(appends a section). Shapes default to one Llama-3-8B layer: 32 query heads, 8 KV heads, head dim 128.
+Each spec gets two rows: the Triton kernel alone (the specialised per-token int kernel for ``int2/4/8:per_token``
+specs, the decode-form kernel for the rest; fields prepared once, replayed from a CUDA graph as a compiled decode
+step launches it) and the op the pass emits (``kv_attention``, or ``kv_recent_attention_`` for caches with a recent
+window: it also stores the token), called from Python as eager decoding does. Speed is against fp16 SDPA timed the
+same way; GB/s counts the packed cache's bytes (codes, scales, outliers, windows). A sweep of the kernels' launch
+parameters at the largest shape comes first, and the fp32-arithmetic dequantization of the int kernel is timed beside
+its fp16 one. The error column: largest absolute difference to fp32 SDPA over the dequantized cache.
+
+Needs a CUDA GPU and triton. Run: ``python benchmarks/bench_decode_attention.py --out benchmarks/RESULTS.md``.
+Shapes default to one Llama-3-8B layer: 32 query heads, 8 KV heads, head dim 128, one new token.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import itertools
 import json
-import platform
+import traceback
 
 import torch
 import torch.nn.functional as F
+from bench_cpu_attention import cache_specs
+
+
+def filled(spec: str, b: int, h: int, s: int, d: int, data: torch.Tensor, chunk: int = 4096):
+    """A cache of ``spec`` on ``data``'s device holding ``data`` ``[B, H, n, D]`` (calibrated ranges set to +-4)."""
+    dev = data.device
+    from kvpass import kvcache
+    from kvpass.kvcache import CacheLayout
+    from kvpass.ops.recent import ring_of, write_ring
+
+    layout = CacheLayout.build(spec, (b, h, s, d), torch.float16)
+    static = ({"lo": -4 * torch.ones(1, h, 1, d), "hi": 4 * torch.ones(1, h, 1, d)} if layout.format.static else None)
+    cache, stat = layout.allocate(dev, static=static)
+    n = data.shape[2]
+    for i in range(0, n, chunk):  # in chunks: the reference store's temporaries scale with the tokens stored
+        pos = torch.arange(i, min(i + chunk, n), device=dev)
+        kvcache.store(cache, stat, data[:, :, pos], pos, layout.spec)
+    if layout.spec.recent:
+        write_ring(ring_of(cache, layout.spec), data, torch.arange(n, device=dev))
+    return layout, cache, stat
 
 
 def main() -> None:
     import triton
+    from kvpass.lowering import cpu
+    from kvpass.lowering import triton as lowering
     from kvpass.plugins import triton_attention as ta
+    from kvpass.plugins import triton_decode_form as form
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from kvpass.formats import quantize
+    import kvpass  # noqa: F401  (registers the ops and their CUDA kernels)
+    from kvpass.eval.output import add_results_section
+    from kvpass.eval.runner import environment
+    from kvpass.formats import rotation
     from kvpass.kvcache import parse_cache_spec
+    from kvpass.ops import cache as ops
+    from kvpass.ops.meta import AttentionMeta
+    from kvpass.ops.recent import kv_recent_attention_, reads_exact
 
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--contexts", default="4096,16384,65536")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", default="4096,32768")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--specs", default="int8:per_token,int4:per_token:g64,int2:per_token:g64")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-n", type=int, default=128, help="tokens per block of the fused kernel")
-    p.add_argument("--programs-per-sm", type=int, default=8, help="splits of the context: programs per SM")
-    p.add_argument("--num-warps", type=int, default=4)
-    p.add_argument("--out", help="append the Markdown table to this file")
+    p.add_argument("--methods", help="comma-separated method names (default: every spec method)")
+    p.add_argument("--sweep", default="int4,kvquant-4bit-1%,tq-4bit,kivi-4bit",
+                   help="methods whose kernel launch parameters are swept at the largest shape ('' for none)")
+    p.add_argument("--out", help="put the Markdown section first in this RESULTS file")
     p.add_argument("--json", help="write every number to this JSON file")
-    p.add_argument("--no-reference", action="store_true", help="time only fp16 and the fused kernel")
+    p.add_argument("--smoke", action="store_true", help="run the script's logic on the CPU (TRITON_INTERPRET=1, "
+                   "tiny shapes), timings meaningless")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (the Triton kernel is tested on the CPU by the test suite)")
-    dev, g = "cuda", torch.Generator(device="cuda").manual_seed(0)
+    if args.smoke:
+        dev = "cpu"
+
+        def do_bench(fn, **_):
+            fn()
+            return 1.0
+        do_bench_cudagraph = do_bench
+    elif not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (the Triton kernels are tested on the CPU by the test suite)")
+    else:
+        dev = "cuda"
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
-    rows = []
-    for b in [int(x) for x in args.batches.split(",")]:
-        for s in [int(x) for x in args.contexts.split(",")]:
-            q = torch.randn(b, hq, 1, d, generator=g, device=dev, dtype=torch.float16)
-            kd = torch.randn(b, hkv, s, d, generator=g, device=dev, dtype=torch.float16)
-            vd = torch.randn(b, hkv, s, d, generator=g, device=dev, dtype=torch.float16)
-            scale = d**-0.5
+    specs = cache_specs()
+    if args.methods:
+        specs = {n: specs[n] for n in args.methods.split(",")}
+    g = torch.Generator(device=dev).manual_seed(0)
+    rows, sweep, failures = [], [], []
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
 
-            def fp16(q=q, kd=kd, vd=vd, scale=scale):
-                return F.scaled_dot_product_attention(q, kd, vd, scale=scale, enable_gqa=True)
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "sweep": sweep, "failures": failures}, f, indent=2)
 
-            exact = fp16()
-            t_fp16 = do_bench(fp16, warmup=25, rep=100)
-            fp16_bytes = 2 * kd.numel() * 2
-            rows.append({"batch": b, "context": s, "method": "fp16 cache, SDPA", "ms": t_fp16, "vs_fp16": 1.0,
-                         "cache_MB": fp16_bytes / 2**20, "GB/s": fp16_bytes / t_fp16 / 1e6, "max_err": 0.0})
-            for spec in args.specs.split(","):
-                cs = parse_cache_spec(spec)
-                kq = {n: quantize(kd, cs.format, check=False).tensors[n] for n in ("codes", "scale", "zero")}
-                vq = {n: quantize(vd, cs.format, check=False).tensors[n] for n in ("codes", "scale", "zero")}
-                nbytes = sum(t.numel() * t.element_size() for t in (*kq.values(), *vq.values()))
+    for b, s in itertools.product(batches, contexts):
+        q = torch.randn(b, hq, 1, d, generator=g, device=dev, dtype=torch.float16)
+        kd = torch.randn(b, hkv, s, d, generator=g, device=dev, dtype=torch.float16)
+        vd = torch.randn(b, hkv, s, d, generator=g, device=dev, dtype=torch.float16)
+        cos = torch.randn(1, 1, s, d, generator=g, device=dev).cos()
+        sin = (1 - cos**2).sqrt()
+        scale = d**-0.5
 
-                def fused(q=q, kq=kq, vq=vq, cs=cs, s=s, scale=scale):
-                    return ta.decode_attention(q, kq, vq, cs, cs, s, None, scale, block_n=args.block_n,
-                                               programs_per_sm=args.programs_per_sm, num_warps=args.num_warps)
+        def sdpa(q=q, kd=kd, vd=vd, scale=scale):
+            return F.scaled_dot_product_attention(q, kd, vd, scale=scale, enable_gqa=True)
 
-                def reference(q=q, kq=kq, vq=vq, cs=cs, s=s, scale=scale):
-                    return ta.reference(q, kq, vq, cs, cs, s, None, scale)
+        fp16_cg, fp16_eager = do_bench_cudagraph(sdpa, rep=100), do_bench(sdpa, warmup=25, rep=100)
+        dense = 2 * kd.numel() * 2
+        rows.append({"batch": b, "context": s, "method": "full-precision cache (fp16 SDPA)", "spec": "",
+                     "kernel_ms": fp16_cg, "op_ms": fp16_eager, "kernel_x": 1.0, "op_x": 1.0, "MB": dense / 2**20,
+                     "err": 0.0, "kernel": "SDPA"})
+        print(f"b={b} s={s}: fp16 SDPA {fp16_cg * 1e3:.1f} us (graph) {fp16_eager * 1e3:.1f} us (eager)", flush=True)
+        for name, (kspec, vspec, pre_rope) in specs.items():
+            try:
+                kl, kc, ks = filled(kspec, b, hkv, s, d, kd[:, :, :s - 1])
+                vl, vc, vs = filled(vspec, b, hkv, s, d, vd[:, :, :s - 1])
+                rope = (cos, sin) if pre_rope else (None, None)
+                meta = AttentionMeta(kspec, vspec, d, d, s, scale, "half" if pre_rope else "", d if pre_rope else 0)
+                pos = torch.tensor([s - 1], device=dev)
+                window = any(reads_exact(parse_cache_spec(x)) for x in (kspec, vspec))
+                if window:
+                    def op(q=q, kc=kc, ks=ks, vc=vc, vs=vs, meta=meta, pos=pos, rope=rope, new=(kd, vd)):
+                        return kv_recent_attention_(q, new[0][:, :, -1:], new[1][:, :, -1:], pos, kc, ks, vc, vs, None,
+                                                    pos, *rope, str(meta))
+                else:
+                    for cache, stat, data, spec in ((kc, ks, kd, kspec), (vc, vs, vd, vspec)):
+                        ops.kv_store_(cache, stat, data[:, :, -1:], pos, spec)
 
-                out_f, out_r = fused(), reference()
-                paths = [("kvpass reference (dequantize + SDPA)", reference, out_r), ("kvpass fused Triton", fused, out_f)]
-                for name, fn, out in paths[args.no_reference:]:
-                    ms = do_bench(fn, warmup=25, rep=100)
-                    rows.append({"batch": b, "context": s, "method": f"{spec}: {name}", "ms": ms, "vs_fp16": t_fp16 / ms,
-                                 "cache_MB": nbytes / 2**20, "GB/s": nbytes / ms / 1e6,
-                                 "max_err": float((out.float() - exact.float()).abs().max())})
-                rows[-1]["fused_vs_reference_err"] = float((out_f.float() - out_r.float()).abs().max())
-                # launched from a CUDA graph (as a compiled decode step is): the GPU time without Python overhead
-                ms = do_bench_cudagraph(fused, rep=100)
-                ms_fp16 = do_bench_cudagraph(fp16, rep=100)
-                rows.append({"batch": b, "context": s, "method": f"{spec}: kvpass fused Triton, CUDA graph",
-                             "ms": ms, "vs_fp16": ms_fp16 / ms, "cache_MB": nbytes / 2**20, "GB/s": nbytes / ms / 1e6,
-                             "max_err": rows[-1]["max_err"], "fp16_cudagraph_ms": ms_fp16})
-            torch.cuda.empty_cache()
-    env = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "shape": f"{hq} query heads, {hkv} KV heads, head dim {d}, 1 new token"}
-    lines = [f"## Decode attention kernel — {env['date']}", "",
-             (f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}; one attention layer, "
-             f"{env['shape']}; random data; times by `triton.testing.do_bench` (median ms, Python launch "
-             "overhead included); the CUDA-graph rows time the fused kernel and fp16 SDPA both replayed from a CUDA "
-             "graph (`do_bench_cudagraph`), their speed column is against fp16 SDPA timed the same way."), "",
+                    def op(q=q, kc=kc, ks=ks, vc=vc, vs=vs, meta=meta, pos=pos, rope=rope):
+                        return ops.kv_attention(q, kc, ks, vc, vs, None, pos, *rope, str(meta))[0]
+                out = op()
+                kdq = ops.kv_load(kc, ks, *rope, torch.float32, str(meta.key_read))
+                vdq = ops.kv_load(vc, vs, None, None, torch.float32, str(meta.value_read))
+                exact = F.scaled_dot_product_attention(q.float(), kdq, vdq, scale=scale, enable_gqa=True)
+                # (the window op reads its recent tokens exact, so it differs from the dequantized cache there)
+                err = None if window else float((out.float() - exact).abs().max())
+                specialised = lowering.fused_attention_applies(q, meta)
+                if specialised:
+                    kq, vq = (dict(zip(("codes", "scale", "zero"), c)) for c in (kc, vc))
+
+                    def kernel(q=q, kq=kq, vq=vq, meta=meta, s=s, scale=scale, **kw):
+                        return ta.decode_attention(q, kq, vq, meta.key_spec, meta.value_spec, s, None, scale, **kw)
+                else:
+                    kt, ki = cpu.describe(kc, ks, meta.key_read, *rope, s - 1 if window else None)
+                    vt, vi = cpu.describe(vc, vs, meta.value_read, None, None, s - 1 if window else None)
+                    rq = rotation.rotate(q).half() if meta.key_spec.format.rotate else q
+                    extra = None  # rotated keys' outliers reach the kernel as additive scores
+                    if meta.key_spec.format.outlier_frac and meta.key_spec.format.rotate:
+                        kept, rest, extra = cpu.key_outliers_as_scores(q, kc, meta, None, None, s)
+                        kt, ki = cpu.describe(kept, ks, rest.key_read, *rope)
+
+                    def kernel(rq=rq, kt=kt, ki=ki, vt=vt, vi=vi, extra=extra, s=s, scale=scale, **kw):
+                        return form.attend(rq, kt, ki, vt, vi, extra, s, scale, **kw)
+                mine = kernel()
+                if not specialised and meta.value_spec.format.rotate:  # the op rotates the output back
+                    mine = rotation.unrotate(mine)
+                kernel_err = float((mine.float() - out.float()).abs().max())  # the kernel alone vs the op
+                k_ms = do_bench_cudagraph(kernel, rep=100)
+                o_ms = do_bench(op, warmup=10, rep=100)
+                nbytes = kl.nbytes + vl.nbytes
+                rows.append({"batch": b, "context": s, "method": name, "spec": f"{kspec} / {vspec}",
+                             "kernel_ms": k_ms, "op_ms": o_ms, "kernel_x": fp16_cg / k_ms, "op_x": fp16_eager / o_ms,
+                             "MB": nbytes / 2**20, "err": err, "kernel_vs_op": kernel_err,
+                             "kernel": "int per-token" if specialised else "decode form"})
+                print(f"  {name:>16}: kernel {k_ms * 1e3:8.1f} us {fp16_cg / k_ms:5.2f}x  op {o_ms * 1e3:8.1f} us "
+                      f"{fp16_eager / o_ms:5.2f}x  err {err}", flush=True)
+                last = b == batches[-1] and s == contexts[-1] and name in args.sweep.split(",")
+                if specialised and last:
+                    for bn, nw, st, half in itertools.product((64, 128), (4, 8), (None, 4), (False, True)):
+                        try:
+                            ms = do_bench_cudagraph(lambda k=kernel, bn=bn, nw=nw, st=st, half=half: k(
+                                block_n=bn, num_warps=nw, num_stages=st, half_math=half), rep=50)
+                            sweep.append({"method": name, "block_n": bn, "num_warps": nw, "num_stages": st,
+                                          "half_math": half, "ms": ms, "x": fp16_cg / ms})
+                        except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+                            sweep.append({"method": name, "block_n": bn, "num_warps": nw, "num_stages": st,
+                                          "half_math": half, "error": str(e)[:200]})
+                elif last:
+                    for bn, nw in itertools.product((32, 64, 128), (4, 8)):
+                        try:
+                            ms = do_bench_cudagraph(lambda k=kernel, bn=bn, nw=nw: k(block_n=bn, num_warps=nw), rep=50)
+                            sweep.append({"method": name, "block_n": bn, "num_warps": nw, "ms": ms,
+                                          "x": fp16_cg / ms})
+                        except Exception as e:  # noqa: BLE001 - as above
+                            sweep.append({"method": name, "block_n": bn, "num_warps": nw, "error": str(e)[:200]})
+                del kc, vc, ks, vs
+            except Exception:  # noqa: BLE001 - one spec's failure is reported, the others still measured
+                failures.append({"batch": b, "context": s, "method": name, "error": traceback.format_exc()[-1500:]})
+                print(f"  {name}: FAILED\n{failures[-1]['error']}", flush=True)
+            save()
+        torch.cuda.empty_cache()
+    env = environment()
+    lines = [f"## GPU decode attention, one layer — {env['date']}", "",
+             (f"Device: {env['device']}; torch {env['versions']['torch']}, triton {triton.__version__}; one layer of "
+              f"{hq} query heads, {hkv} KV heads, head dim {d}, one new token over a full cache of random fp16 data. "
+              "Kernel: the Triton kernel alone, replayed from a CUDA graph (`do_bench_cudagraph`), against fp16 SDPA "
+              "replayed the same way; op: the op the pass emits called from Python (`do_bench`; the window op also "
+              "stores the token), against fp16 SDPA called the same way. Error: largest absolute difference to fp32 "
+              "SDPA over the dequantized cache."), "",
              "Command: `python benchmarks/bench_decode_attention.py --out benchmarks/RESULTS.md`", "",
-             "| batch | context | method | ms | speed vs fp16 | cache MB (K+V) | GB/s of cache read | max abs err vs fp16 attention |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             ("| batch | context | method | kernel | key / value spec | kernel µs | kernel vs fp16 SDPA | op µs | "
+              "op vs fp16 SDPA | cache MB | GB/s of cache read (kernel) | max abs err |"),
+             "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['context']:,} | {r['method']} | {r['ms']:.3f} | {r['vs_fp16']:.2f}x | "
-                     f"{r['cache_MB']:.1f} | {r['GB/s']:.0f} | {r['max_err']:.2e} |")
+        spec = f"`{r['spec']}`".replace("|", "\\|") if r["spec"] else ""
+        lines.append(f"| {r['batch']} | {r['context']:,} | {r['method']} | {r['kernel']} | {spec} | "
+                     f"{r['kernel_ms'] * 1e3:,.1f} | {r['kernel_x']:.2f}x | {r['op_ms'] * 1e3:,.1f} | "
+                     f"{r['op_x']:.2f}x | {r['MB']:.1f} | {r['MB'] * 2**20 / r['kernel_ms'] / 1e6:,.0f} | "
+                     f"{'' if r['err'] is None else format(r['err'], '.1e')} |")
+    if sweep:
+        lines += ["", f"Launch parameters at batch {batches[-1]}, context {contexts[-1]:,} (kernel alone, CUDA graph):",
+                  "", "| method | block_n | num_warps | num_stages | fp16 arithmetic | µs | vs fp16 SDPA |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+        for r in sweep:
+            t = f"{r['ms'] * 1e3:,.1f} | {r['x']:.2f}x" if "ms" in r else f"failed: {r['error'][:60]} |"
+            lines.append(f"| {r['method']} | {r['block_n']} | {r['num_warps']} | {r.get('num_stages') or 'default'} | "
+                         f"{r.get('half_math', '')} | {t} |")
+    if failures:
+        lines += ["", "Failed: " + "; ".join(f"{f['method']} (batch {f['batch']}, {f['context']:,})" for f in failures)]
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+    save()
     if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+        add_results_section(args.out, text)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ struct View {
     v.ptr = static_cast<const char*>(t->data_ptr());
     v.dtype = t->scalar_type();
     v.item = t->element_size();
-    for (int64_t i = 0; i < std::min<int64_t>(4, t->dim()); ++i) v.stride[i] = t->stride(i);
+    // a size-1 axis broadcasts (RoPE tables of batch 1 serve every sequence)
+    for (int64_t i = 0; i < std::min<int64_t>(4, t->dim()); ++i) v.stride[i] = t->size(i) == 1 ? 0 : t->stride(i);
     return v;
   }
   // Element offset of the row at leading indices (a, b, c) (a 3- or 4-axis tensor's first axes).

@@ -254,3 +254,18 @@ def test_native_overlay_store_leaves_the_reference_state(by_score, recent, sink,
         start += size
     for got, ref in zip(state, twin):
         assert torch.equal(got, ref)
+
+
+def test_rope_tables_of_batch_one_serve_every_sequence():
+    # position ids without padding give [1, 1, S, r] tables beside a batch of several sequences
+    gen = torch.Generator().manual_seed(5)
+    b, h, s, d = 2, 2, 40, 32
+    spec = "nuq4:per_channel:static:channel_lut|sink=1"
+    kc, ks = filled(spec, b, h, s, d, s, gen)
+    vc, vs = filled("int4:per_token", b, h, s, d, s, gen)
+    cos, sin = rope_tables(1, s, d, gen)
+    q = torch.randn(b, 4, 1, d, generator=gen)
+    meta = AttentionMeta(spec, "int4:per_token", d, d, s, d**-0.5, rope="half", rotary_dim=d)
+    out = kv_attention(q, kc, ks, vc, vs, None, None, cos, sin, str(meta))[0]
+    ref = reference_kv_attention(q, kc, ks, vc, vs, None, None, cos, sin, meta)[0]
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)

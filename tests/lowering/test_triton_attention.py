@@ -54,3 +54,18 @@ def test_supported_specs():
     assert not ta.supports(parse_cache_spec("int4:per_token+outliers1%"), 64)
     assert not ta.supports(parse_cache_spec("int2:per_channel:g32|residual=128"), 64)
     assert not ta.supports(parse_cache_spec("int4:per_token"), 80)
+
+
+@pytest.mark.parametrize("spec", ["int4:per_token:g32", "int2:per_token:g16", "int8:per_token"])
+@pytest.mark.parametrize("half_math", [False, True])
+def test_fp16_queries_with_and_without_half_math(spec, half_math):
+    # fp16 dequantization (codes as the bits of 1024 + code) against the fp32 reference: within fp16 rounding
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, t, s, n, d = 2, 8, 2, 1, 96, 90, 64
+    q = torch.randn(b, hq, t, d, generator=g).to(DEVICE, torch.float16)
+    k = packed(torch.randn(b, hkv, s, d, generator=g).to(DEVICE, torch.float16), spec)
+    v = packed(torch.randn(b, hkv, s, d, generator=g).to(DEVICE, torch.float16), spec)
+    cs = parse_cache_spec(spec)
+    out = ta.decode_attention(q, k, v, cs, cs, n, None, d**-0.5, block_n=32, half_math=half_math)
+    ref = ta.reference(q.float(), k, v, cs, cs, n, None, d**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-3, atol=3e-3)
