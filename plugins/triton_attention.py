@@ -37,20 +37,13 @@ def supports(cs: CacheSpec, head_dim: int) -> bool:
 
 
 @triton.jit
-def _dequant_block(codes_ptr, scale_ptr, zero_ptr, tok, tok_ok, stride_c, stride_s,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                   HALF: tl.constexpr):
-    """Dequantized ``[BLOCK_N, D]`` rows ``tok`` of one head's cache (zeros where ``tok_ok`` is false): the packed
-    bytes are read once, split into their codes (the first code in the low bits), and each group of ``GROUP``
-    codes is scaled by its own scale and zero point. With ``HALF`` the codes become fp16 without a conversion
-    instruction (the bits of 1024 + code, then 1024 subtracted exactly) and are scaled in fp16: integer-to-float
-    and float-to-half conversions run at an eighth of the FMA rate on the GPU; otherwise in fp32."""
+def unpack_rows(row_ptrs, ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    """The ``[BLOCK_N, D]`` codes of packed rows starting at ``row_ptrs`` ``[BLOCK_N, 1]`` (2, 4 or 8 bits; zeros
+    where ``ok`` is false): each row's bytes read once, contiguously, and split in registers (first code lowest)."""
     PER_BYTE: tl.constexpr = 8 // BITS
-    NBYTES: tl.constexpr = D // PER_BYTE
-    NG: tl.constexpr = D // GROUP
     MASK: tl.constexpr = (1 << BITS) - 1
-    byte = tl.arange(0, NBYTES)
-    c = tl.load(codes_ptr + tok[:, None] * stride_c + byte[None, :], mask=tok_ok[:, None], other=0)
+    byte = tl.arange(0, D // PER_BYTE)
+    c = tl.load(row_ptrs + byte[None, :], mask=ok[:, None], other=0)
     if PER_BYTE == 1:
         codes = c
     elif PER_BYTE == 2:
@@ -59,6 +52,19 @@ def _dequant_block(codes_ptr, scale_ptr, zero_ptr, tok, tok_ok, stride_c, stride
         lo = tl.join(c & MASK, (c >> 4) & MASK)
         hi = tl.join((c >> 2) & MASK, c >> 6)
         codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, D))
+    return codes
+
+
+@triton.jit
+def _dequant_block(codes_ptr, scale_ptr, zero_ptr, tok, tok_ok, stride_c, stride_s,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                   HALF: tl.constexpr):
+    """Dequantized ``[BLOCK_N, D]`` rows ``tok`` of one head's cache (zeros where ``tok_ok`` is false): the packed
+    bytes are read once, split into their codes (the first code in the low bits), and each group of ``GROUP``
+    codes is scaled by its own scale and zero point. With ``HALF`` the codes become fp16 without a conversion
+    instruction (the bits of 1024 + code, then 1024 subtracted exactly) and are scaled in fp16; otherwise in fp32."""
+    NG: tl.constexpr = D // GROUP
+    codes = unpack_rows(codes_ptr + tok[:, None] * stride_c, tok_ok, D, BLOCK_N, BITS)
     g = tl.arange(0, NG)
     s = tl.load(scale_ptr + tok[:, None] * stride_s + g[None, :], mask=tok_ok[:, None], other=0.0)
     z = tl.load(zero_ptr + tok[:, None] * stride_s + g[None, :], mask=tok_ok[:, None], other=0.0)
@@ -173,13 +179,14 @@ def decode_attention(
     splits: int | None = None,
     programs_per_sm: int = 8,
     num_warps: int = 4,
-    half_math: bool | None = None,
+    half_math: bool = False,
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, Hq, T, D]`` over the first ``n_tokens`` slots of packed caches ``k``/``v`` (dicts
     with ``codes`` ``[B, Hkv, S, bytes]``, ``scale`` and ``zero`` ``[B, Hkv, S, groups]``). ``mask``: additive
     float or bool, ``[B, 1 or absent, T, >= n_tokens]``. Returns ``[B, Hq, T, Dv]`` in ``q``'s dtype.
-    ``half_math`` (default: for fp16 queries) dequantizes in fp16 without conversion instructions."""
+    ``half_math`` dequantizes in fp16 without conversion instructions (measured slower on an H200 at the default
+    launch parameters: off by default)."""
     b, hq, t, d = q.shape
     hkv = k["codes"].shape[1]
     groups = hq // hkv
@@ -217,7 +224,7 @@ def decode_attention(
         K_BITS=k_spec.format.bits, K_GROUP=k_spec.format.group or d,
         V_BITS=v_spec.format.bits, V_GROUP=v_spec.format.group or dv,
         HAS_MASK=mask is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        HALF=q.dtype == torch.float16 if half_math is None else half_math, num_warps=num_warps,
+        HALF=bool(half_math), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
     out = torch.empty(b, hq, t, dv, device=q.device, dtype=q.dtype)

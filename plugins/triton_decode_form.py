@@ -24,9 +24,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count
+from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count, unpack_rows
+from triton.runtime.errors import OutOfResources
 
 N_TENSORS, N_INTS = 14, 13  # the fields of lowering.cpu.describe
+MIN_BLOCK_N = 16  # tl.dot's smallest tile
+_fitting: dict[tuple, int] = {}  # per kernel signature, the largest tile that fitted where the first one did not
 
 
 @triton.jit
@@ -36,9 +39,11 @@ def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos
                  KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, GSIZE: tl.constexpr,
                  HAS_TABLE: tl.constexpr, CHAN_TABLE: tl.constexpr, NTAB: tl.constexpr, AFFINE: tl.constexpr,
                  SCALED: tl.constexpr, ZEROED: tl.constexpr, NOUT: tl.constexpr, SINK_N: tl.constexpr,
-                 RING_R: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, RDIM: tl.constexpr):
+                 RING_R: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, RDIM: tl.constexpr,
+                 CONTIG: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tokens ``tok`` ``[N]`` of head (b, h), channels ``ch`` ``[C]``, decoded to float32 ``[N, C]`` (zeros where
-    ``tok_ok`` is false or the channel is past ``D``)."""
+    ``tok_ok`` is false or the channel is past ``D``). ``CONTIG``: ``ch`` is every channel, ``D`` a power of two and
+    the codes rows of whole bytes, read contiguously (otherwise code by code from the bit stream)."""
     ch_ok = ch < D
     ok = tok_ok[:, None] & ch_ok[None, :]
     coded = tok_ok
@@ -50,22 +55,26 @@ def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos
     if KIND == 0:  # dense model-precision rows
         x = tl.load(main + b * sm0 + h * sm1 + tok[:, None] * sm2 + ch[None, :], mask=cok, other=0.0).to(tl.float32)
     else:
-        if KIND == 1:  # rows: token t's codes are one bit stream over the channels
-            i = tok  # the element's index for the outlier test
-            bit = ch * BITS
-            off = (b * sm0 + h * sm1 + tok[:, None] * sm2) + (bit >> 3)[None, :]
-            shift = (bit & 7)[None, :] + tl.zeros_like(off)
-        else:  # blocks: channel d's codes of a block run along the block's tokens
-            blk = tok // BLOCK
-            i = tok % BLOCK
-            bit = i * BITS
-            off = (b * sm0 + h * sm1 + blk[:, None] * sm2 + ch[None, :] * sm3) + (bit >> 3)[:, None]
-            shift = (bit & 7)[:, None] + tl.zeros_like(off)
-        word = tl.load(main + off, mask=cok, other=0).to(tl.int32)
-        if 8 % BITS != 0:  # a code may straddle into the next byte
-            hi = tl.load(main + off + 1, mask=cok & (shift + BITS > 8), other=0).to(tl.int32)
-            word = word | (hi << 8)
-        code = (word >> shift) & ((1 << BITS) - 1)
+        if KIND == 1 and CONTIG:  # rows of whole bytes per code unit, every channel: read contiguously
+            i = tok
+            code = unpack_rows(main + b * sm0 + h * sm1 + tok[:, None] * sm2, coded, D, BLOCK_N, BITS).to(tl.int32)
+        else:
+            if KIND == 1:  # rows: token t's codes are one bit stream over the channels
+                i = tok  # the element's index for the outlier test
+                bit = ch * BITS
+                off = (b * sm0 + h * sm1 + tok[:, None] * sm2) + (bit >> 3)[None, :]
+                shift = (bit & 7)[None, :] + tl.zeros_like(off)
+            else:  # blocks: channel d's codes of a block run along the block's tokens
+                blk = tok // BLOCK
+                i = tok % BLOCK
+                bit = i * BITS
+                off = (b * sm0 + h * sm1 + blk[:, None] * sm2 + ch[None, :] * sm3) + (bit >> 3)[:, None]
+                shift = (bit & 7)[:, None] + tl.zeros_like(off)
+            word = tl.load(main + off, mask=cok, other=0).to(tl.int32)
+            if 8 % BITS != 0:  # a code may straddle into the next byte
+                hi = tl.load(main + off + 1, mask=cok & (shift + BITS > 8), other=0).to(tl.int32)
+                word = word | (hi << 8)
+            code = (word >> shift) & ((1 << BITS) - 1)
         if HAS_TABLE:
             if CHAN_TABLE:
                 x = tl.load(table + (h * D + ch[None, :]) * NTAB + code, mask=cok, other=0.0)
@@ -76,7 +85,15 @@ def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos
         if AFFINE:
             x = (x * tl.load(mul + h * D + ch, mask=ch_ok, other=0.0)[None, :]
                  + tl.load(add + h * D + ch, mask=ch_ok, other=0.0)[None, :])
-        if SCALED:
+        if SCALED and KIND == 1 and CONTIG:  # a [N, groups] load, broadcast over each group
+            NG: tl.constexpr = D // GSIZE
+            soff = (b * ss0 + h * ss1 + tok[:, None] * ss2) + tl.arange(0, NG)[None, :]
+            s = tl.load(scale + soff, mask=coded[:, None], other=0.0).to(tl.float32)
+            x = tl.reshape(x, (BLOCK_N, NG, GSIZE)) * s[:, :, None]
+            if ZEROED:
+                x += tl.load(zero + soff, mask=coded[:, None], other=0.0).to(tl.float32)[:, :, None]
+            x = tl.reshape(x, (BLOCK_N, D))
+        elif SCALED:
             if KIND == 1:
                 soff = (b * ss0 + h * ss1 + tok[:, None] * ss2) + (ch // GSIZE)[None, :]
             else:
@@ -144,11 +161,11 @@ def _form_kernel(
     K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GSIZE: tl.constexpr, K_HAS_TABLE: tl.constexpr,
     K_CHAN_TABLE: tl.constexpr, K_NTAB: tl.constexpr, K_AFFINE: tl.constexpr, K_SCALED: tl.constexpr,
     K_ZEROED: tl.constexpr, K_NOUT: tl.constexpr, K_SINK_N: tl.constexpr, K_RING_R: tl.constexpr,
-    K_BLOCK: tl.constexpr, K_ROPE: tl.constexpr, K_RDIM: tl.constexpr,
+    K_BLOCK: tl.constexpr, K_ROPE: tl.constexpr, K_RDIM: tl.constexpr, K_CONTIG: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GSIZE: tl.constexpr, V_HAS_TABLE: tl.constexpr,
     V_CHAN_TABLE: tl.constexpr, V_NTAB: tl.constexpr, V_AFFINE: tl.constexpr, V_SCALED: tl.constexpr,
     V_ZEROED: tl.constexpr, V_NOUT: tl.constexpr, V_SINK_N: tl.constexpr, V_RING_R: tl.constexpr,
-    V_BLOCK: tl.constexpr,
+    V_BLOCK: tl.constexpr, V_CONTIG: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,14 +191,14 @@ def _form_kernel(
                               k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3, kso0, kso1,
                               kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, K_KIND, K_BITS, D, K_GSIZE,
                               K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE, K_SCALED, K_ZEROED, K_NOUT, K_SINK_N,
-                              K_RING_R, K_BLOCK, K_ROPE, K_RDIM)
+                              K_RING_R, K_BLOCK, K_ROPE, K_RDIM, K_CONTIG, BLOCK_N)
         if K_ROPE > 0:  # k holds x cos; the partner channels, decoded once more, bring their sin share
             partner, sign = _rope_partner(d, K_RDIM, K_ROPE)
             kp, _ = _decode_tile(km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, b, hkv, tok, tok_ok,
                                  partner, k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3,
                                  kso0, kso1, kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, K_KIND,
                                  K_BITS, D, K_GSIZE, K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE, K_SCALED, K_ZEROED,
-                                 K_NOUT, K_SINK_N, K_RING_R, K_BLOCK, 0, K_RDIM)
+                                 K_NOUT, K_SINK_N, K_RING_R, K_BLOCK, 0, K_RDIM, False, BLOCK_N)
             k = k + sign[None, :] * kp * ksn
         s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * sm_scale
         allowed = row_ok[:, None] & tok_ok[None, :]
@@ -197,7 +214,7 @@ def _form_kernel(
                             v_ring_from, v_ring_to, vsm0, vsm1, vsm2, vsm3, vss0, vss1, vss2, vss3, vso0, vso1,
                             vso2, vso3, vsk0, vsk1, vsk2, vsr0, vsr1, vsr2, 0, 0, V_KIND, V_BITS, DV, V_GSIZE,
                             V_HAS_TABLE, V_CHAN_TABLE, V_NTAB, V_AFFINE, V_SCALED, V_ZEROED, V_NOUT, V_SINK_N,
-                            V_RING_R, V_BLOCK, 0, 0)
+                            V_RING_R, V_BLOCK, 0, 0, V_CONTIG, BLOCK_N)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -254,7 +271,9 @@ def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:
              "CHAN_TABLE": bool(chan_table), "NTAB": table.shape[-1] if table is not None else 1,
              "AFFINE": mul is not None, "SCALED": scale is not None and scale.numel() > 0,
              "ZEROED": zero is not None and zero.numel() > 0, "NOUT": oval.shape[-1] if oval is not None else 0,
-             "SINK_N": sink_n, "RING_R": ring_r, "BLOCK": block or 1}
+             "SINK_N": sink_n, "RING_R": ring_r, "BLOCK": block or 1,
+             "CONTIG": kind == 1 and bits in (2, 4, 8) and dim & (dim - 1) == 0 and dim >= 16
+             and dim % (gsize or dim) == 0}
     if keys:
         const |= {"ROPE": rope, "RDIM": rdim or dim}
     return args, {p + k: v for k, v in const.items()}
@@ -274,16 +293,7 @@ def attend(q: torch.Tensor, k_tensors: list, k_ints: list[int], v_tensors: list,
     if rows > MAX_ROWS:
         raise ValueError(f"{rows} query rows per KV head (GQA group {groups} x {t} tokens) exceed {MAX_ROWS}")
     block_m = max(16, triton.next_power_of_2(rows))
-    if splits is None:
-        sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
-        splits = max(1, min(triton.cdiv(n, 2 * block_n), triton.cdiv(programs_per_sm * sms, b * hkv)))
-    per_split = triton.cdiv(triton.cdiv(max(n, 1), splits), block_n) * block_n
-    splits = triton.cdiv(max(n, 1), per_split)
     dp, dvp = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    f32 = {"device": q.device, "dtype": torch.float32}
-    o = torch.empty(b * hkv, splits, block_m, dvp, **f32)
-    m = torch.empty(b * hkv, splits, block_m, **f32)
-    ln = torch.empty(b * hkv, splits, block_m, **f32)
     if mask is not None:
         mask = mask.float()
         while mask.dim() < 4:
@@ -293,16 +303,40 @@ def attend(q: torch.Tensor, k_tensors: list, k_ints: list[int], v_tensors: list,
     ms = _strides(mask, 3)
     kargs, kconst = _cache_args(k_tensors, k_ints, q.device, keys=True)
     vargs, vconst = _cache_args(v_tensors, v_ints, q.device, keys=False)
-    _form_kernel[(b * hkv, splits)](
-        q, mask if mask is not None else q, o, m, ln, n, per_split, scale,
-        q.stride(0), q.stride(1), q.stride(2), *ms, *kargs, *vargs,
-        HKV=hkv, GROUPS=groups, T=t, D=d, DP=dp, DV=dv, DVP=dvp, HAS_MASK=mask is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, **kconst, **vconst, num_warps=num_warps,
-    )
+    const = dict(HKV=hkv, GROUPS=groups, T=t, D=d, DP=dp, DV=dv, DVP=dvp, HAS_MASK=mask is not None, BLOCK_M=block_m,
+                 **kconst, **vconst)
+    signature = (q.dtype, num_warps, *sorted(const.items()))
+    block_n = min(block_n, _fitting.get(signature, block_n))
+    while True:  # the largest tile that fits: some layouts' gathers need shared memory in proportion to it
+        if splits is None:
+            sms = _sm_count(q.device.index or 0) if q.is_cuda else 4
+            want = max(1, min(triton.cdiv(n, 2 * block_n), triton.cdiv(programs_per_sm * sms, b * hkv)))
+        else:
+            want = splits
+        per_split = triton.cdiv(triton.cdiv(max(n, 1), want), block_n) * block_n
+        n_splits = triton.cdiv(max(n, 1), per_split)
+        f32 = {"device": q.device, "dtype": torch.float32}
+        o = torch.empty(b * hkv, n_splits, block_m, dvp, **f32)
+        m = torch.empty(b * hkv, n_splits, block_m, **f32)
+        ln = torch.empty(b * hkv, n_splits, block_m, **f32)
+        try:
+            _launch(_form_kernel, (b * hkv, n_splits), q, mask if mask is not None else q, o, m, ln, n, per_split,
+                    scale, q.stride(0), q.stride(1), q.stride(2), *ms, *kargs, *vargs, BLOCK_N=block_n, **const,
+                    num_warps=num_warps)
+            break
+        except OutOfResources:
+            if block_n <= MIN_BLOCK_N:
+                raise
+            block_n //= 2
+            _fitting[signature] = block_n
     out = torch.empty(b, hq, t, dvp, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hkv,)](o, m, ln, out, splits, out.stride(0), out.stride(1), out.stride(2),
+    _merge_kernel[(b * hkv,)](o, m, ln, out, n_splits, out.stride(0), out.stride(1), out.stride(2),
                               HKV=hkv, GROUPS=groups, T=t, DV=dvp, BLOCK_M=block_m)
     return out[..., :dv]
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    kernel[grid](*args, **kwargs)
 
 
 __all__ = ["attend", "supports"]

@@ -134,3 +134,35 @@ def test_what_the_form_kernel_leaves_to_the_reference():
                                                                   16, 1.0))
     assert not tl_lowering.form_attention_applies(torch.randn(1, 2, 80, 32),
                                                   AttentionMeta("int4:per_token", "fp16", 32, 32, 128, 1.0))
+
+
+def test_a_tile_too_large_for_shared_memory_is_halved(monkeypatch):
+    # on the GPU some layouts' gathers need shared memory in proportion to the tile: the launch retries smaller
+    from triton.runtime.errors import OutOfResources
+
+    from kvpass.plugins import triton_decode_form as form
+
+    launched = []
+    real = form._launch
+
+    def fussy(kernel, grid, *args, **kwargs):
+        launched.append(kwargs["BLOCK_N"])
+        if kwargs["BLOCK_N"] > 16:
+            raise OutOfResources(kwargs["BLOCK_N"] * 4096, 232448, "shared memory")
+        real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(form, "_launch", fussy)
+    monkeypatch.setattr(form, "_fitting", {})
+    gen = torch.Generator().manual_seed(2)
+    kc, ks = filled("nuq4:per_token", 1, 1, 40, 32, 40, gen)
+    vc, vs = filled("int4:per_token", 1, 1, 40, 32, 40, gen)
+    q = torch.randn(1, 2, 1, 32, generator=gen)
+    meta = AttentionMeta("nuq4:per_token", "int4:per_token", 32, 32, 40, 32**-0.5)
+    ref, _ = reference_kv_attention(q, kc, ks, vc, vs, None, None, None, None, meta)
+    kc, ks, vc, vs = ([x.to(DEVICE) for x in group] for group in (kc, ks, vc, vs))
+    q = q.to(DEVICE, DTYPE)
+    out = tl_lowering.form_attention(q, kc, ks, vc, vs, None, None, None, None, meta)
+    torch.testing.assert_close(out.float().cpu(), ref, atol=TOL, rtol=TOL)
+    assert launched == [64, 32, 16]
+    tl_lowering.form_attention(q, kc, ks, vc, vs, None, None, None, None, meta)
+    assert launched[3:] == [16]  # remembered for the kernel's signature
