@@ -204,7 +204,8 @@ def main() -> None:
               "replayed the same way; op: the op the pass emits called from Python (`do_bench`; the window op also "
               "stores the token), against fp16 SDPA called the same way. Error: largest absolute difference to fp32 "
               "SDPA over the dequantized cache."), "",
-             "Command: `python benchmarks/bench_decode_attention.py --out benchmarks/RESULTS.md`", "",
+             ("Command: `bash benchmarks/gpu_check.sh` (the kernel tests, then `python "
+              "benchmarks/bench_decode_attention.py`)"), "",
              ("| batch | context | method | kernel | key / value spec | kernel µs | kernel vs fp16 SDPA | op µs | "
               "op vs fp16 SDPA | cache MB | GB/s of cache read (kernel) | max abs err |"),
              "| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -138,9 +138,8 @@ def test_what_the_form_kernel_leaves_to_the_reference():
 
 def test_a_tile_too_large_for_shared_memory_is_halved(monkeypatch):
     # on the GPU some layouts' gathers need shared memory in proportion to the tile: the launch retries smaller
-    from triton.runtime.errors import OutOfResources
-
     from kvpass.plugins import triton_decode_form as form
+    from triton.runtime.errors import OutOfResources
 
     launched = []
     real = form._launch
