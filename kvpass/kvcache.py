@@ -9,6 +9,9 @@ A cache spec is a format spec plus cache options, written ``"<format>|residual=R
 * ``sink=S`` (KVQuant's attention sink) keeps the first S tokens at model precision as well.
 * ``recent=W`` keeps the newest W tokens at model precision as well, in a ring next to their codes: the query at
   position p reads token j from the ring iff ``p - j < W``.
+* ``centre=N`` codes each token minus a centre, the mean of the first write's first N tokens per sequence, head
+  and channel, kept at model precision (and added back on reading): a constant offset of every key or value, such
+  as a key projection's bias, then takes no share of each token's scale. Needs no calibration.
 
 Caches with a residual or a recent window are written and attended by ``kvpass.ops.recent.kv_recent_attention_``, which
 gives each query of a prompt chunk the tokens it would read exact if the chunk had been decoded token by token.
@@ -41,6 +44,7 @@ class CacheSpec:
     residual: int = 0
     sink: int = 0
     recent: int = 0
+    centre: int = 0
 
     def __str__(self) -> str:
         text = str(self.format)
@@ -50,12 +54,14 @@ class CacheSpec:
             text += f"|sink={self.sink}"
         if self.recent:
             text += f"|recent={self.recent}"
+        if self.centre:
+            text += f"|centre={self.centre}"
         return text
 
 
 @functools.cache
 def parse_cache_spec(text: str | CacheSpec | QuantSpec) -> CacheSpec:
-    """Parse ``"<format>[|residual=R][|sink=S][|recent=W]"``."""
+    """Parse ``"<format>[|residual=R][|sink=S][|recent=W][|centre=N]"``."""
     if isinstance(text, CacheSpec):
         return text
     if isinstance(text, QuantSpec):
@@ -64,8 +70,8 @@ def parse_cache_spec(text: str | CacheSpec | QuantSpec) -> CacheSpec:
     fields: dict[str, int] = {}
     for opt in options:
         key, _, value = opt.partition("=")
-        if key not in ("residual", "sink", "recent") or not value.isdigit():
-            raise SpecError(f"unknown cache option {opt!r} in {text!r}; use residual=N, sink=N and recent=N")
+        if key not in ("residual", "sink", "recent", "centre") or not value.isdigit():
+            raise SpecError(f"unknown cache option {opt!r} in {text!r}; use residual=N, sink=N, recent=N and centre=N")
         fields[key] = int(value)
     spec = CacheSpec(parse_spec(fmt), **fields)
     check_cache_spec(spec)
@@ -82,6 +88,8 @@ def check_cache_spec(cs: CacheSpec) -> None:
     if cs.residual and cs.recent:
         raise SpecError(f"'{cs}' keeps recent tokens at model precision twice: residual=R already holds the newest "
                         "tokens until their block is coded; use one of residual and recent")
+    if cs.centre and spec.kind == "float":
+        raise SpecError(f"'{cs}' stores tokens at model precision: there is no code for centre= to sharpen; drop it")
     if cs.residual and spec.granularity == "per_channel" and spec.group and cs.residual % spec.group:
         raise SpecError(f"residual={cs.residual} must be a multiple of the token group size {spec.group}")
 
@@ -107,6 +115,8 @@ def cache_names(cs: CacheSpec) -> list[str]:
         names += ["sink"]
     if cs.recent:
         names += ["recent"]
+    if cs.centre:
+        names += ["centre", "centred"]
     return names
 
 
@@ -191,6 +201,10 @@ class CacheLayout:
                 out[name] = ((b, h, self.spec.sink, self.head_dim), self.dtype)
             elif name == "recent":
                 out[name] = ((b, h, self.spec.recent, self.head_dim), self.dtype)
+            elif name == "centre":
+                out[name] = ((b, h, 1, self.head_dim), self.dtype)
+            elif name == "centred":  # whether the centre is set
+                out[name] = ((1,), torch.int64)
             elif self.spec.residual:
                 t = coded[name]
                 out[name] = ((b, h, self.blocks, *t.shape[2:]), t.dtype)
@@ -234,8 +248,8 @@ class CacheLayout:
         return 8.0 * self.nbytes / (self.batch * self.heads * self.max_len * self.head_dim)
 
 
-UNCODED = ("residual", "state", "sink", "recent")  # per-token buffers at model precision (or bookkeeping)
-RINGS = ("residual", "state", "recent")  # of those, the ones rewritten in place rather than at a token's slot
+UNCODED = ("residual", "state", "sink", "recent", "centre", "centred")  # model precision (or bookkeeping)
+RINGS = ("residual", "state", "recent", "centre", "centred")  # of those, rewritten in place, not at a token's slot
 
 
 def _params(cs: CacheSpec, static: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -267,6 +281,18 @@ def store_sink(bufs: dict[str, torch.Tensor], new: torch.Tensor, positions: torc
             bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
 
 
+def centre_of(bufs: dict[str, torch.Tensor], new: torch.Tensor, cs: CacheSpec) -> torch.Tensor | float:
+    """The centre the coded tokens are taken from (0 without ``centre=N``): set by the first write, from its first
+    N tokens, and fixed from then on."""
+    if not cs.centre:
+        return 0.0
+    centre, done = bufs["centre"], bufs["centred"]
+    if not int(done) and new.shape[2]:
+        centre.copy_(new[:, :, :cs.centre].float().mean(2, keepdim=True).to(centre.dtype))
+        done.fill_(1)
+    return centre.to(new.dtype)
+
+
 def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tensor, positions: torch.Tensor,
           cs: CacheSpec) -> None:
     """Write ``new`` ``[B, H, T, D]`` at token ``positions`` ``[T]`` of every per-token buffer."""
@@ -276,8 +302,9 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
     coded_names = [n for n in names if n not in UNCODED]
     params = _params(cs, static)
     store_sink(bufs, new, positions, cs)
+    centre = centre_of(bufs, new, cs)
     if not cs.residual:
-        _write_coded(bufs, quantize(new, cs.format, check=False, **params).tensors, coded_names, positions)
+        _write_coded(bufs, quantize(new - centre, cs.format, check=False, **params).tensors, coded_names, positions)
         return
     r, ring = cs.residual, bufs["residual"]
     pos = positions.tolist()
@@ -291,7 +318,7 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
         ring[:, :, p % r: p % r + take] = new[:, :, i:i + take].to(ring.dtype)
         end = p + take
         if end % r == 0 and end // r <= blocks:  # the block is complete: code it from the ring
-            coded = quantize(ring, cs.format, check=False, **params).tensors
+            coded = quantize(ring - centre, cs.format, check=False, **params).tensors
             k = torch.tensor([end // r - 1], device=new.device)
             for name in coded_names:
                 bufs[name].index_copy_(2, k, coded[name].unsqueeze(2).to(bufs[name].dtype))
@@ -313,6 +340,8 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
         s = max_len
         tensors = {n: bufs[n][:, :, :s] for n in coded_names} | params
         dense = dequantize(QuantizedTensor(cs.format, torch.Size((b, h, s, head_dim)), dtype, tensors))
+        if cs.centre:
+            dense = dense + bufs["centre"].to(dtype)
     else:
         ring, r = bufs["residual"], cs.residual
         b, h = ring.shape[:2]
@@ -324,7 +353,8 @@ def load(cache: list[torch.Tensor], static: list[torch.Tensor], cs: CacheSpec, h
             tensors = {name: bufs[name][:, :, :use] for name in coded_names} | params
             q = QuantizedTensor(cs.format, torch.Size((b, h, use, r, head_dim)), dtype, tensors)
             upto_block = min(use * r, s)
-            dense[:, :, :upto_block] = dequantize(q).reshape(b, h, use * r, head_dim)[:, :, :upto_block]
+            coded = dequantize(q).reshape(b, h, use * r, head_dim)[:, :, :upto_block]
+            dense[:, :, :upto_block] = coded + bufs["centre"].to(dtype) if cs.centre else coded
         tail = torch.arange(done * r, max(done * r, min(n, s)), device=ring.device)
         dense[:, :, tail] = ring[:, :, tail % r].to(dtype)
     if cs.sink:

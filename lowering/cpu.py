@@ -77,8 +77,8 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
              rope_sin: torch.Tensor | None, newest: int | None = None,
              overlay: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
     """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp`` (main,
-    table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map; kind, bits,
-    dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8).
+    table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre; kind,
+    bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8).
 
     With ``newest`` = p, a ``recent=W`` cache reads positions ``p - W < j <= p`` from its ring (which must hold them)
     and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads). ``overlay`` =
@@ -89,7 +89,7 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
     bufs = dict(zip(kvcache.cache_names(cs), cache))
     params = dict(zip(kvcache.static_names(cs), static))
     heads = cache[0].shape[1]
-    tensors: list[torch.Tensor | None] = [None] * 14
+    tensors: list[torch.Tensor | None] = [None] * 15
     kind, block, table_per_channel = 1, 0, 0
     rows = cs.residual and not transposed(f)  # per-token codes in residual blocks: rows once the blocks are joined
 
@@ -143,6 +143,9 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
         tensors[10], tensors[11] = rope_cos.float().contiguous(), rope_sin.float().contiguous()
     if overlay is not None:
         tensors[12], tensors[13] = overlay
+    if cs.centre:  # added to every coded row (in the rotated space where the codes are read there)
+        centre = bufs["centre"].float()[:, :, 0]
+        tensors[14] = rotation.rotate(centre) if f.rotate else centre
     if transposed(f):
         gsize = f.group or cs.residual
     else:
@@ -249,7 +252,7 @@ def stores_natively(cs: CacheSpec) -> bool:
     """Whether the native store codes new tokens of this spec: per-token int (min/max groups) and fp8 per token,
     without outliers or a residual ring (the others are quantized by :func:`kvpass.kvcache.store`)."""
     f = cs.format
-    return (f.granularity == "per_token" and not f.outlier_frac and not cs.residual and not f.static
+    return (f.granularity == "per_token" and not f.outlier_frac and not cs.residual and not f.static and not cs.centre
             and f.kind in ("int", "fp8") and not f.rotate and f.scale_dtype in (torch.float16, torch.float32))
 
 

@@ -70,6 +70,13 @@ def check_exportable(qm: KVPassModel) -> None:
                 "residual ring (KIVI's residual=R, coded a block at a time), which kv_recent_attention_'s ONNX "
                 "lowering does not write yet; a recent window (recent=W) exports"
             )
+        centred = [spec for spec in specs if parse_cache_spec(spec).centre]
+        if centred:
+            raise KVPassError(
+                f"method {qm.method.name!r} does not export to ONNX yet: its caches ({', '.join(centred)}) code tokens "
+                "minus a centre the first write sets (centre=N), which the ONNX lowering does not compute yet; drop "
+                "centre=N from the spec to export"
+            )
 
 
 def _specs(node: torch.fx.Node) -> list[str]:

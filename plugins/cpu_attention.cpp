@@ -44,7 +44,7 @@ enum Rope : int64_t { NO_ROPE = 0, HALF = 1, INTERLEAVED = 2 };
 
 // The fields of one cache, in the order kvpass/lowering/cpu.py passes them.
 enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, OV_ROWS, OV_MAP,
-                  N_TENSORS };
+                  CENTRE, N_TENSORS };
 enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, FP8, N_INTS };
 enum Fp8 : int64_t { NOT_FP8 = 0, E4M3 = 1, E5M2 = 2 };
 
@@ -112,7 +112,14 @@ struct Cache {
   int64_t kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block;
   int64_t fp8 = NOT_FP8, nout = 0, ntable = 0;
   float small_table[16] = {0};  // a shared table of up to 16 entries, padded, for in-register lookups
-  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map;
+  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre;
+
+  // centre=N: the [B, H, D] centre the coded rows were taken from, added back
+  void add_centre(int64_t b, int64_t h, float* __restrict row) const {
+    if (!centre) return;
+    const float* cp = reinterpret_cast<const float*>(centre.ptr) + b * centre.stride[0] + h * centre.stride[1];
+    for (int64_t d = 0; d < dim; ++d) row[d] += cp[d];
+  }
 
   // the overlay entry holding token t of head (b, h) at high precision, or -1
   int64_t overlay_entry(int64_t b, int64_t h, int64_t t) const {
@@ -131,7 +138,8 @@ Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRe
   c.ch_add = View::of(t[CH_ADD]); c.scale = View::of(t[TOK_SCALE]); c.zero = View::of(t[TOK_ZERO]);
   c.out_val = View::of(t[OUT_VAL]); c.out_idx = View::of(t[OUT_IDX]); c.sink = View::of(t[SINK]);
   c.ring = View::of(t[RING]); c.cos = View::of(t[COS]); c.sin = View::of(t[SIN]);
-  c.ov_rows = View::of(t[OV_ROWS]); c.ov_map = View::of(t[OV_MAP]);
+  c.ov_rows = View::of(t[OV_ROWS]); c.ov_map = View::of(t[OV_MAP]); c.centre = View::of(t[CENTRE]);
+  TORCH_CHECK(!c.centre || c.centre.dtype == at::kFloat, "kvpass cpu kernel: the centre must be float32");
   TORCH_CHECK(!c.ov_map || c.ov_map.dtype == at::kInt, "kvpass cpu kernel: the overlay map must be int32");
   TORCH_CHECK(c.main, "kvpass cpu kernel: a cache needs its data or codes");
   if (c.kind != DENSE) TORCH_CHECK(c.main.dtype == at::kByte, "kvpass cpu kernel: codes must be uint8");
@@ -318,6 +326,7 @@ void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __rest
       const int64_t vo = c.out_val.at3(b, h, t), io = c.out_idx.at3(b, h, t);
       for (int64_t k = 0; k < c.nout; ++k) row[c.out_idx.i(io + k)] = c.out_val.f(vo + k);
     }
+    c.add_centre(b, h, row);
   } else {  // BLOCKS: the block's tokens run along the last axis of each channel's codes
     const int64_t blk = t / c.block, i = t % c.block, g = i / c.gsize;
     const uint8_t* base = reinterpret_cast<const uint8_t*>(c.main.ptr);
@@ -336,6 +345,7 @@ void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __rest
       for (int64_t k = 0; k < c.nout; ++k)
         if (c.out_idx.i(io + k) == i) row[d] = c.out_val.f(vo + k);
     }
+    c.add_centre(b, h, row);
   }
   if (c.rope != NO_ROPE) apply_rope(c, b, t, row);
 }
@@ -395,6 +405,10 @@ void decode_block_tile(const Cache& c, int64_t b, int64_t h, int64_t t0, int64_t
           const int64_t i = c.out_idx.i(io + k);
           if (i >= i0 && i < i0 + len) col[i - i0] = c.out_val.f(vo + k);
         }
+      }
+      if (c.centre) {
+        const float cd = reinterpret_cast<const float*>(c.centre.ptr)[b * c.centre.stride[0] + h * c.centre.stride[1] + d];
+        for (int64_t k = 0; k < len; ++k) col[k] += cd;
       }
     }
     j += len;

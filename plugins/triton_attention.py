@@ -31,7 +31,8 @@ MAX_ROWS = 128  # query rows (GQA group x new tokens) one program holds
 def supports(cs: CacheSpec, head_dim: int) -> bool:
     f = cs.format
     return (f.kind == "int" and f.granularity == "per_token" and not f.static and not f.outlier_frac and not f.rotate
-            and f.bits in (2, 4, 8) and not cs.residual and not cs.sink and f.scale_dtype == torch.float16
+            and f.bits in (2, 4, 8) and not cs.residual and not cs.sink and not cs.centre
+            and f.scale_dtype == torch.float16
             and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and (f.group or head_dim) <= head_dim
             and head_dim % (f.group or head_dim) == 0)
 

@@ -27,20 +27,21 @@ import triton.language as tl
 from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count, unpack_rows
 from triton.runtime.errors import OutOfResources
 
-N_TENSORS, N_INTS = 14, 13  # the fields of lowering.cpu.describe
+N_TENSORS, N_INTS = 15, 13  # the fields of lowering.cpu.describe
 MIN_BLOCK_N = 16  # tl.dot's smallest tile
 _fitting: dict[tuple, int] = {}  # per kernel signature, the largest tile that fitted where the first one did not
 
 
 @triton.jit
-def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin,
+def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin, centre,
                  b, h, tok, tok_ok, ch, ring_from, ring_to,
                  sm0, sm1, sm2, sm3, ss0, ss1, ss2, ss3, so0, so1, so2, so3, sk0, sk1, sk2, sr0, sr1, sr2, sc0, sc1,
+                 sce0, sce1,
                  KIND: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, GSIZE: tl.constexpr,
                  HAS_TABLE: tl.constexpr, CHAN_TABLE: tl.constexpr, NTAB: tl.constexpr, AFFINE: tl.constexpr,
                  SCALED: tl.constexpr, ZEROED: tl.constexpr, NOUT: tl.constexpr, SINK_N: tl.constexpr,
                  RING_R: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, RDIM: tl.constexpr,
-                 CONTIG: tl.constexpr, BLOCK_N: tl.constexpr):
+                 CONTIG: tl.constexpr, BLOCK_N: tl.constexpr, CENTRED: tl.constexpr):
     """Tokens ``tok`` ``[N]`` of head (b, h), channels ``ch`` ``[C]``, decoded to float32 ``[N, C]`` (zeros where
     ``tok_ok`` is false or the channel is past ``D``). ``CONTIG``: ``ch`` is every channel, ``D`` a power of two and
     the codes rows of whole bytes, read contiguously (otherwise code by code from the bit stream)."""
@@ -114,6 +115,8 @@ def _decode_tile(main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos
                 idx = tl.load(oidx + o, mask=cok, other=-1).to(tl.int32)
                 val = tl.load(oval + o, mask=cok, other=0.0).to(tl.float32)
                 x = tl.where(idx == i[:, None], val, x)
+        if CENTRED:  # the centre the coded rows were taken from
+            x += tl.load(centre + b * sce0 + h * sce1 + ch, mask=ch_ok, other=0.0)[None, :]
     if SINK_N > 0:
         is_sink = tok < SINK_N
         xs = tl.load(sink + b * sk0 + h * sk1 + tok[:, None] * sk2 + ch[None, :], mask=ok & is_sink[:, None],
@@ -151,21 +154,22 @@ def _rope_partner(ch, RDIM: tl.constexpr, ROPE: tl.constexpr):
 def _form_kernel(
     q_ptr, mask_ptr, o_ptr, m_ptr, l_ptr, n_tokens, tokens_per_split, sm_scale,
     stride_qb, stride_qh, stride_qt, stride_mb, stride_mh, stride_mt,
-    km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, k_ring_from, k_ring_to,
+    km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, kce, k_ring_from, k_ring_to,
     ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3, kso0, kso1, kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2,
-    ksc0, ksc1,
-    vm, vtab, vmul, vadd, vsc, vze, vov, voi, vsk, vri, v_ring_from, v_ring_to,
+    ksc0, ksc1, kce0, kce1,
+    vm, vtab, vmul, vadd, vsc, vze, vov, voi, vsk, vri, vce, v_ring_from, v_ring_to,
     vsm0, vsm1, vsm2, vsm3, vss0, vss1, vss2, vss3, vso0, vso1, vso2, vso3, vsk0, vsk1, vsk2, vsr0, vsr1, vsr2,
+    vce0, vce1,
     HKV: tl.constexpr, GROUPS: tl.constexpr, T: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     DV: tl.constexpr, DVP: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_GSIZE: tl.constexpr, K_HAS_TABLE: tl.constexpr,
     K_CHAN_TABLE: tl.constexpr, K_NTAB: tl.constexpr, K_AFFINE: tl.constexpr, K_SCALED: tl.constexpr,
     K_ZEROED: tl.constexpr, K_NOUT: tl.constexpr, K_SINK_N: tl.constexpr, K_RING_R: tl.constexpr,
-    K_BLOCK: tl.constexpr, K_ROPE: tl.constexpr, K_RDIM: tl.constexpr, K_CONTIG: tl.constexpr,
+    K_BLOCK: tl.constexpr, K_ROPE: tl.constexpr, K_RDIM: tl.constexpr, K_CONTIG: tl.constexpr, K_CENTRED: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_GSIZE: tl.constexpr, V_HAS_TABLE: tl.constexpr,
     V_CHAN_TABLE: tl.constexpr, V_NTAB: tl.constexpr, V_AFFINE: tl.constexpr, V_SCALED: tl.constexpr,
     V_ZEROED: tl.constexpr, V_NOUT: tl.constexpr, V_SINK_N: tl.constexpr, V_RING_R: tl.constexpr,
-    V_BLOCK: tl.constexpr, V_CONTIG: tl.constexpr,
+    V_BLOCK: tl.constexpr, V_CONTIG: tl.constexpr, V_CENTRED: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -187,18 +191,19 @@ def _form_kernel(
     for it in range(tl.cdiv(tokens_per_split, BLOCK_N)):
         tok = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
-        k, ksn = _decode_tile(km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, b, hkv, tok, tok_ok, d,
-                              k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3, kso0, kso1,
-                              kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, K_KIND, K_BITS, D, K_GSIZE,
-                              K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE, K_SCALED, K_ZEROED, K_NOUT, K_SINK_N,
-                              K_RING_R, K_BLOCK, K_ROPE, K_RDIM, K_CONTIG, BLOCK_N)
+        k, ksn = _decode_tile(km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, kce, b, hkv, tok, tok_ok,
+                              d, k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3, kso0, kso1,
+                              kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, kce0, kce1, K_KIND, K_BITS,
+                              D, K_GSIZE, K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE, K_SCALED, K_ZEROED, K_NOUT,
+                              K_SINK_N, K_RING_R, K_BLOCK, K_ROPE, K_RDIM, K_CONTIG, BLOCK_N, K_CENTRED)
         if K_ROPE > 0:  # k holds x cos; the partner channels, decoded once more, bring their sin share
             partner, sign = _rope_partner(d, K_RDIM, K_ROPE)
-            kp, _ = _decode_tile(km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, b, hkv, tok, tok_ok,
-                                 partner, k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2, kss3,
-                                 kso0, kso1, kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, K_KIND,
-                                 K_BITS, D, K_GSIZE, K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE, K_SCALED, K_ZEROED,
-                                 K_NOUT, K_SINK_N, K_RING_R, K_BLOCK, 0, K_RDIM, False, BLOCK_N)
+            kp, _ = _decode_tile(km, ktab, kmul, kadd, ksc, kze, kov, koi, ksk, kri, kcos, ksin, kce, b, hkv, tok,
+                                 tok_ok, partner, k_ring_from, k_ring_to, ksm0, ksm1, ksm2, ksm3, kss0, kss1, kss2,
+                                 kss3, kso0, kso1, kso2, kso3, ksk0, ksk1, ksk2, ksr0, ksr1, ksr2, ksc0, ksc1, kce0,
+                                 kce1, K_KIND, K_BITS, D, K_GSIZE, K_HAS_TABLE, K_CHAN_TABLE, K_NTAB, K_AFFINE,
+                                 K_SCALED, K_ZEROED, K_NOUT, K_SINK_N, K_RING_R, K_BLOCK, 0, K_RDIM, False, BLOCK_N,
+                                 K_CENTRED)
             k = k + sign[None, :] * kp * ksn
         s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * sm_scale
         allowed = row_ok[:, None] & tok_ok[None, :]
@@ -210,11 +215,11 @@ def _form_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v, _ = _decode_tile(vm, vtab, vmul, vadd, vsc, vze, vov, voi, vsk, vri, vm, vm, b, hkv, tok, tok_ok, dv,
+        v, _ = _decode_tile(vm, vtab, vmul, vadd, vsc, vze, vov, voi, vsk, vri, vm, vm, vce, b, hkv, tok, tok_ok, dv,
                             v_ring_from, v_ring_to, vsm0, vsm1, vsm2, vsm3, vss0, vss1, vss2, vss3, vso0, vso1,
-                            vso2, vso3, vsk0, vsk1, vsk2, vsr0, vsr1, vsr2, 0, 0, V_KIND, V_BITS, DV, V_GSIZE,
-                            V_HAS_TABLE, V_CHAN_TABLE, V_NTAB, V_AFFINE, V_SCALED, V_ZEROED, V_NOUT, V_SINK_N,
-                            V_RING_R, V_BLOCK, 0, 0, V_CONTIG, BLOCK_N)
+                            vso2, vso3, vsk0, vsk1, vsk2, vsr0, vsr1, vsr2, 0, 0, vce0, vce1, V_KIND, V_BITS, DV,
+                            V_GSIZE, V_HAS_TABLE, V_CHAN_TABLE, V_NTAB, V_AFFINE, V_SCALED, V_ZEROED, V_NOUT,
+                            V_SINK_N, V_RING_R, V_BLOCK, 0, 0, V_CONTIG, BLOCK_N, V_CENTRED)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -250,7 +255,8 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:
-    (main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin, _, _) = (_on(t, device) for t in tensors)
+    (main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin, _, _, centre) = (
+        _on(t, device) for t in tensors)
     kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, _ = ints
     if scale is not None and zero is not None:
         assert _strides(scale, 4) == _strides(zero, 4), "scale and zero point must share a layout"
@@ -262,10 +268,12 @@ def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:
     if keys:
         ptrs += [dummy if cos is None else cos.reshape(cos.shape[0], cos.shape[-2], cos.shape[-1]),
                  dummy if sin is None else sin.reshape(sin.shape[0], sin.shape[-2], sin.shape[-1])]
+    ptrs.append(dummy if centre is None else centre)
     args = ptrs + [ring_from, ring_to] + _strides(main, 4) + _strides(scale, 4) + _strides(oval, 4)
     args += _strides(sink, 3) + _strides(ring, 3)
     if keys:
         args += _strides(None if cos is None else ptrs[10], 2)
+    args += _strides(centre, 2)
     p = "K_" if keys else "V_"
     const = {"KIND": kind, "BITS": bits, "GSIZE": gsize or 1, "HAS_TABLE": table is not None,
              "CHAN_TABLE": bool(chan_table), "NTAB": table.shape[-1] if table is not None else 1,
@@ -273,7 +281,7 @@ def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:
              "ZEROED": zero is not None and zero.numel() > 0, "NOUT": oval.shape[-1] if oval is not None else 0,
              "SINK_N": sink_n, "RING_R": ring_r, "BLOCK": block or 1,
              "CONTIG": kind == 1 and bits in (2, 4, 8) and dim & (dim - 1) == 0 and dim >= 16
-             and dim % (gsize or dim) == 0}
+             and dim % (gsize or dim) == 0, "CENTRED": centre is not None}
     if keys:
         const |= {"ROPE": rope, "RDIM": rdim or dim}
     return args, {p + k: v for k, v in const.items()}

@@ -33,6 +33,7 @@ SPECS = [
     "int2:per_token:g16+outliers5%|sink=3", "nuq3:per_token|sink=1",
     "int4:per_channel:g8|residual=16", "int2:per_channel:g16+outliers5%|residual=16",
     "int2:per_token:g16|residual=16", "int4:per_token:g16|residual=16|sink=2",
+    "int4:per_token:g16|centre=8", "nuq3:per_token+outliers3%|sink=1|centre=8", "int2:per_channel:g16|residual=16|centre=8",
 ]
 ATOL = 2e-5
 
@@ -64,11 +65,11 @@ def test_native_attention_equals_the_reference(k_spec, v_spec, b, hkv, groups, t
 
 
 ROTATED = ["lm4:per_token:hadamard", "lm3:per_token:g16:hadamard", "int4:per_token:g16:hadamard",
-           "lm8:per_token:hadamard", "fp8_e4m3:per_token:hadamard"]
+           "lm8:per_token:hadamard", "fp8_e4m3:per_token:hadamard", "lm4:per_token:hadamard|centre=8"]
 
 
 @settings(max_examples=30, deadline=None)
-@given(k_spec=st.sampled_from(ROTATED + ["lm4:per_token:hadamard+outliers3%", "lm3:per_token:hadamard+outliers5%",
+@given(k_spec=st.sampled_from(ROTATED + ["lm4:per_token:hadamard+outliers3%", "lm3:per_token:hadamard+outliers5%|centre=8",
                                           "int4:per_token"]),
        v_spec=st.sampled_from(ROTATED + ["fp16"]),
        groups=st.sampled_from([1, 3]), t=st.sampled_from([1, 3]), d=st.sampled_from([32, 48]),

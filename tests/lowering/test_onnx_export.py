@@ -27,7 +27,7 @@ CALIB_TOKENS = torch.randint(3, 96, (3000,), generator=torch.Generator().manual_
 MAX_LEN = 32
 
 
-def compiled(arch: str, method: str, batch: int = 2) -> kvpass.KVPassModel:
+def compiled(arch: str, method: str | kvpass.MethodConfig, batch: int = 2) -> kvpass.KVPassModel:
     model = build(arch)
     cal = (kvpass.calibrate(model, [CALIB_TOKENS], method, n_samples=2, seq_len=MAX_LEN)
            if kvpass.get_method(method).uses_calibration else None)
@@ -137,6 +137,13 @@ def test_methods_that_do_not_export_say_why(method, reason, tmp_path):
     with pytest.raises(kvpass.KVPassError, match=reason):
         kvpass.export_onnx(qm, tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_centred_cache_does_not_export_and_says_why(tmp_path):
+    spec = "int4:per_token:g16|centre=8"
+    qm = compiled("llama", kvpass.MethodConfig("int4-centred", "int4 minus a centre", spec, spec))
+    with pytest.raises(kvpass.KVPassError, match="centre=N"):
+        kvpass.export_onnx(qm, tmp_path / "model.onnx")
 
 
 def test_bad_flavor_and_missing_file(tmp_path):

@@ -39,6 +39,8 @@ CASES = [
     ("fp8_e4m3:per_token", "fp8_e5m2:per_head", ""),
     ("int3:per_token", "int4:per_channel:static", "half"),
     ("int4:per_token:g16", "fp16", ""),
+    ("lm4:per_token:hadamard+outliers3%|centre=8", "lm4:per_token:hadamard|centre=8", ""),
+    ("nuq4:per_channel:static:channel_lut|sink=1|centre=8", "int4:per_token:g16|centre=8", "half"),
 ]
 
 
@@ -98,7 +100,8 @@ SPECS = [
     "int4:per_channel:static", "int2:per_channel:static+outliers3%",
     "nuq2:per_channel:static:channel_lut:qnorm+outliers3%", "int2:per_token:g16+outliers5%|sink=3",
     "int4:per_channel:g8|residual=16", "int2:per_channel:g16+outliers5%|residual=16",
-    "int4:per_token:g16|residual=16|sink=2",
+    "int4:per_token:g16|residual=16|sink=2", "int4:per_token:g16|centre=8", "nuq3:per_token+outliers3%|sink=1|centre=8",
+    "int2:per_channel:g16|residual=16|centre=8",
 ]
 
 

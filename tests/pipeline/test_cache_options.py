@@ -212,3 +212,50 @@ def test_full_precision_layers_are_not_calibrated():
     assert {CalibKey(1, "k", "lo"), CalibKey(1, "k", "lut"), CalibKey(1, "v", "lut")} <= set(cal.tensors)
     qm = kvpass.compile(model, m, max_cache_len=48, calibration=cal)
     assert qm.cache_report().layers[0].key_spec == "none"
+
+
+def offset_tokens(n, seed=0):
+    """Tokens whose channels carry a large constant offset per head (as a key projection's bias gives)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, H, n, D, generator=g) + 8 * torch.randn(1, H, 1, D, generator=g)
+
+
+@pytest.mark.parametrize("fmt", ["int4:per_token", "lm4:per_token:hadamard", "nuq4:per_token+outliers5%"])
+def test_centre_codes_tokens_minus_the_first_writes_mean(fmt):
+    x = offset_tokens(30)
+    spec = f"{fmt}|centre=8"
+    layout = CacheLayout.build(spec, (B, H, S, D), torch.float32)
+    cache, static = layout.allocate()
+    ops.kv_store_(cache, static, x[:, :, :12], torch.arange(12), spec)
+    for p in range(12, 30):  # later writes keep the centre the first one set
+        ops.kv_store_(cache, static, x[:, :, p:p + 1], torch.tensor([p]), spec)
+    centre = dict(zip(layout.buffer_specs(), cache))["centre"]
+    torch.testing.assert_close(centre, x[:, :, :8].mean(2, keepdim=True))
+    dense = ops.kv_load(cache, static, *NO_ROPE, torch.float32, str(CacheRead(spec, D, S)))[:, :, :30]
+    expected = quantize(x - centre, fmt).dequantize() + centre
+    torch.testing.assert_close(dense, expected)
+    plain = quantize(x, fmt).dequantize()
+    signal = (x - x.mean(2, keepdim=True)).norm()
+    assert (dense - x).norm() < 0.3 * (plain - x).norm()  # the offset no longer takes each token's scale
+    assert (dense - x).norm() / signal < 0.15
+    # the centre is one row per sequence and head at model precision, counted in the bits
+    assert layout.nbytes == sum(t.numel() * t.element_size() for t in cache + static)
+    assert layout.nbytes - CacheLayout.build(fmt, (B, H, S, D), torch.float32).nbytes == B * H * D * 4 + 8
+
+
+def test_centre_beside_a_sink_a_window_and_a_residual_ring():
+    # the exact rows stay exact; the coded ones come back around the centre; chunking does not change the bytes
+    x = offset_tokens(30, seed=1)
+    for spec in ("nuq3:per_token|sink=2|recent=4|centre=8", f"{KIVI_K}|centre=8"):
+        layout = CacheLayout.build(spec, (B, H, S, D), torch.float32)
+        one, static = layout.allocate()
+        ops.kv_store_(one, static, x, torch.arange(30), spec)
+        dense = ops.kv_load(one, static, *NO_ROPE, torch.float32, str(CacheRead(spec, D, S)))[:, :, :30]
+        cs = parse_cache_spec(spec)
+        if cs.sink:
+            assert torch.equal(dense[:, :, :2], x[:, :, :2])
+        else:
+            assert torch.equal(dense[:, :, 24:30], x[:, :, 24:30])  # the unfinished block in the ring
+        assert (dense - x).norm() / (x - x.mean(2, keepdim=True)).norm() < 0.5
+    with pytest.raises(kvpass.KVPassError, match="centre"):
+        parse_cache_spec("fp16|centre=8")
