@@ -11,5 +11,8 @@ register_method(MethodConfig("fp8", "fp8 e4m3 keys and values with a per-token f
                              "fp8_e4m3:per_token", "fp8_e4m3:per_token"))
 register_method(MethodConfig("int4", "int4 keys and values, per-token groups of 64 (naive baseline)",
                              "int4:per_token:g64", "int4:per_token:g64"))
+register_method(MethodConfig("int4-c", "int4 as above, centred: keys before RoPE, every token minus the mean of the "
+                             "prompt's first 64 (no calibration)", "int4:per_token:g64|centre=64",
+                             "int4:per_token:g64|centre=64", pre_rope_keys=True))
 register_method(MethodConfig("int2", "int2 keys and values, per-token groups of 64 (naive baseline)",
                              "int2:per_token:g64", "int2:per_token:g64"))

@@ -47,3 +47,24 @@ def test_the_cache_holds_rotated_lloyd_max_codes_of_the_keys():
     # the codes themselves are of the rotated keys: decoding without the inverse rotation does not give the keys
     raw = rotation.rotate(stored)
     assert ((raw - keys).square().sum() / keys.square().sum()).item() > 0.5
+
+
+@pytest.mark.parametrize(("plain", "centred"), [("int4", "int4-c"), ("tq-4bit", "tq-4bit-c")])
+def test_centred_presets_take_a_key_bias_out_of_the_codes(plain, centred):
+    # a key projection's bias (Qwen2's) is one offset for every token before RoPE: stored before RoPE and minus the
+    # prompt's mean, the codes spend no levels on it
+    model = build("qwen2")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = layer.self_attn.k_proj.bias
+            bias.copy_(10 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)))  # >> the keys' spread
+    ids, _ = prompt(1, length=24)
+    ref = kvpass.compile(model, "fp16", max_cache_len=64).step(ids)
+    err = {}
+    for name in (plain, centred):
+        qm = kvpass.compile(model, name, max_cache_len=64)
+        err[name] = float((qm.step(ids) - ref).abs().mean())
+    assert err[centred] < 0.5 * err[plain]
+    assert not kvpass.get_method(centred).uses_calibration
+    report = kvpass.compile(model, centred, max_cache_len=64).cache_report()
+    assert report.bits_per_element < kvpass.compile(model, plain, max_cache_len=64).cache_report().bits_per_element + 1.0
