@@ -148,13 +148,14 @@ def main() -> None:
                     def kernel(q=q, kq=kq, vq=vq, meta=meta, s=s, scale=scale, **kw):
                         return ta.decode_attention(q, kq, vq, meta.key_spec, meta.value_spec, s, None, scale, **kw)
                 else:
-                    kt, ki = cpu.describe(kc, ks, meta.key_read, *rope, s - 1 if window else None)
-                    vt, vi = cpu.describe(vc, vs, meta.value_read, None, None, s - 1 if window else None)
+                    kt, ki = cpu.describe(kc, ks, meta.key_read, *rope, s - 1 if window else None, rotated_space=True)
+                    vt, vi = cpu.describe(vc, vs, meta.value_read, None, None, s - 1 if window else None,
+                                          rotated_space=True)
                     rq = rotation.rotate(q).half() if meta.key_spec.format.rotate else q
                     extra = None  # rotated keys' outliers reach the kernel as additive scores
                     if meta.key_spec.format.outlier_frac and meta.key_spec.format.rotate:
                         kept, rest, extra = cpu.key_outliers_as_scores(q, kc, meta, None, None, s)
-                        kt, ki = cpu.describe(kept, ks, rest.key_read, *rope)
+                        kt, ki = cpu.describe(kept, ks, rest.key_read, *rope, rotated_space=True)
 
                     def kernel(rq=rq, kt=kt, ki=ki, vt=vt, vi=vi, extra=extra, s=s, scale=scale, **kw):
                         return form.attend(rq, kt, ki, vt, vi, extra, s, scale, **kw)

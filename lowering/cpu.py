@@ -42,25 +42,31 @@ ROPE = {"": 0, "half": 1, "interleaved": 2}
 MAX_DIM = 1024  # the kernel's RoPE scratch row
 
 
-def supports(cs: CacheSpec, head_dim: int, rotated: bool = False) -> bool:
-    """Whether the native kernel reads caches of this spec (every spec kvpass's methods use does). Rotated codes
-    (``:hadamard``) are read in the rotated space where the caller rotates the query or the output (``rotated``):
-    then no model-precision rows (sink, rings) may sit beside them; outliers (kept before the rotation) only beside
-    keys, whose share of the scores :func:`key_outliers_as_scores` adds."""
+def supports(cs: CacheSpec, head_dim: int) -> bool:
+    """Whether the native kernel reads caches of this spec (every spec kvpass's methods use does)."""
     f = cs.format
-    if head_dim > MAX_DIM or (f.rotate and (not rotated or cs.sink or cs.recent or cs.residual)):
+    if head_dim > MAX_DIM:
         return False
     if f.kind == "float":
         return not cs.residual
     return not transposed(f) or bool(cs.residual)
 
 
+def reads_rotated(cs: CacheSpec, read: CacheRead, values: bool = False) -> bool:
+    """Whether rotated codes (``:hadamard``) are read as stored, in the rotated space (the caller rotates the query
+    for keys, the output back for values): where no model-precision rows (sink, rings) sit beside them, keys are not
+    rotated by RoPE after decoding, and values keep no outliers (keys' outliers reach the scores through
+    :func:`key_outliers_as_scores`). Otherwise the kernel rotates each decoded row back (a fast Hadamard transform)."""
+    f = cs.format
+    return bool(f.rotate and not read.rope and not (cs.sink or cs.recent or cs.residual)
+                and not (values and f.outlier_frac))
+
+
 def applies(q: torch.Tensor, meta: AttentionMeta) -> bool:
     """Whether the native kernel takes this ``kv_attention`` call."""
     return (q.device.type == "cpu" and q.shape[1] * q.shape[2] <= MAX_ROWS and q.shape[-1] == meta.head_dim
-            and supports(meta.key_spec, meta.head_dim, rotated=not meta.key_read.rope)
-            and supports(meta.value_spec, meta.v_head_dim, rotated=True)
-            and not (meta.value_spec.format.rotate and meta.value_spec.format.outlier_frac) and cpu_build.available())
+            and supports(meta.key_spec, meta.head_dim) and supports(meta.value_spec, meta.v_head_dim)
+            and cpu_build.available())
 
 
 @functools.cache
@@ -75,21 +81,23 @@ def _heads_by_dim(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
 
 def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheRead, rope_cos: torch.Tensor | None,
              rope_sin: torch.Tensor | None, newest: int | None = None,
-             overlay: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[torch.Tensor | None], list[int]]:
+             overlay: tuple[torch.Tensor, torch.Tensor] | None = None,
+             rotated_space: bool = False) -> tuple[list[torch.Tensor | None], list[int]]:
     """The kernel's fields for one cache: tensors and ints in the slot order of ``plugins/cpu_attention.cpp`` (main,
-    table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre; kind,
-    bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8).
+    table, ch_mul, ch_add, tok_scale, tok_zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre, signs;
+    kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, fp8).
 
     With ``newest`` = p, a ``recent=W`` cache reads positions ``p - W < j <= p`` from its ring (which must hold them)
     and the rest coded, as the query at p does; without, the codes alone (what ``kv_load`` reads). ``overlay`` =
     (rows ``[B, H, C, D]``, map ``[B, H, n]`` int32 of the entry holding each slot or -1) substitutes MiKV's
-    high-precision rows."""
+    high-precision rows. Rotated codes are decoded back to the model's space (``signs``: the kernel's fast Hadamard
+    transform) unless ``rotated_space`` (see :func:`reads_rotated`)."""
     cs, d = read.cache_spec, read.head_dim
     f = cs.format
     bufs = dict(zip(kvcache.cache_names(cs), cache))
     params = dict(zip(kvcache.static_names(cs), static))
     heads = cache[0].shape[1]
-    tensors: list[torch.Tensor | None] = [None] * 15
+    tensors: list[torch.Tensor | None] = [None] * 16
     kind, block, table_per_channel = 1, 0, 0
     rows = cs.residual and not transposed(f)  # per-token codes in residual blocks: rows once the blocks are joined
 
@@ -145,7 +153,9 @@ def describe(cache: list[torch.Tensor], static: list[torch.Tensor], read: CacheR
         tensors[12], tensors[13] = overlay
     if cs.centre:  # added to every coded row (in the rotated space where the codes are read there)
         centre = bufs["centre"].float()[:, :, 0]
-        tensors[14] = rotation.rotate(centre) if f.rotate else centre
+        tensors[14] = rotation.rotate(centre) if f.rotate and rotated_space else centre
+    if f.rotate and not rotated_space:
+        tensors[15] = rotation.signs(d, cache[0].device)
     if transposed(f):
         gsize = f.group or cs.residual
     else:
@@ -191,9 +201,11 @@ def attend(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos,
     (``-inf`` where a row sees nothing; its output is then 0) and, with ``need_mass``, the mass ``[B, Hkv, n]``
     (``newest``: see :func:`describe`; ``overlay``: the overlay's K rows, V rows and slot map)."""
     kt, ki = describe(k_cache, k_static, meta.key_read, rope_cos, rope_sin, newest,
-                      None if overlay is None else (overlay[0], overlay[2]))
+                      None if overlay is None else (overlay[0], overlay[2]),
+                      reads_rotated(meta.key_spec, meta.key_read))
     vt, vi = describe(v_cache, v_static, meta.value_read, None, None, newest,
-                      None if overlay is None else (overlay[1], overlay[2]))
+                      None if overlay is None else (overlay[1], overlay[2]),
+                      reads_rotated(meta.value_spec, meta.value_read, values=True))
     add = additive(mask, n) if mask is not None else None
     return cpu_build.ops().attend(q.float().contiguous(), kt, ki, vt, vi, add, q_positions, n, meta.scale,
                                        meta.need_mass, k_cache[0].shape[1])
@@ -212,14 +224,16 @@ def _(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope
     if not applies(q, m):
         return reference_kv_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m)
     n, add = visible_and_additive(mask, q_positions, m.max_len)
-    # rotated codes are read as stored: q.k is the same between rotated vectors, and the rotated values' weighted sum
-    # is rotated back once
-    rq = rotation.rotate(q) if m.key_spec.format.rotate else q
-    if m.key_spec.format.rotate and m.key_spec.format.outlier_frac:
+    # rotated codes are read as stored where they can be: q.k is the same between rotated vectors, and the rotated
+    # values' weighted sum is rotated back once
+    keys_rotated = reads_rotated(m.key_spec, m.key_read)
+    values_rotated = reads_rotated(m.value_spec, m.value_read, values=True)
+    rq = rotation.rotate(q) if keys_rotated else q
+    if keys_rotated and m.key_spec.format.outlier_frac:
         k_cache, m, add = key_outliers_as_scores(q, k_cache, m, add, q_positions, n)
         q_positions = None  # (in the additive mask now)
     out, _, mass = attend(rq, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin, m, n)
-    if m.value_spec.format.rotate:
+    if values_rotated:
         out = rotation.unrotate(out)
     if m.need_mass and n < m.max_len:
         mass = torch.nn.functional.pad(mass, (0, m.max_len - n))

@@ -48,9 +48,9 @@ def form_attention_applies(q: torch.Tensor, meta: AttentionMeta) -> bool:
     if kernels is None:
         return False
     return (not meta.need_mass and q.shape[1] * q.shape[2] <= kernels[0].MAX_ROWS and q.shape[-1] == meta.head_dim
-            and cpu.supports(meta.key_spec, meta.head_dim, rotated=not meta.key_read.rope)
-            and cpu.supports(meta.value_spec, meta.v_head_dim, rotated=True)
-            and not (meta.value_spec.format.rotate and meta.value_spec.format.outlier_frac))
+            and cpu.supports(meta.key_spec, meta.head_dim) and cpu.supports(meta.value_spec, meta.v_head_dim)
+            and (not meta.key_spec.format.rotate or cpu.reads_rotated(meta.key_spec, meta.key_read))
+            and (not meta.value_spec.format.rotate or cpu.reads_rotated(meta.value_spec, meta.value_read, True)))
 
 
 def form_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m: AttentionMeta,
@@ -66,8 +66,8 @@ def form_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, r
         k_cache, m, add = cpu.key_outliers_as_scores(q, k_cache, m, add, q_positions, n)
     elif add is None and q_positions is not None:
         add = torch.zeros(q.shape[2], n, device=q.device).masked_fill_(~causal_mask(q_positions, n), float("-inf"))
-    kt, ki = cpu.describe(k_cache, k_static, m.key_read, rope_cos, rope_sin, newest)
-    vt, vi = cpu.describe(v_cache, v_static, m.value_read, None, None, newest)
+    kt, ki = cpu.describe(k_cache, k_static, m.key_read, rope_cos, rope_sin, newest, rotated_space=True)
+    vt, vi = cpu.describe(v_cache, v_static, m.value_read, None, None, newest, rotated_space=True)
     out = form.attend(rq, kt, ki, vt, vi, add, n, m.scale)
     if m.value_spec.format.rotate:
         out = rotation.unrotate(out)

@@ -44,7 +44,7 @@ enum Rope : int64_t { NO_ROPE = 0, HALF = 1, INTERLEAVED = 2 };
 
 // The fields of one cache, in the order kvpass/lowering/cpu.py passes them.
 enum TensorSlot { MAIN, TABLE, CH_MUL, CH_ADD, TOK_SCALE, TOK_ZERO, OUT_VAL, OUT_IDX, SINK, RING, COS, SIN, OV_ROWS, OV_MAP,
-                  CENTRE, N_TENSORS };
+                  CENTRE, SIGNS, N_TENSORS };
 enum IntSlot { KIND, BITS, DIM, GSIZE, CHAN_TABLE, SINK_N, RING_R, RING_FROM, RING_TO, ROPE, RDIM, BLOCK, FP8, N_INTS };
 enum Fp8 : int64_t { NOT_FP8 = 0, E4M3 = 1, E5M2 = 2 };
 
@@ -112,7 +112,7 @@ struct Cache {
   int64_t kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block;
   int64_t fp8 = NOT_FP8, nout = 0, ntable = 0;
   float small_table[16] = {0};  // a shared table of up to 16 entries, padded, for in-register lookups
-  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre;
+  View main, table, ch_mul, ch_add, scale, zero, out_val, out_idx, sink, ring, cos, sin, ov_rows, ov_map, centre, signs;
 
   // centre=N: the [B, H, D] centre the coded rows were taken from, added back
   void add_centre(int64_t b, int64_t h, float* __restrict row) const {
@@ -139,6 +139,8 @@ Cache make_cache(const std::vector<c10::optional<at::Tensor>>& t, at::IntArrayRe
   c.out_val = View::of(t[OUT_VAL]); c.out_idx = View::of(t[OUT_IDX]); c.sink = View::of(t[SINK]);
   c.ring = View::of(t[RING]); c.cos = View::of(t[COS]); c.sin = View::of(t[SIN]);
   c.ov_rows = View::of(t[OV_ROWS]); c.ov_map = View::of(t[OV_MAP]); c.centre = View::of(t[CENTRE]);
+  c.signs = View::of(t[SIGNS]);
+  TORCH_CHECK(!c.signs || c.signs.dtype == at::kFloat, "kvpass cpu kernel: the rotation's signs must be float32");
   TORCH_CHECK(!c.centre || c.centre.dtype == at::kFloat, "kvpass cpu kernel: the centre must be float32");
   TORCH_CHECK(!c.ov_map || c.ov_map.dtype == at::kInt, "kvpass cpu kernel: the overlay map must be int32");
   TORCH_CHECK(c.main, "kvpass cpu kernel: a cache needs its data or codes");
@@ -291,6 +293,29 @@ void apply_rope(const Cache& c, int64_t b, int64_t t, float* __restrict r) {
   }
 }
 
+// Hadamard codes read in the model's space: the row times R = H diag(signs), H the normalized Sylvester matrix of
+// each power-of-two block (largest first, as kvpass.formats.rotation builds it), by the fast transform.
+void unrotate_row(const Cache& c, float* __restrict row) {
+  int64_t start = 0;
+  for (int64_t rest = c.dim; rest > 0;) {
+    const int64_t n = int64_t(1) << (63 - __builtin_clzll(static_cast<unsigned long long>(rest)));
+    float* x = row + start;
+    for (int64_t h = 1; h < n; h <<= 1)
+      for (int64_t i = 0; i < n; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = x[j], b = x[j + h];
+          x[j] = a + b;
+          x[j + h] = a - b;
+        }
+    const float norm = 1.0f / std::sqrt(static_cast<float>(n));
+    for (int64_t j = 0; j < n; ++j) x[j] *= norm;
+    start += n;
+    rest -= n;
+  }
+  const float* s = reinterpret_cast<const float*>(c.signs.ptr);
+  for (int64_t d = 0; d < c.dim; ++d) row[d] *= s[d];
+}
+
 // Token t of head (b, h), decoded into `row` [dim].
 void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __restrict row) {
   const int64_t D = c.dim;
@@ -322,9 +347,13 @@ void decode_token(const Cache& c, int64_t b, int64_t h, int64_t t, float* __rest
         for (; d < c.gsize; ++d) x[d] = z + s * x[d];
       }
     }
-    if (c.nout) {
+    if (c.signs) unrotate_row(c, row);
+    if (c.nout) {  // rotated codes: the outliers were kept before the rotation, added onto the rest
       const int64_t vo = c.out_val.at3(b, h, t), io = c.out_idx.at3(b, h, t);
-      for (int64_t k = 0; k < c.nout; ++k) row[c.out_idx.i(io + k)] = c.out_val.f(vo + k);
+      for (int64_t k = 0; k < c.nout; ++k) {
+        float& x = row[c.out_idx.i(io + k)];
+        x = c.signs ? x + c.out_val.f(vo + k) : c.out_val.f(vo + k);
+      }
     }
     c.add_centre(b, h, row);
   } else {  // BLOCKS: the block's tokens run along the last axis of each channel's codes

@@ -27,7 +27,7 @@ import triton.language as tl
 from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count, unpack_rows
 from triton.runtime.errors import OutOfResources
 
-N_TENSORS, N_INTS = 15, 13  # the fields of lowering.cpu.describe
+N_TENSORS, N_INTS = 16, 13  # the fields of lowering.cpu.describe
 MIN_BLOCK_N = 16  # tl.dot's smallest tile
 _fitting: dict[tuple, int] = {}  # per kernel signature, the largest tile that fitted where the first one did not
 
@@ -230,8 +230,9 @@ def _form_kernel(
 
 
 def supports(tensors: list[torch.Tensor | None], ints: list[int]) -> bool:
-    """Whether the kernel reads a cache so described (everything but MiKV's overlay rows; codes of 1-8 bits)."""
-    return tensors[12] is None and tensors[13] is None and 1 <= ints[1] <= 8
+    """Whether the kernel reads a cache so described (everything but MiKV's overlay rows and rotated codes to decode
+    back to the model's space; codes of 1-8 bits)."""
+    return tensors[12] is None and tensors[13] is None and tensors[15] is None and 1 <= ints[1] <= 8
 
 
 def _strides(t: torch.Tensor | None, n: int) -> list[int]:
@@ -255,7 +256,7 @@ def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 
 def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:
-    (main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin, _, _, centre) = (
+    (main, table, mul, add, scale, zero, oval, oidx, sink, ring, cos, sin, _, _, centre, _) = (
         _on(t, device) for t in tensors)
     kind, bits, dim, gsize, chan_table, sink_n, ring_r, ring_from, ring_to, rope, rdim, block, _ = ints
     if scale is not None and zero is not None:

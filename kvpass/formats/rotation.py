@@ -29,8 +29,18 @@ def blocks(d: int) -> list[int]:
 
 
 @functools.cache
+def _signs(d: int) -> torch.Tensor:
+    return torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(SEED), dtype=torch.int64) * 2 - 1
+
+
+def signs(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 signs of ``R = H · diag(signs)`` (what a fast Hadamard transform multiplies by)."""
+    return _signs(d).float().to(device)
+
+
+@functools.cache
 def _matrix(d: int) -> torch.Tensor:
-    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(SEED), dtype=torch.int64) * 2 - 1
+    signs = _signs(d)
     r = torch.zeros(d, d, dtype=torch.float64)
     i = 0
     for n in blocks(d):

@@ -89,12 +89,18 @@ def test_rotated_codes_are_read_natively_in_the_rotated_space(k_spec, v_spec, gr
     ref_out, ref_mass = reference_kv_attention(q, kc, ks, vc, vs, mask, q_positions, None, None, meta)
     torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(mass, ref_mass, atol=ATOL, rtol=1e-4)
-    # keys stored before RoPE are rotated by RoPE after decoding, which the Hadamard does not commute with; model-
-    # precision rows beside rotated codes, or value outliers, are read by the reference kernel
-    pre_rope = AttentionMeta(k_spec, v_spec, d, d, s, 1.0, rope="half", rotary_dim=d)
-    assert cpu.applies(q, pre_rope) == (not kvcache.parse_cache_spec(k_spec).format.rotate)
-    for beside in ("lm4:per_token:hadamard|sink=2", "lm4:per_token:hadamard+outliers3%"):  # values
-        assert not cpu.applies(q, AttentionMeta(k_spec, beside, d, d, s, 1.0))
+    # keys stored before RoPE (RoPE does not commute with the Hadamard), model-precision rows beside rotated codes and
+    # value outliers: each decoded row is rotated back in the kernel (a fast Hadamard transform)
+    cos, sin = rope_tables(b, s, d, gen)
+    for k_read, v_read in ((k_spec, "lm4:per_token:hadamard|sink=2"), (k_spec, "lm3:per_token:hadamard+outliers3%"),
+                           ("lm4:per_token:hadamard+outliers3%|recent=4|centre=8", v_spec)):
+        kc2, ks2 = filled(k_read, b, hkv, s, d, n, gen)
+        vc2, vs2 = filled(v_read, b, hkv, s, d, n, gen)
+        meta = AttentionMeta(k_read, v_read, d, d, s, d**-0.5, rope="half", rotary_dim=d)
+        assert cpu.applies(q, meta) and not cpu.reads_rotated(meta.key_spec, meta.key_read)
+        out, _ = kv_attention(q, kc2, ks2, vc2, vs2, mask, q_positions, cos, sin, str(meta))
+        ref_out, _ = reference_kv_attention(q, kc2, ks2, vc2, vs2, mask, q_positions, cos, sin, meta)
+        torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", SPECS)

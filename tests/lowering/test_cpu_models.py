@@ -36,7 +36,7 @@ def decode(qm, ids, mask, steps: int) -> tuple[list[torch.Tensor], torch.Tensor]
     return logits, torch.cat(tokens, 1)
 
 
-@pytest.mark.parametrize("method", ["int4", "int4-c", "kivi-2bit", "kvquant-2bit-1%", "mikv", "h2o", "tq-4bit-1%"])
+@pytest.mark.parametrize("method", ["int4", "int4-c", "kivi-2bit", "kvquant-2bit-1%", "mikv", "h2o", "tq-4bit-1%", "tq-4bit-c"])
 def test_native_kernels_decode_as_the_reference(method, monkeypatch):
     model = build("llama")
     cal = (kvpass.calibrate(model, [CALIB_TOKENS], method, n_samples=2, seq_len=48)
