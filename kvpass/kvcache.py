@@ -281,11 +281,11 @@ def store_sink(bufs: dict[str, torch.Tensor], new: torch.Tensor, positions: torc
             bufs["sink"].index_copy_(2, positions[keep], new[:, :, keep].to(bufs["sink"].dtype))
 
 
-def centre_of(bufs: dict[str, torch.Tensor], new: torch.Tensor, cs: CacheSpec) -> torch.Tensor | float:
-    """The centre the coded tokens are taken from (0 without ``centre=N``): set by the first write, from its first
-    N tokens, and fixed from then on."""
+def centre_of(bufs: dict[str, torch.Tensor], new: torch.Tensor, cs: CacheSpec) -> torch.Tensor | None:
+    """The centre the coded tokens are taken from (None without ``centre=N``): set by the first write, from its
+    first N tokens, and fixed from then on."""
     if not cs.centre:
-        return 0.0
+        return None
     centre, done = bufs["centre"], bufs["centred"]
     if not int(done) and new.shape[2]:
         centre.copy_(new[:, :, :cs.centre].float().mean(2, keepdim=True).to(centre.dtype))
@@ -304,7 +304,8 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
     store_sink(bufs, new, positions, cs)
     centre = centre_of(bufs, new, cs)
     if not cs.residual:
-        _write_coded(bufs, quantize(new - centre, cs.format, check=False, **params).tensors, coded_names, positions)
+        coded = quantize(new if centre is None else new - centre, cs.format, check=False, **params).tensors
+        _write_coded(bufs, coded, coded_names, positions)
         return
     r, ring = cs.residual, bufs["residual"]
     pos = positions.tolist()
@@ -318,7 +319,7 @@ def store(cache: list[torch.Tensor], static: list[torch.Tensor], new: torch.Tens
         ring[:, :, p % r: p % r + take] = new[:, :, i:i + take].to(ring.dtype)
         end = p + take
         if end % r == 0 and end // r <= blocks:  # the block is complete: code it from the ring
-            coded = quantize(ring - centre, cs.format, check=False, **params).tensors
+            coded = quantize(ring if centre is None else ring - centre, cs.format, check=False, **params).tensors
             k = torch.tensor([end // r - 1], device=new.device)
             for name in coded_names:
                 bufs[name].index_copy_(2, k, coded[name].unsqueeze(2).to(bufs[name].dtype))
