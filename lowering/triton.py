@@ -2,8 +2,9 @@
 caches take the specialised fused kernel (:mod:`kvpass.plugins.triton_attention`), every other spec the methods use
 the decode-form kernel (:mod:`kvpass.plugins.triton_decode_form`), which reads the same fields as the native CPU
 kernel (:func:`kvpass.lowering.cpu.describe`); neither writes a dequantized copy of the cache. Calls that ask for
-the attention mass (importance methods), long prompt chunks and MiKV's overlay run the reference kernel, as does
-everything where triton is not installed. Registered as the ops' CUDA kernels, so eager calls, ``torch.export``
+the attention mass (importance methods), long prompt chunks, MiKV's overlay and rotated codes that would have to be
+rotated back row by row (keys before RoPE, rows beside a sink or ring) run the reference kernel, as does everything
+where triton is not installed. Registered as the ops' CUDA kernels, so eager calls, ``torch.export``
 programs and Inductor (which calls the ops as extern kernels) all take them."""
 
 from __future__ import annotations
