@@ -38,6 +38,15 @@ def supports(cs: CacheSpec, head_dim: int) -> bool:
 
 
 @triton.jit
+def softmax_step(s, m_i):
+    """One block of an online softmax: the block's unnormalised probabilities, the factor that rescales what was
+    accumulated, and the new running max (rows with nothing visible yet keep a max of -inf and get zeros)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return tl.exp(s - m_safe[:, None]), tl.exp(m_i - m_safe), m_new
+
+
+@triton.jit
 def unpack_rows(row_ptrs, ok, D: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr):
     """The ``[BLOCK_N, D]`` codes of packed rows starting at ``row_ptrs`` ``[BLOCK_N, 1]`` (2, 4 or 8 bits; zeros
     where ``ok`` is false): each row's bytes read once, contiguously, and split in registers (first code lowest)."""
@@ -127,10 +136,7 @@ def _decode_kernel(
                           mask=allowed, other=float("-inf"))
             s = s + add
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p, alpha, m_new = softmax_step(s, m_i)
         v = _dequant_block(vc, vs, vz, tok, tok_ok, stride_vct, stride_vst, DV, BLOCK_N, V_BITS, V_GROUP, HALF)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count, unpack_rows
+from kvpass.plugins.triton_attention import MAX_ROWS, _merge_kernel, _sm_count, softmax_step, unpack_rows
 from triton.runtime.errors import OutOfResources
 
 N_TENSORS, N_INTS = 16, 13  # the fields of lowering.cpu.describe
@@ -211,10 +211,7 @@ def _form_kernel(
             s += tl.load(mask_ptr + b * stride_mb + head[:, None] * stride_mh + t[:, None] * stride_mt + tok[None, :],
                          mask=allowed, other=float("-inf"))
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p, alpha, m_new = softmax_step(s, m_i)
         v, _ = _decode_tile(vm, vtab, vmul, vadd, vsc, vze, vov, voi, vsk, vri, vm, vm, vce, b, hkv, tok, tok_ok, dv,
                             v_ring_from, v_ring_to, vsm0, vsm1, vsm2, vsm3, vss0, vss1, vss2, vss3, vso0, vso1,
                             vso2, vso3, vsk0, vsk1, vsk2, vsr0, vsr1, vsr2, 0, 0, vce0, vce1, V_KIND, V_BITS, DV,

@@ -49,11 +49,15 @@ CASES = [
 def test_form_kernel_equals_the_reference(k_spec, v_spec, rope, shape):
     b, hkv, groups, t, s, mask_kind = shape
     gen = torch.Generator().manual_seed(hash((k_spec, v_spec, s)) % 2**16)
-    d, n = 32, s - 7
+    check_against_the_reference(k_spec, v_spec, rope, b, hkv, groups, t, 32, s, s - 7, mask_kind, b, gen)
+
+
+def check_against_the_reference(k_spec, v_spec, rope, b, hkv, groups, t, d, s, n, mask_kind, rope_batch, gen):
+    """Random caches of the specs holding n tokens, the decode-form kernel's attention against the reference's."""
     kc, ks = filled(k_spec, b, hkv, s, d, n, gen)
     vc, vs = filled(v_spec, b, hkv, s, d, n, gen)
     q = torch.randn(b, hkv * groups, t, d, generator=gen)
-    cos, sin = rope_tables(b, s, 16, gen) if rope else (None, None)
+    cos, sin = rope_tables(rope_batch, s, 16, gen) if rope else (None, None)
     mask, q_positions = make_mask(mask_kind, b, t, s, n, gen)
     meta = AttentionMeta(k_spec, v_spec, d, d, s, d**-0.5, rope=rope, rotary_dim=16 if rope else 0)
     assert tl_lowering.form_attention_applies(q, meta)
@@ -113,20 +117,10 @@ SPECS = [
        seed=st.integers(0, 2**16))
 def test_form_kernel_over_shapes_and_masks(k_spec, v_spec, b, hkv, groups, t, d, s, fill, mask_kind, rope, seed):
     # head dims that are not powers of two (48: channels masked), fill lengths, GQA, padding rows, partial RoPE
-    gen = torch.Generator().manual_seed(seed)
     n = max(t, math.ceil(fill * s))
-    kc, ks = filled(k_spec, b, hkv, s, d, n, gen)
-    vc, vs = filled(v_spec, b, hkv, s, d, n, gen)
-    q = torch.randn(b, hkv * groups, t, d, generator=gen)
-    cos, sin = rope_tables(b if seed % 2 else 1, s, 16, gen) if rope else (None, None)  # batch-1 tables too
-    mask, q_positions = make_mask(mask_kind, b, t, s, n, gen)
-    meta = AttentionMeta(k_spec, v_spec, d, d, s, d**-0.5, rope=rope, rotary_dim=16 if rope else 0)
-    assert tl_lowering.form_attention_applies(q, meta)
-    ref, _ = reference_kv_attention(q, kc, ks, vc, vs, mask, q_positions, cos, sin, meta)
-    dev = [[x.to(DEVICE) for x in group] for group in (kc, ks, vc, vs)]
-    moved = [None if x is None else x.to(DEVICE) for x in (mask, q_positions, cos, sin)]
-    out = tl_lowering.form_attention(q.to(DEVICE, DTYPE), *dev[:2], *dev[2:], *moved, meta)
-    torch.testing.assert_close(out.float().cpu(), ref, atol=TOL, rtol=TOL)
+    rope_batch = b if seed % 2 else 1  # batch-1 RoPE tables too
+    check_against_the_reference(k_spec, v_spec, rope, b, hkv, groups, t, d, s, n, mask_kind, rope_batch,
+                                torch.Generator().manual_seed(seed))
 
 
 def test_what_the_form_kernel_leaves_to_the_reference():
