@@ -1,8 +1,9 @@
 """Decode attention over one layer's packed cache on a CUDA GPU: every cache spec of the methods with one key and
 one value spec, side by side with PyTorch SDPA over the fp16 cache (what the full-precision cache runs).
 
-Each spec gets two rows: the Triton kernel alone (the specialised per-token int kernel for ``int2/4/8:per_token``
-specs, the decode-form kernel for the rest; fields prepared once, replayed from a CUDA graph as a compiled decode
+Each spec gets a row with two timings: the kernel alone (the specialised per-token int kernel for
+``int2/4/8:per_token`` specs, the decode-form kernel for the rest, the reference kernel where neither takes the spec:
+rotated keys stored before RoPE; fields prepared once, replayed from a CUDA graph as a compiled decode
 step launches it) and the op the pass emits (``kv_attention``, or ``kv_recent_attention_`` for caches with a recent
 window: it also stores the token), called from Python as eager decoding does. Speed is against fp16 SDPA timed the
 same way; GB/s counts the packed cache's bytes (codes, scales, outliers, windows). A sweep of the kernels' launch
@@ -46,7 +47,6 @@ def filled(spec: str, b: int, h: int, s: int, d: int, data: torch.Tensor, chunk:
 
 def main() -> None:
     import triton
-    from kvpass.lowering import cpu
     from kvpass.lowering import triton as lowering
     from kvpass.plugins import triton_attention as ta
     from kvpass.plugins import triton_decode_form as form
@@ -147,20 +147,18 @@ def main() -> None:
 
                     def kernel(q=q, kq=kq, vq=vq, meta=meta, s=s, scale=scale, **kw):
                         return ta.decode_attention(q, kq, vq, meta.key_spec, meta.value_spec, s, None, scale, **kw)
-                else:
-                    kt, ki = cpu.describe(kc, ks, meta.key_read, *rope, s - 1 if window else None, rotated_space=True)
-                    vt, vi = cpu.describe(vc, vs, meta.value_read, None, None, s - 1 if window else None,
-                                          rotated_space=True)
-                    rq = rotation.rotate(q).half() if meta.key_spec.format.rotate else q
-                    extra = None  # rotated keys' outliers reach the kernel as additive scores
-                    if meta.key_spec.format.outlier_frac and meta.key_spec.format.rotate:
-                        kept, rest, extra = cpu.key_outliers_as_scores(q, kc, meta, None, None, s)
-                        kt, ki = cpu.describe(kept, ks, rest.key_read, *rope, rotated_space=True)
+                elif not lowering.form_attention_applies(q, meta):  # what the op then runs on CUDA
+                    def kernel(q=q, kc=kc, ks=ks, vc=vc, vs=vs, rope=rope, meta=meta, **kw):
+                        return ops.reference_kv_attention(q, kc, ks, vc, vs, None, None, *rope, meta)[0]
+                else:  # every slot visible, as to the op's query at s - 1
+                    inputs = lowering.form_inputs(q, kc, ks, vc, vs, None, None, *rope, meta,
+                                                  s - 1 if window else None)
 
-                    def kernel(rq=rq, kt=kt, ki=ki, vt=vt, vi=vi, extra=extra, s=s, scale=scale, **kw):
-                        return form.attend(rq, kt, ki, vt, vi, extra, s, scale, **kw)
+                    def kernel(inputs=inputs, **kw):
+                        return form.attend(*inputs, **kw)
                 mine = kernel()
-                if not specialised and meta.value_spec.format.rotate:  # the op rotates the output back
+                formed = not specialised and lowering.form_attention_applies(q, meta)
+                if formed and meta.value_spec.format.rotate:  # the op rotates the output back
                     mine = rotation.unrotate(mine)
                 kernel_err = float((mine.float() - out.float()).abs().max())  # the kernel alone vs the op
                 k_ms = do_bench_cudagraph(kernel, rep=100)
@@ -169,7 +167,7 @@ def main() -> None:
                 rows.append({"batch": b, "context": s, "method": name, "spec": f"{kspec} / {vspec}",
                              "kernel_ms": k_ms, "op_ms": o_ms, "kernel_x": fp16_cg / k_ms, "op_x": fp16_eager / o_ms,
                              "MB": nbytes / 2**20, "err": err, "kernel_vs_op": kernel_err,
-                             "kernel": "int per-token" if specialised else "decode form"})
+                             "kernel": "int per-token" if specialised else "decode form" if formed else "reference"})
                 print(f"  {name:>16}: kernel {k_ms * 1e3:8.1f} us {fp16_cg / k_ms:5.2f}x  op {o_ms * 1e3:8.1f} us "
                       f"{fp16_eager / o_ms:5.2f}x  err {err}", flush=True)
                 last = b == batches[-1] and s == contexts[-1] and name in args.sweep.split(",")
@@ -183,7 +181,7 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
                             sweep.append({"method": name, "block_n": bn, "num_warps": nw, "num_stages": st,
                                           "half_math": half, "error": str(e)[:200]})
-                elif last:
+                elif last and formed:
                     for bn, nw in itertools.product((32, 64, 128), (4, 8)):
                         try:
                             ms = do_bench_cudagraph(lambda k=kernel, bn=bn, nw=nw: k(block_n=bn, num_warps=nw), rep=50)

@@ -35,7 +35,7 @@ from kvpass.ops import journal
 from kvpass.ops.attention import visible_length
 from kvpass.ops.cache import kv_attention, kv_store_, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta, CacheRead
-from kvpass.ops.recent import kv_recent_attention_, recent_attention, reference_reads, ring_of, write_ring
+from kvpass.ops.recent import kv_recent_attention_, recent_attention, reference_reads, store_decoded_token
 
 MAX_ROWS = 256  # query rows (GQA group x new tokens) past which a chunk's matmuls outweigh reading the cache
 ROPE = {"": 0, "half": 1, "interleaved": 2}
@@ -307,10 +307,7 @@ def recent_decode(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_stat
     p reads exact are the ones the rings hold (a residual ring holds p's unfinished block; a recent ring, with p
     written first, the W newest), so the kernel reads them from there and the rest from the codes."""
     p = int(positions[0])
-    for cache, static, new, cs in ((k_cache, k_static, new_k, meta.key_spec), (v_cache, v_static, new_v, meta.value_spec)):
-        store(cache, static, new, positions, cs)
-        if cs.recent:
-            write_ring(ring_of(cache, cs), new, positions)
+    store_decoded_token(k_cache, k_static, v_cache, v_static, new_k, new_v, positions, meta, store)
     n, add = visible_and_additive(mask, q_positions, meta.max_len)
     out, _, _ = attend(q, k_cache, k_static, v_cache, v_static, add, q_positions, rope_cos, rope_sin,
                        replace(meta, need_mass=False), n, newest=p)

@@ -14,12 +14,11 @@ from dataclasses import replace
 import torch
 from kvpass.lowering import cpu
 
-from kvpass import kvcache
 from kvpass.formats import rotation
 from kvpass.ops.attention import causal_mask, visible_length
 from kvpass.ops.cache import kv_attention, reference_kv_attention
 from kvpass.ops.meta import AttentionMeta
-from kvpass.ops.recent import kv_recent_attention_, recent_attention, reference_reads, ring_of, write_ring
+from kvpass.ops.recent import kv_recent_attention_, recent_attention, reference_reads, store_decoded_token
 
 
 def _kernels():
@@ -59,7 +58,18 @@ def form_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, r
     """``kv_attention``'s output through the decode-form kernel (``newest``: see :func:`kvpass.lowering.cpu.describe`).
     Rotated codes are read as stored: the query is rotated once for rotated keys, the output back once for rotated
     values, and rotated keys' outliers (kept outside the rotation) reach the kernel as additive scores."""
-    form = _kernels()[1]
+    out = _kernels()[1].attend(*form_inputs(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos,
+                                            rope_sin, m, newest))
+    if m.value_spec.format.rotate:
+        out = rotation.unrotate(out)
+    return out.to(q.dtype).contiguous()
+
+
+def form_inputs(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin, m: AttentionMeta,
+                newest: int | None = None) -> tuple:
+    """The decode-form kernel's arguments for a call (:func:`kvpass.plugins.triton_decode_form.attend`): the query
+    (rotated for rotated keys), both caches' fields, the additive mask (rotated keys' outlier scores in it), the
+    visible length and the scale."""
     n = visible_length(mask, q_positions, m.max_len)
     add = cpu.additive(mask, n) if mask is not None else None
     rq = rotation.rotate(q).to(q.dtype) if m.key_spec.format.rotate else q
@@ -69,10 +79,7 @@ def form_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, r
         add = torch.zeros(q.shape[2], n, device=q.device).masked_fill_(~causal_mask(q_positions, n), float("-inf"))
     kt, ki = cpu.describe(k_cache, k_static, m.key_read, rope_cos, rope_sin, newest, rotated_space=True)
     vt, vi = cpu.describe(v_cache, v_static, m.value_read, None, None, newest, rotated_space=True)
-    out = form.attend(rq, kt, ki, vt, vi, add, n, m.scale)
-    if m.value_spec.format.rotate:
-        out = rotation.unrotate(out)
-    return out.to(q.dtype).contiguous()
+    return rq, kt, ki, vt, vi, add, n, m.scale
 
 
 @kv_attention.register_kernel("cuda")
@@ -96,13 +103,9 @@ def recent_decode(q, new_k, new_v, positions, k_cache, k_static, v_cache, v_stat
                   rope_sin, meta: AttentionMeta) -> torch.Tensor:
     """``kv_recent_attention_`` for one new token at p: stored (codes and ring), then one decode-form call that reads
     the ring's tokens exact and the rest coded, as :func:`kvpass.lowering.cpu.recent_decode` does."""
-    p = int(positions[0])
-    for cache, static, new, cs in ((k_cache, k_static, new_k, meta.key_spec), (v_cache, v_static, new_v, meta.value_spec)):
-        kvcache.store(cache, static, new, positions, cs)
-        if cs.recent:
-            write_ring(ring_of(cache, cs), new, positions)
+    store_decoded_token(k_cache, k_static, v_cache, v_static, new_k, new_v, positions, meta)
     return form_attention(q, k_cache, k_static, v_cache, v_static, mask, q_positions, rope_cos, rope_sin,
-                          replace(meta, need_mass=False), newest=p)
+                          replace(meta, need_mass=False), newest=int(positions[0]))
 
 
 @kv_recent_attention_.register_kernel("cuda")

@@ -72,6 +72,16 @@ def query_block(w: int, t: int) -> int:
     return min(max(w, 32), t)
 
 
+def store_decoded_token(k_cache, k_static, v_cache, v_static, new_k, new_v, positions, meta: AttentionMeta,
+                        store=kvcache.store) -> None:
+    """Store one decoding step's key and value (``store``: the backend's store, same bytes) and, for a ``recent=W``
+    cache, write the token into its ring first, so a fused read at p finds the W newest tokens there."""
+    for cache, static, new, cs in ((k_cache, k_static, new_k, meta.key_spec), (v_cache, v_static, new_v, meta.value_spec)):
+        store(cache, static, new, positions, cs)
+        if cs.recent:
+            write_ring(ring_of(cache, cs), new, positions)
+
+
 def write_ring(ring: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> None:
     w = ring.shape[2]
     keep = min(w, new.shape[2])
