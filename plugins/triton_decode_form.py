@@ -239,17 +239,18 @@ def _strides(t: torch.Tensor | None, n: int) -> list[int]:
     return s + [0] * (n - len(s))
 
 
-_device_tables: dict[tuple[int, torch.device], torch.Tensor] = {}
+_device_tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A field on the query's device (the shared codebooks and fp8 tables live on the CPU): copied once."""
+    """A field on the query's device (the shared codebooks and fp8 tables live on the CPU): copied once (the source
+    is kept with its copy, so its storage cannot be freed and its address reused by another table)."""
     if t is None or t.device == device:
         return t
     key = (t.data_ptr(), device)
     if key not in _device_tables:
-        _device_tables[key] = t.to(device)
-    return _device_tables[key]
+        _device_tables[key] = (t, t.to(device))
+    return _device_tables[key][1]
 
 
 def _cache_args(tensors, ints, device, keys: bool) -> tuple[list, dict]:

@@ -33,8 +33,10 @@ def _signs(d: int) -> torch.Tensor:
     return torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(SEED), dtype=torch.int64) * 2 - 1
 
 
+@functools.cache
 def signs(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The float32 signs of ``R = H · diag(signs)`` (what a fast Hadamard transform multiplies by)."""
+    """The float32 signs of ``R = H · diag(signs)`` (what a fast Hadamard transform multiplies by; shared: read it,
+    never write it)."""
     return _signs(d).float().to(device)
 
 
